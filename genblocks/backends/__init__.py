@@ -1,0 +1,185 @@
+"""Backends: one block code base, three array worlds.
+
+==========  ==========================================  =========  ===========================
+backend     arrays                                      gradients  for
+==========  ==========================================  =========  ===========================
+numpy       ``np.ndarray`` and autograd's traced boxes  yes        training, reference
+cupy        ``cupy.ndarray``                            no         GPU sampling, log-densities
+strict      ``array_api_strict.Array`` on "device1"     no         CI portability check
+==========  ==========================================  =========  ===========================
+
+Block code asks its arguments for the namespace: ``xp = namespace(x, params)``. The default backend
+(used when no arrays are given) comes from ``set_backend``, ``use_backend`` or the environment
+variable ``GENBLOCKS_BACKEND``.
+"""
+
+import contextlib
+import os
+
+import numpy as onp
+from autograd import grad, jacobian, value_and_grad
+from autograd.tracer import Box
+
+from .random import Rng
+from .vocab import VOCAB
+
+__all__ = [
+    "BACKENDS", "VOCAB", "Rng", "namespace", "get_backend", "set_backend", "use_backend", "to_device",
+    "to_numpy", "backend_of", "resolve_dtype", "grad", "value_and_grad", "jacobian",
+]
+
+BACKENDS = ("numpy", "cupy", "strict")
+_namespaces = {}
+
+
+def _check_backend_name(name):
+    if name not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {name!r}")
+    return name
+
+
+_default = [_check_backend_name(os.environ.get("GENBLOCKS_BACKEND", "numpy") or "numpy")]
+
+
+def get_backend():
+    """The default backend's name (used when a call has no arrays to look at)."""
+    return _default[0]
+
+
+def set_backend(name):
+    """Set the default backend: "numpy", "cupy" or "strict"."""
+    _check_backend_name(name)
+    if name != "numpy":
+        _get_namespace(name)  # fail now, with the install hint, rather than at first use
+    _default[0] = name
+
+
+@contextlib.contextmanager
+def use_backend(name):
+    """``with use_backend("strict"): ...`` sets the default backend for the block, then restores it."""
+    previous = get_backend()
+    set_backend(name)
+    try:
+        yield _get_namespace(name)
+    finally:
+        _default[0] = previous
+
+
+def _get_namespace(name):
+    ns = _namespaces.get(name)
+    if ns is None:
+        _check_backend_name(name)
+        if name == "numpy":
+            from .numpy_backend import build_namespace
+        elif name == "strict":
+            from .strict_backend import build_namespace
+        else:
+            from .cupy_backend import build_namespace
+        ns = _namespaces[name] = build_namespace()
+    return ns
+
+
+def backend_of(x):
+    """The backend an array belongs to, by its type alone (nothing is imported); None for non-arrays."""
+    if isinstance(x, (onp.ndarray, Box)):
+        return "numpy"
+    module = type(x).__module__
+    if module.startswith("cupy"):
+        return "cupy"
+    if module.startswith("array_api_strict"):
+        return "strict"
+    if isinstance(x, onp.generic):
+        return "numpy"
+    return None
+
+
+def _leaves(tree):
+    if isinstance(tree, dict):
+        for v in tree.values():
+            yield from _leaves(v)
+    elif isinstance(tree, (list, tuple)):
+        for v in tree:
+            yield from _leaves(v)
+    else:
+        yield tree
+
+
+def namespace(*trees):
+    """The array namespace ``xp`` of the arrays in ``trees`` (arrays, dicts, lists, tuples).
+
+    With no arrays, the default backend's namespace. Arrays of two backends raise TypeError.
+    """
+    found = {}
+    for leaf in _leaves(trees):
+        name = backend_of(leaf)
+        if name is not None and name not in found:
+            found[name] = type(leaf).__name__
+    if len(found) > 1:
+        kinds = ", ".join(f"{k} ({v})" for k, v in found.items())
+        raise TypeError(
+            f"arrays from several backends in one call: {kinds}; "
+            "move them to one backend first with genblocks.backends.to_device(tree, name)"
+        )
+    return _get_namespace(next(iter(found)) if found else get_backend())
+
+
+def resolve_dtype(xp, dtype):
+    """The backend dtype object for "float32"/"float64" (or such a dtype); ValueError otherwise."""
+    name = getattr(dtype, "name", None) or str(dtype).rsplit(".", 1)[-1]
+    if name not in ("float32", "float64"):
+        raise ValueError(f"dtype: expected 'float32' or 'float64', got {dtype!r}")
+    return getattr(xp, name)
+
+
+def _map(tree, fn):
+    if isinstance(tree, dict):
+        return {k: _map(v, fn) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_map(v, fn) for v in tree]
+    if isinstance(tree, tuple):
+        return tuple(_map(v, fn) for v in tree)
+    return fn(tree)
+
+
+def _leaf_to_numpy(x):
+    name = backend_of(x)
+    if name == "numpy":
+        return onp.asarray(getattr(x, "_value", x))
+    if name == "strict":
+        from .strict_backend import to_numpy
+
+        return to_numpy(x)
+    if name == "cupy":
+        return x.get()
+    return x
+
+
+def to_numpy(tree):
+    """Copy every array leaf of ``tree`` to a host ``numpy.ndarray`` (the one host transfer point)."""
+    return _map(tree, _leaf_to_numpy)
+
+
+def to_device(tree, name, dtype=None):
+    """Move every array leaf of ``tree`` to backend ``name``, optionally casting floats to ``dtype``."""
+    _check_backend_name(name)
+    if dtype is not None:
+        dtype = onp.dtype(resolve_dtype(onp, dtype))
+    ns = _get_namespace(name)
+
+    def move(x):
+        if backend_of(x) is None:
+            return x
+        if backend_of(x) == name and dtype is None:
+            return x
+        host = _leaf_to_numpy(x)
+        if dtype is not None and onp.issubdtype(host.dtype, onp.floating):
+            host = host.astype(dtype)
+        if name == "numpy":
+            return host
+        if name == "strict":
+            from .strict_backend import from_numpy
+
+            return from_numpy(host)
+        return ns._cupy.asarray(host)
+
+    return _map(tree, move)

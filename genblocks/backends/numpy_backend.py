@@ -1,0 +1,285 @@
+"""The numpy backend: ``autograd.numpy`` with array-API names and correct gradients.
+
+autograd 1.9 wraps numpy 2's array-API aliases (``concat``, ``permute_dims``, ``take`` ...) without
+gradients, and ``var``/``std`` with ``correction`` get a wrong one. Each such name is re-defined here
+from primitives autograd does differentiate, or as a new primitive with a hand-written VJP. Every patch
+has a finite-difference gradient test in ``tests/test_backends.py``.
+"""
+
+import math
+import types
+
+import autograd.numpy as anp
+import autograd.numpy.linalg as alinalg
+import numpy as onp
+from autograd.extend import defvjp, primitive
+
+from .fused import make_dense
+from .vocab import ARRAY_API, EXTRAS, LINALG
+
+# ---------------------------------------------------------------------------------------------------
+# Patches (each differentiable by construction, or a primitive with its VJP)
+
+
+def concat(arrays, /, *, axis=0):
+    """Join arrays along an existing axis (array API ``concat``)."""
+    if axis is None:
+        arrays = [anp.reshape(a, (-1,)) for a in arrays]
+        axis = 0
+    return anp.concatenate(list(arrays), axis=axis)
+
+
+def permute_dims(x, /, axes):
+    return anp.transpose(x, tuple(axes))
+
+
+def matrix_transpose(x, /):
+    return anp.swapaxes(x, -1, -2)
+
+
+def flip(x, /, *, axis=None):
+    axes = range(anp.ndim(x)) if axis is None else ((axis,) if isinstance(axis, int) else axis)
+    index = [slice(None)] * anp.ndim(x)
+    for a in axes:
+        index[a] = slice(None, None, -1)
+    return x[tuple(index)]
+
+
+def take(x, indices, /, *, axis=None):
+    indices = onp.asarray(indices)
+    if axis is None:
+        if anp.ndim(x) != 1:
+            raise ValueError(f"take: axis is required for a {anp.ndim(x)}-d array")
+        axis = 0
+    index = [slice(None)] * anp.ndim(x)
+    index[axis] = indices
+    return x[tuple(index)]
+
+
+def _along_axis_index(indices, axis):
+    idx = list(onp.indices(indices.shape, sparse=True))
+    idx[axis] = indices
+    return tuple(idx)
+
+
+@primitive
+def take_along_axis(x, indices, /, *, axis=-1):
+    return onp.take_along_axis(x, onp.asarray(indices), axis=axis)
+
+
+def _take_along_axis_vjp(ans, x, indices, axis=-1):
+    def vjp(g):
+        out = onp.zeros(onp.shape(x), dtype=onp.result_type(g))
+        ind = onp.broadcast_to(onp.asarray(indices), onp.shape(g))
+        onp.add.at(out, _along_axis_index(ind, axis % onp.ndim(x)), g)
+        return out
+
+    return vjp
+
+
+defvjp(take_along_axis, _take_along_axis_vjp)
+
+
+def cumulative_sum(x, /, *, axis=None, dtype=None, include_initial=False):
+    if axis is None:
+        if anp.ndim(x) != 1:
+            raise ValueError("cumulative_sum: axis is required for arrays with more than one dimension")
+        axis = 0
+    out = anp.cumsum(x, axis=axis)
+    if include_initial:
+        shape = list(anp.shape(x))
+        shape[axis] = 1
+        out = concat([anp.zeros(shape, dtype=anp.result_type(x)), out], axis=axis)
+    return out if dtype is None else astype(out, dtype)
+
+
+def vector_norm(x, /, *, axis=None, keepdims=False, ord=2):
+    if ord == 2:
+        return anp.sqrt(anp.sum(x * x, axis=axis, keepdims=keepdims))
+    if ord == 1:
+        return anp.sum(anp.abs(x), axis=axis, keepdims=keepdims)
+    if ord == math.inf:
+        return anp.max(anp.abs(x), axis=axis, keepdims=keepdims)
+    return anp.sum(anp.abs(x) ** ord, axis=axis, keepdims=keepdims) ** (1.0 / ord)
+
+
+def matrix_norm(x, /, *, keepdims=False, ord="fro"):
+    if ord != "fro":
+        raise ValueError(f"matrix_norm: only ord='fro' is differentiable here, got ord={ord!r}")
+    return vector_norm(x, axis=(-2, -1), keepdims=keepdims)
+
+
+def _count(x, axis):
+    shape = anp.shape(x)
+    if axis is None:
+        return math.prod(shape)
+    axes = (axis,) if isinstance(axis, int) else axis
+    return math.prod(shape[a] for a in axes)
+
+
+def mean(x, /, *, axis=None, keepdims=False):
+    # sum / n keeps float32 gradients float32 (autograd's mean VJP upcasts through a float64 count)
+    return anp.sum(x, axis=axis, keepdims=keepdims) / float(_count(x, axis))
+
+
+def var(x, /, *, axis=None, correction=0.0, keepdims=False):
+    centred = x - mean(x, axis=axis, keepdims=True)
+    n = _count(x, axis)
+    return anp.sum(centred * centred, axis=axis, keepdims=keepdims) / float(max(n - correction, 0))
+
+
+def std(x, /, *, axis=None, correction=0.0, keepdims=False):
+    return anp.sqrt(var(x, axis=axis, correction=correction, keepdims=keepdims))
+
+
+@primitive
+def astype(x, dtype, /, *, copy=True):
+    return onp.asarray(x).astype(dtype, copy=copy)
+
+
+defvjp(astype, lambda ans, x, dtype, copy=True: lambda g: onp.asarray(g).astype(onp.result_type(x)))
+
+
+def max_(x, /, *, axis=None, keepdims=False):
+    return anp.max(x, axis=axis, keepdims=keepdims)
+
+
+def copysign(x1, x2, /):
+    return anp.abs(x1) * anp.where(anp.signbit(x2), -1.0, 1.0)
+
+
+def diagonal(x, /, *, offset=0):
+    return anp.diagonal(x, offset=offset, axis1=-2, axis2=-1)
+
+
+def where(condition, x1, x2, /):
+    # autograd's where VJP builds float64 zeros; keep the gradient in the operands' dtype
+    return _where(condition, x1, x2)
+
+
+@primitive
+def _where(condition, x1, x2):
+    return onp.where(condition, x1, x2)
+
+
+def _where_vjp(argnum):
+    def make(ans, condition, x1, x2):
+        operand = x1 if argnum == 1 else x2
+        keep = condition if argnum == 1 else onp.logical_not(condition)
+
+        def vjp(g):
+            out = onp.where(keep, g, onp.zeros((), dtype=onp.result_type(g)))
+            out = _unbroadcast(out, onp.shape(operand))
+            return out.astype(onp.result_type(operand, g), copy=False)
+
+        return vjp
+
+    return make
+
+
+def _unbroadcast(g, shape):
+    while onp.ndim(g) > len(shape):
+        g = onp.sum(g, axis=0)
+    for axis, size in enumerate(shape):
+        if size == 1 and g.shape[axis] != 1:
+            g = onp.sum(g, axis=axis, keepdims=True)
+    return g
+
+
+defvjp(_where, None, _where_vjp(1), _where_vjp(2))
+
+
+def searchsorted(x1, x2, /, *, side="left", sorter=None):
+    return onp.searchsorted(_value(x1), _value(x2), side=side, sorter=sorter)
+
+
+def _value(x):
+    return getattr(x, "_value", x)
+
+
+def device_of(x):
+    """Arrays on the numpy backend live on the host: ``None``."""
+    return None
+
+
+def tensordot(x1, x2, /, *, axes=2):
+    return anp.tensordot(x1, x2, axes=axes)
+
+
+def vecdot(x1, x2, /, *, axis=-1):
+    return anp.sum(x1 * x2, axis=axis)
+
+
+def asarray(obj, /, *, dtype=None, device=None, copy=None):
+    if device not in (None, "cpu"):
+        raise ValueError(f"asarray: the numpy backend has only the host device, got device={device!r}")
+    if hasattr(obj, "_value"):  # a traced box: keep it traced
+        return obj if dtype is None else astype(obj, dtype)
+    return onp.array(obj, dtype=dtype, copy=True) if copy else onp.asarray(obj, dtype=dtype)
+
+
+def _creation(fn):
+    def wrapped(*args, device=None, **kw):
+        if device not in (None, "cpu"):
+            raise ValueError(f"{fn.__name__}: the numpy backend has only the host device, got {device!r}")
+        return fn(*args, **kw)
+
+    wrapped.__name__ = fn.__name__
+    return wrapped
+
+
+def _like(fn):
+    def wrapped(x, *args, dtype=None, device=None, **kw):
+        return fn(_value(x), *args, dtype=dtype, **kw)
+
+    wrapped.__name__ = fn.__name__
+    return wrapped
+
+
+_RENAMED = {
+    "asin": anp.arcsin, "acos": anp.arccos, "atan": anp.arctan, "atan2": anp.arctan2,
+    "asinh": anp.arcsinh, "acosh": anp.arccosh, "atanh": anp.arctanh, "pow": anp.power,
+}
+
+_PATCHED = {
+    "concat": concat, "permute_dims": permute_dims, "matrix_transpose": matrix_transpose, "flip": flip,
+    "take": take, "take_along_axis": take_along_axis, "cumulative_sum": cumulative_sum,
+    "vector_norm": vector_norm, "mean": mean, "var": var, "std": std, "astype": astype, "max": max_,
+    "copysign": copysign, "where": where, "searchsorted": searchsorted, "device_of": device_of,
+    "tensordot": tensordot, "vecdot": vecdot, "asarray": asarray,
+    "zeros": _creation(onp.zeros), "ones": _creation(onp.ones), "full": _creation(onp.full),
+    "empty": _creation(onp.empty), "arange": _creation(onp.arange), "linspace": _creation(onp.linspace),
+    "eye": _creation(onp.eye),
+    "zeros_like": _like(onp.zeros_like), "ones_like": _like(onp.ones_like), "full_like": _like(onp.full_like),
+    "isdtype": onp.isdtype, "finfo": onp.finfo, "iinfo": onp.iinfo, "result_type": onp.result_type,
+    "bool": onp.bool_,
+}
+
+_LINALG_PATCHED = {"diagonal": diagonal, "matrix_norm": matrix_norm, "vector_norm": vector_norm}
+
+
+def build_namespace():
+    """The numpy backend namespace: exactly the VOCAB names, each differentiable where it makes sense."""
+    ns = types.SimpleNamespace()
+    for name in ARRAY_API:
+        if name == "linalg":
+            continue
+        if name in _PATCHED:
+            value = _PATCHED[name]
+        elif name in _RENAMED:
+            value = _RENAMED[name]
+        else:
+            value = getattr(anp, name)
+        setattr(ns, name, value)
+    linalg = types.SimpleNamespace()
+    for name in LINALG:
+        setattr(linalg, name, _LINALG_PATCHED.get(name) or getattr(alinalg, name))
+    ns.linalg = linalg
+    ns.dense = make_dense(ns, fused=True)
+    ns.vector_norm = vector_norm
+    ns.device_of = device_of
+    ns.backend_name = "numpy"
+    missing = [n for n in EXTRAS if not hasattr(ns, n)]
+    if missing:
+        raise RuntimeError(f"numpy backend is missing extras {missing}")
+    return ns

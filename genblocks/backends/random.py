@@ -1,0 +1,183 @@
+"""``Rng``: an explicit, splittable random generator for every backend.
+
+There is no global random state anywhere in genblocks: every function that draws takes an ``Rng``.
+Draws are made by numpy's PCG64 on the host for the numpy and strict backends (so the two give the
+same numbers for the same seed) and by cupy's generator on the GPU for the cupy backend.
+Same seed, same backend, same sequence of calls: same numbers.
+"""
+
+import numpy as onp
+
+
+def _check_shape(shape, name="shape"):
+    if isinstance(shape, int):
+        shape = (shape,)
+    try:
+        shape = tuple(int(s) for s in shape)
+    except TypeError:
+        raise TypeError(f"{name}: expected an int or a tuple of ints, got {shape!r}") from None
+    if any(s < 0 for s in shape):
+        raise ValueError(f"{name}: expected non-negative sizes, got {shape}")
+    return shape
+
+
+def _check_dtype(dtype):
+    name = onp.dtype(dtype).name
+    if name not in ("float32", "float64"):
+        raise ValueError(f"dtype: expected 'float32' or 'float64', got {dtype!r}")
+    return name
+
+
+class Rng:
+    """A random generator bound to a backend: ``Rng(seed, backend=None)``.
+
+    ``seed`` is a non-negative int (or a numpy ``SeedSequence``); ``backend`` defaults to the current
+    default backend. ``split(n)`` returns ``n`` independent children, so code can hand one to each
+    consumer without sharing a stream.
+    """
+
+    def __init__(self, seed, backend=None):
+        from . import _check_backend_name, get_backend
+
+        if isinstance(seed, onp.random.SeedSequence):
+            self._seq = seed
+        else:
+            if isinstance(seed, bool) or not isinstance(seed, (int, onp.integer)) or seed < 0:
+                raise ValueError(f"seed: expected a non-negative int, got {seed!r}")
+            self._seq = onp.random.SeedSequence(int(seed))
+        self.backend = _check_backend_name(get_backend() if backend is None else backend)
+        self._host = onp.random.Generator(onp.random.PCG64(self._seq))
+        self._device = None
+        if self.backend == "cupy":
+            from .cupy_backend import load_cupy
+
+            cupy = load_cupy()
+            self._device = cupy.random.default_rng(int(self._seq.generate_state(1, onp.uint64)[0]))
+
+    def __repr__(self):
+        return f"Rng(entropy={self._seq.entropy}, spawn_key={self._seq.spawn_key}, backend={self.backend!r})"
+
+    # -- plumbing ------------------------------------------------------------------------------
+    def _out(self, a):
+        from . import to_device
+
+        return to_device(a, self.backend)
+
+    def _gen(self):
+        return self._device if self._device is not None else self._host
+
+    def split(self, n=2):
+        """``n`` independent child generators on the same backend."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n: expected a positive int, got {n!r}")
+        return [Rng(s, self.backend) for s in self._seq.spawn(n)]
+
+    def state(self):
+        """A JSON-serialisable snapshot of the host generator (numpy and strict backends)."""
+        if self._device is not None:
+            raise NotImplementedError("state: cupy generators cannot be snapshotted; keep the seed instead")
+        st = self._host.bit_generator.state
+        return {
+            "backend": self.backend,
+            "entropy": str(self._seq.entropy),
+            "spawn_key": list(self._seq.spawn_key),
+            "n_children_spawned": self._seq.n_children_spawned,
+            "state": str(st["state"]["state"]),
+            "inc": str(st["state"]["inc"]),
+            "has_uint32": st["has_uint32"],
+            "uinteger": st["uinteger"],
+        }
+
+    @classmethod
+    def from_state(cls, state):
+        """Rebuild an ``Rng`` from :meth:`state`; it continues exactly where the snapshot was taken."""
+        try:
+            seq = onp.random.SeedSequence(
+                int(state["entropy"]), spawn_key=tuple(state["spawn_key"]),
+                n_children_spawned=int(state["n_children_spawned"]),
+            )
+            rng = cls(seq, state["backend"])
+            rng._host.bit_generator.state = {
+                "bit_generator": "PCG64",
+                "state": {"state": int(state["state"]), "inc": int(state["inc"])},
+                "has_uint32": int(state["has_uint32"]), "uinteger": int(state["uinteger"]),
+            }
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"state: not a genblocks Rng state ({err!r})") from err
+        return rng
+
+    # -- draws ---------------------------------------------------------------------------------
+    def normal(self, shape=(), dtype="float32", loc=0.0, scale=1.0):
+        """Standard normal draws times ``scale`` plus ``loc``: array of ``shape``."""
+        shape, dtype = _check_shape(shape), _check_dtype(dtype)
+        if self._device is not None:
+            z = self._device.standard_normal(shape, dtype=dtype)
+            return z * scale + loc if (loc, scale) != (0.0, 1.0) else z
+        z = self._host.standard_normal(shape, dtype=dtype)
+        if (loc, scale) != (0.0, 1.0):
+            z = (z * scale + loc).astype(dtype)
+        return self._out(z)
+
+    def uniform(self, shape=(), dtype="float32", low=0.0, high=1.0):
+        """Uniform draws on [low, high): array of ``shape``."""
+        shape, dtype = _check_shape(shape), _check_dtype(dtype)
+        if not high > low:
+            raise ValueError(f"high: expected high > low, got low={low!r}, high={high!r}")
+        u = self._gen().random(shape, dtype=dtype)
+        if (low, high) != (0.0, 1.0):
+            u = u * (high - low) + low
+        return u if self._device is not None else self._out(onp.asarray(u, dtype=dtype))
+
+    def integers(self, low, high=None, shape=()):
+        """Integers in [low, high) (or [0, low) when high is None): int64 array of ``shape``."""
+        shape = _check_shape(shape)
+        if high is None:
+            low, high = 0, low
+        if not high > low:
+            raise ValueError(f"high: expected high > low, got low={low!r}, high={high!r}")
+        if self._device is not None:
+            return self._device.integers(low, high, size=shape, dtype="int64")
+        return self._out(self._host.integers(low, high, size=shape, dtype=onp.int64))
+
+    def bernoulli(self, p, shape=None, dtype="float32"):
+        """1.0 with probability ``p`` else 0.0; ``p`` a float or a host array, broadcast to ``shape``."""
+        p = onp.asarray(p, dtype=onp.float64) if self._device is None else p
+        if self._device is None and (onp.any(p < 0) or onp.any(p > 1)):
+            raise ValueError(f"p: expected probabilities in [0, 1], got values in [{p.min()}, {p.max()}]")
+        shape = onp.shape(p) if shape is None else _check_shape(shape)
+        u = self._gen().random(shape)
+        out = (u < p).astype(dtype)
+        return out if self._device is not None else self._out(out)
+
+    def categorical(self, logits, shape=None):
+        """Class indices drawn with probabilities softmax(logits) over the last axis (Gumbel-max).
+
+        ``logits`` (..., K) -> int64 indices of shape ``shape`` (default ``logits.shape[:-1]``).
+        """
+        from . import to_numpy
+
+        lg = onp.asarray(to_numpy(logits), dtype=onp.float64) if self._device is None else logits
+        if lg.ndim == 0:
+            raise ValueError("logits: expected at least one axis of classes, got a scalar")
+        batch = lg.shape[:-1] if shape is None else _check_shape(shape)
+        u = self._gen().random(tuple(batch) + lg.shape[-1:])
+        tiny = 1e-300
+        gumbel = -self._log(-self._log(u + tiny) + tiny)
+        idx = (gumbel + lg).argmax(axis=-1)
+        return idx if self._device is not None else self._out(idx.astype(onp.int64))
+
+    def _log(self, a):
+        return self._device_log(a) if self._device is not None else onp.log(a)
+
+    def _device_log(self, a):
+        from .cupy_backend import load_cupy
+
+        return load_cupy().log(a)
+
+    def permutation(self, n):
+        """A random permutation of range(n): int64 array of shape (n,)."""
+        if isinstance(n, bool) or not isinstance(n, (int, onp.integer)) or n < 0:
+            raise ValueError(f"n: expected a non-negative int, got {n!r}")
+        if self._device is not None:
+            return self._device.permutation(int(n))
+        return self._out(self._host.permutation(int(n)).astype(onp.int64))

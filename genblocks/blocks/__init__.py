@@ -1,0 +1,1 @@
+"""Small parts, each usable alone: ops, nn layers, distributions, bijectors, schedules, samplers."""

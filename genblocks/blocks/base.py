@@ -1,0 +1,109 @@
+"""Base classes and argument checks shared by every block.
+
+- ``Block``: ``__init__`` stores hyperparameters only; ``init(rng, dtype="float32") -> params`` returns a
+  plain dict/list pytree of arrays; methods are pure and take ``params`` first.
+- ``Distribution``: a value object built from (possibly traced) arrays.
+- ``Bijector(Block)``: ``forward(params, x, context=None) -> (y, log_det)`` and ``inverse`` likewise.
+"""
+
+import inspect
+
+from genblocks.backends import namespace, resolve_dtype
+
+FLOAT_DTYPES = ("float32", "float64")
+
+
+def dtype_name(dtype):
+    """"float32"/"float64" for a dtype given as a string or any backend's dtype object."""
+    name = getattr(dtype, "name", None) or str(dtype).rsplit(".", 1)[-1]
+    if name not in FLOAT_DTYPES:
+        raise ValueError(f"dtype: expected one of {FLOAT_DTYPES}, got {dtype!r}")
+    return name
+
+
+def check_dtype(dtype):
+    """Validate a parameter dtype argument and return its name."""
+    return dtype_name(dtype)
+
+
+def check_positive_int(value, name):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    return value
+
+
+def check_array(x, name, *, ndim=None, min_ndim=None, last_dim=None, floating=True):
+    """Raise a clear error when ``x`` is not an array of the expected rank, trailing size or kind."""
+    shape = getattr(x, "shape", None)
+    if shape is None:
+        raise TypeError(f"{name}: expected an array, got {type(x).__name__}")
+    if ndim is not None and len(shape) != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-d array, got shape {tuple(shape)}")
+    if min_ndim is not None and len(shape) < min_ndim:
+        raise ValueError(f"{name}: expected at least {min_ndim} dimensions, got shape {tuple(shape)}")
+    if last_dim is not None and (len(shape) == 0 or shape[-1] != last_dim):
+        raise ValueError(f"{name}: expected a last axis of size {last_dim}, got shape {tuple(shape)}")
+    if floating:
+        kind = str(getattr(x, "dtype", ""))
+        if "float" not in kind:
+            raise TypeError(f"{name}: expected a floating array (float32 or float64), got dtype {kind}")
+    return x
+
+
+class Block:
+    """A small part with hyperparameters, ``init(rng, dtype)`` and pure methods over ``params``."""
+
+    def init(self, rng, dtype="float32"):
+        """Parameters as a pytree of arrays on ``rng``'s backend, in ``dtype`` (default float32)."""
+        check_dtype(dtype)
+        return {}
+
+    def _repr_args(self):
+        """Hyperparameters shown by repr: the constructor's arguments stored under the same name."""
+        out = []
+        for name in inspect.signature(type(self).__init__).parameters:
+            if name != "self" and hasattr(self, name):
+                out.append(f"{name}={getattr(self, name)!r}")
+        return out
+
+    def __repr__(self):
+        return f"{type(self).__name__}({', '.join(self._repr_args())})"
+
+
+class Distribution:
+    """A probability distribution as a value object (see ``genblocks.blocks.distributions``)."""
+
+    has_rsample = False
+
+    def log_prob(self, x):
+        raise NotImplementedError(f"{type(self).__name__}.log_prob")
+
+    def sample(self, rng, sample_shape=()):
+        raise NotImplementedError(f"{type(self).__name__}.sample")
+
+    def rsample(self, rng, sample_shape=()):
+        raise NotImplementedError(
+            f"{type(self).__name__} is not reparameterizable: use sample() with a score-function estimator"
+        )
+
+
+class Bijector(Block):
+    """An invertible map with a tractable log-determinant. Events are the trailing axis.
+
+    forward(params, x, context=None) -> (y, log|det dy/dx|); inverse(params, y, context=None) ->
+    (x, log|det dx/dy|). Both log-dets have the batch shape.
+    """
+
+    event_ndims = 1
+
+    def forward(self, params, x, context=None):
+        raise NotImplementedError(f"{type(self).__name__}.forward")
+
+    def inverse(self, params, y, context=None):
+        raise NotImplementedError(f"{type(self).__name__}.inverse")
+
+
+__all__ = [
+    "Block", "Distribution", "Bijector", "check_array", "check_dtype", "check_positive_int", "dtype_name",
+    "namespace", "resolve_dtype",
+]

@@ -1,0 +1,1 @@
+"""The model families, each one file that reads top to bottom."""

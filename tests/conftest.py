@@ -1,0 +1,58 @@
+"""Shared fixtures: the ``backend`` fixture runs a test on numpy, strict and (with a GPU) cupy."""
+
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+from genblocks.backends import to_device, to_numpy
+
+settings.register_profile(
+    "ci", derandomize=True, deadline=None, max_examples=40, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile("dev", deadline=None, max_examples=40)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def _cupy_reason():
+    try:
+        from genblocks.backends.cupy_backend import load_cupy
+
+        load_cupy()
+    except ImportError as err:
+        return str(err)
+    return None
+
+
+_CUPY_SKIP = _cupy_reason()
+BACKENDS = ["numpy", "strict", pytest.param("cupy", marks=pytest.mark.skipif(
+    _CUPY_SKIP is not None, reason=f"no GPU backend here: {_CUPY_SKIP}"))]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """A backend name; tests move inputs with ``to_device`` and compare ``to_numpy`` of the results."""
+    return request.param
+
+
+@pytest.fixture
+def on(backend):
+    """``on(tree)`` moves a host tree to the current test's backend."""
+    return lambda tree, dtype=None: to_device(tree, backend, dtype=dtype)
+
+
+def assert_backend(x, backend):
+    """Fail unless every array leaf of ``x`` belongs to ``backend``."""
+    from genblocks.backends import backend_of, to_numpy  # noqa: F401
+
+    leaves = x.values() if isinstance(x, dict) else (x if isinstance(x, (list, tuple)) else [x])
+    for leaf in leaves:
+        if isinstance(leaf, (dict, list, tuple)):
+            assert_backend(leaf, backend)
+        elif backend_of(leaf) is not None:
+            assert backend_of(leaf) == backend, f"expected a {backend} array, got {type(leaf)}"
+
+
+def assert_close_to_numpy(result, reference, rtol=1e-6, atol=1e-6):
+    np.testing.assert_allclose(to_numpy(result), to_numpy(reference), rtol=rtol, atol=atol)

@@ -140,16 +140,47 @@ def astype(x, dtype, /, *, copy=True):
 defvjp(astype, lambda ans, x, dtype, copy=True: lambda g: onp.asarray(g).astype(onp.result_type(x)))
 
 
+@primitive
 def max_(x, /, *, axis=None, keepdims=False):
-    return anp.max(x, axis=axis, keepdims=keepdims)
+    return onp.max(x, axis=axis, keepdims=keepdims)
+
+
+def _max_vjp(ans, x, axis=None, keepdims=False):
+    # ties share the gradient equally, as in autograd, but in x's dtype (autograd's VJP upcasts)
+    full = ans if keepdims or axis is None else onp.expand_dims(ans, axis)
+    hits = (x == full).astype(onp.result_type(x))
+    hits /= onp.sum(hits, axis=axis, keepdims=True)
+
+    def vjp(g):
+        g = g if keepdims or axis is None else onp.expand_dims(g, axis)
+        return (g * hits).astype(onp.result_type(x), copy=False)
+
+    return vjp
+
+
+defvjp(max_, _max_vjp)
 
 
 def copysign(x1, x2, /):
-    return anp.abs(x1) * anp.where(anp.signbit(x2), -1.0, 1.0)
+    return anp.abs(x1) * onp.where(onp.signbit(_value(x2)), -1.0, 1.0)
 
 
+@primitive
 def diagonal(x, /, *, offset=0):
-    return anp.diagonal(x, offset=offset, axis1=-2, axis2=-1)
+    return onp.diagonal(x, offset, -2, -1).copy()
+
+
+def _diagonal_vjp(ans, x, offset=0):
+    def vjp(g):
+        out = onp.zeros(onp.shape(x), dtype=onp.result_type(x, g))
+        idx = onp.arange(onp.shape(g)[-1])
+        out[..., idx + max(-offset, 0), idx + max(offset, 0)] = g
+        return out
+
+    return vjp
+
+
+defvjp(diagonal, _diagonal_vjp)
 
 
 def where(condition, x1, x2, /):

@@ -8,6 +8,7 @@ import types
 
 import array_api_strict as _strict
 import numpy as onp
+from array_api_strict._array_object import Array as _Array
 
 from .fused import make_dense
 from .vocab import ARRAY_API, LINALG
@@ -17,7 +18,7 @@ _CPU = _strict.Device("CPU_DEVICE")
 
 
 def is_array(x):
-    return isinstance(x, _strict.Array)
+    return isinstance(x, _Array)
 
 
 def from_numpy(a, dtype=None):
@@ -40,7 +41,7 @@ def _on_device(fn):
 
 
 def _asarray(obj, /, *, dtype=None, device=None, copy=None):
-    if isinstance(obj, _strict.Array):
+    if isinstance(obj, _Array):
         return _strict.asarray(obj, dtype=dtype, device=device or obj.device, copy=copy)
     return _strict.asarray(onp.asarray(obj), dtype=dtype, device=device or DEVICE, copy=copy)
 

@@ -22,7 +22,7 @@ def _check_shape(shape, name="shape"):
 
 
 def _check_dtype(dtype):
-    name = onp.dtype(dtype).name
+    name = getattr(dtype, "name", None) or str(dtype).rsplit(".", 1)[-1]
     if name not in ("float32", "float64"):
         raise ValueError(f"dtype: expected 'float32' or 'float64', got {dtype!r}")
     return name
@@ -56,6 +56,13 @@ class Rng:
 
     def __repr__(self):
         return f"Rng(entropy={self._seq.entropy}, spawn_key={self._seq.spawn_key}, backend={self.backend!r})"
+
+    @property
+    def xp(self):
+        """The array namespace of this generator's backend (for creating parameters in ``init``)."""
+        from . import _get_namespace
+
+        return _get_namespace(self.backend)
 
     # -- plumbing ------------------------------------------------------------------------------
     def _out(self, a):

@@ -43,9 +43,10 @@ def load_npz(path):
     if not os.path.exists(path):
         raise FileNotFoundError(f"path: no file at {path!r}")
     try:
-        with onp.load(path, allow_pickle=False) as data:
-            if not isinstance(data, onp.lib.npyio.NpzFile):
-                raise ValueError("not an .npz archive")
+        data = onp.load(path, allow_pickle=False)
+        if not isinstance(data, onp.lib.npyio.NpzFile):  # a plain .npy loads as an array, not an archive
+            raise ValueError("not an .npz archive")
+        with data:
             return {k: onp.array(data[k]) for k in data.files}
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as err:
         raise ValueError(f"path: {path!r} is not a readable genblocks .npz file ({err})") from err

@@ -1,0 +1,315 @@
+"""``fit``: minibatch training with autograd, a progress bar, history, evals, NaN guard and checkpoints.
+
+One step ``s`` (0-based) of :func:`fit`::
+
+    batch   = rows perm_e[k*B:(k+1)*B] of data      e = s // K, k = s % K, K = n // B batches per epoch
+    L, g    = value_and_grad(loss)(params, batch, rng_s)
+    g       = g * min(1, clip_norm / ||g||)          (if clip_norm)
+    params, opt_state = update(g, opt_state, params)
+    ema     = ema_decay * ema + (1 - ema_decay) * params    (if ema_decay)
+
+The epoch permutations ``perm_e`` and the loss generators ``rng_s`` are derived from the run's root
+generator and the numbers ``e`` and ``s`` alone (not from how many draws came before), so a run resumed
+from a checkpoint at step ``s`` takes exactly the same steps as one that never stopped: the final params
+are bit-identical.
+"""
+
+import math
+import os
+from dataclasses import dataclass, field
+
+from tqdm.auto import tqdm
+
+from genblocks.backends import Rng, backend_of, namespace, value_and_grad
+
+from . import checkpoint
+from .optim import _check_optimizer, _check_real, _scale_to, ema
+from .tree import global_norm, tree_all_finite, tree_leaves
+
+__all__ = ["fit", "FitResult", "NonFiniteLossError"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training hit a NaN or inf loss or gradient.
+
+    Attributes: ``params`` (the last params that were all finite: those of the failing step, else of the
+    step before; None if neither was), ``step`` (0-based index of the failing step), ``history``.
+    """
+
+    def __init__(self, message, params, step, history):
+        super().__init__(message)
+        self.params = params
+        self.step = step
+        self.history = history
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns.
+
+    ``params`` and ``opt_state`` after the last step; ``history`` = ``{"loss": [float per step],
+    "grad_norm": [float per step, before clipping], "eval": [(steps_done, eval_fn result), ...]}``;
+    ``ema_params`` (the parameter average when ``ema_decay`` is set, else None); ``step`` = steps done.
+    """
+
+    params: object
+    opt_state: object
+    history: dict = field(default_factory=dict)
+    ema_params: object = None
+    step: int = 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# argument checks
+
+
+def _check_int(value, name, low):
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+    return value
+
+
+def _check_optional_int(value, name, low):
+    return None if value is None else _check_int(value, name, low)
+
+
+def _check_numpy(tree, name):
+    for leaf in tree_leaves(tree):
+        found = backend_of(leaf)
+        if found != "numpy":
+            what = f"{found} arrays" if found else f"a {type(leaf).__name__} leaf"
+            raise TypeError(
+                f"{name}: training runs on the numpy backend (autograd gradients), got {what}; "
+                f"move them first with genblocks.backends.to_device({name}, 'numpy')"
+            )
+
+
+def _check_data(data):
+    arrays = tuple(data) if isinstance(data, (tuple, list)) else (data,)
+    if not arrays:
+        raise ValueError("data: expected an array (n, ...) or a tuple of arrays, got an empty tuple")
+    _check_numpy(arrays, "data")
+    n = None
+    for i, a in enumerate(arrays):
+        name = "data" if len(arrays) == 1 else f"data[{i}]"
+        if a.ndim == 0:
+            raise ValueError(f"{name}: expected an array with a leading axis of examples (n, ...), got a scalar")
+        if n is None:
+            n = a.shape[0]
+        elif a.shape[0] != n:
+            raise ValueError(f"{name}: expected {n} rows like data[0], got shape {tuple(a.shape)}")
+        if a.dtype.kind in "fc":
+            xp = namespace(a)
+            if not bool(xp.all(xp.isfinite(a))):
+                raise ValueError(f"{name}: expected finite values, found NaN or inf")
+    if n == 0:
+        raise ValueError("data: expected at least one example, got 0 rows")
+    return arrays, n
+
+
+def _child(rng, i):
+    """The ``i``-th child of ``rng``'s seed sequence, whatever ``rng`` has spawned before."""
+    state = rng.state()
+    state["n_children_spawned"] = i
+    return Rng.from_state(state).split(1)[0]
+
+
+def _jsonable(value):
+    """``value`` with 0-d arrays and numpy scalars turned into Python numbers; None if not JSON-able."""
+    if isinstance(value, dict):
+        out = {k: _jsonable(v) for k, v in value.items()}
+        ok = all(isinstance(k, str) for k in value) and None not in out.values()
+        return out if ok else None
+    if isinstance(value, (list, tuple)):
+        out = [_jsonable(v) for v in value]
+        return out if None not in out else None
+    if isinstance(value, (bool, int, str)):
+        return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+# ---------------------------------------------------------------------------------------------------
+# the loop
+
+
+def fit(loss, params, data, rng, optimizer, steps, *, batch_size=128, progress=True, eval_fn=None,
+        eval_every=None, checkpoint_path=None, checkpoint_every=None, config=None, resume=False,
+        clip_norm=None, ema_decay=None, log_every=1):
+    """Minimise ``E_batch[loss(params, batch, rng)]`` for ``steps`` optimizer steps; returns :class:`FitResult`.
+
+    - ``loss(params, batch, rng) -> scalar``: ``batch`` has the type of ``data`` with ``batch_size``
+      rows; ``rng`` is a fresh :class:`Rng` for this step.
+    - ``params``: dict/list/tuple tree of float numpy arrays. ``data``: a host array (n, ...) or a tuple
+      of such arrays with the same n (e.g. ``(x, labels)``); float arrays must be finite.
+    - ``rng``: a numpy-backend :class:`Rng`; one child is split off it as the run's root generator.
+    - ``optimizer``: an ``(init, update)`` pair (:mod:`genblocks.train.optim`); ``steps``: int >= 0,
+      the total number of steps (a resumed run continues up to it).
+    - ``batch_size``: rows per step, clipped to n. Each epoch is a fresh permutation of the rows cut into
+      ``n // batch_size`` full batches; the ``n % batch_size`` leftover rows sit that epoch out.
+    - ``progress``: a tqdm bar showing the loss (refreshed every ``log_every`` steps).
+    - ``eval_fn(params) -> result`` runs after every ``eval_every``-th step and after the last step;
+      results go to ``history["eval"]`` as ``(steps_done, result)``.
+    - ``checkpoint_path``: saved every ``checkpoint_every`` steps and at the end with
+      :func:`genblocks.train.checkpoint.save` (params, step, root rng, ``config``); its ``opt_state``
+      is ``{"optimizer": state, "ema": ema params or None, "history": {"loss", "grad_norm"}}``.
+    - ``resume=True``: if ``checkpoint_path`` exists, continue from it (its params, optimizer state and
+      rng; ``params`` only serves to check the model matches). Needs the same data size and batch size.
+      Eval results are kept across a resume when they are numbers, lists or str-keyed dicts of those
+      (they travel as JSON, so arrays come back as floats); others are dropped from the checkpoint.
+    - ``clip_norm``: clip the gradient's global norm; ``ema_decay``: also keep a parameter EMA.
+
+    A NaN/inf loss or gradient raises :class:`NonFiniteLossError` carrying the last finite params.
+    Training is numpy-only: other backends raise TypeError.
+    """
+    if not callable(loss):
+        raise TypeError(f"loss: expected a function loss(params, batch, rng) -> scalar, got {loss!r}")
+    init, update = _check_optimizer(optimizer)
+    steps = _check_int(steps, "steps", 0)
+    batch_size = _check_int(batch_size, "batch_size", 1)
+    log_every = _check_int(log_every, "log_every", 1)
+    eval_every = _check_optional_int(eval_every, "eval_every", 1)
+    checkpoint_every = _check_optional_int(checkpoint_every, "checkpoint_every", 1)
+    if eval_every is not None and eval_fn is None:
+        raise ValueError("eval_every: given without an eval_fn to call")
+    if eval_fn is not None and not callable(eval_fn):
+        raise TypeError(f"eval_fn: expected a function eval_fn(params), got {eval_fn!r}")
+    if checkpoint_path is None and (checkpoint_every is not None or resume):
+        what = "checkpoint_every" if checkpoint_every is not None else "resume"
+        raise ValueError(f"{what}: needs a checkpoint_path")
+    if clip_norm is not None:
+        clip_norm = _check_real(clip_norm, "clip_norm", low=0.0, low_open=True)
+    averager = None if ema_decay is None else ema(ema_decay)
+    checkpoint._check_json(config, "config")
+    if not isinstance(rng, Rng):
+        raise TypeError(f"rng: expected a genblocks Rng, got {type(rng).__name__}")
+    if rng.backend != "numpy":
+        raise TypeError(
+            f"rng: training runs on the numpy backend (autograd gradients), got an Rng on {rng.backend!r}; "
+            "use Rng(seed, backend='numpy')"
+        )
+    _check_numpy(params, "params")
+    arrays, n = _check_data(data)
+    batch_size = min(batch_size, n)
+    per_epoch = n // batch_size
+
+    root = rng.split(1)[0]
+    start, opt_state, ema_state = 0, None, None
+    history = {"loss": [], "grad_norm": [], "eval": []}
+    if resume and os.path.exists(checkpoint_path):
+        state = _resume(checkpoint_path, params, init, averager, n, batch_size, steps)
+        start, params, opt_state, ema_state, root, history = state
+    else:
+        opt_state = init(params)
+        ema_state = None if averager is None else averager.init(params)
+
+    data_root, loss_root = _child(root, 0), _child(root, 1)
+    perms = {}
+
+    def batch_at(step):
+        epoch, k = divmod(step, per_epoch)
+        if epoch not in perms:
+            perms.clear()
+            perms[epoch] = _child(data_root, epoch).permutation(n)
+        rows = perms[epoch][k * batch_size:(k + 1) * batch_size]
+        picked = [a[rows] for a in arrays]
+        return type(data)(picked) if isinstance(data, (tuple, list)) else picked[0]
+
+    def save(done):
+        evals = [[s, _jsonable(r)] for s, r in history["eval"]]
+        extra = {"fit": {"n": n, "batch_size": batch_size, "eval": [e for e in evals if e[1] is not None]}}
+        xp = namespace(params)
+        fit_state = {
+            "optimizer": opt_state,
+            "ema": ema_state,
+            "history": {k: xp.asarray(history[k], dtype=xp.float64) for k in ("loss", "grad_norm")},
+        }
+        checkpoint.save(checkpoint_path, params, fit_state, step=done, rng=root, config=config, extra=extra)
+
+    def scalar_loss(params, batch, step_rng):
+        value = loss(params, batch, step_rng)
+        if getattr(value, "shape", ()) != ():
+            raise ValueError(f"loss: expected a scalar, got shape {tuple(value.shape)}")
+        return value
+
+    value_and_grad_fn = value_and_grad(scalar_loss)
+    bar = tqdm(total=steps, initial=start, disable=not progress, desc="fit", dynamic_ncols=True)
+    previous = params
+    try:
+        for step in range(start, steps):
+            value, grads = value_and_grad_fn(params, batch_at(step), _child(loss_root, step))
+            loss_value = float(value)
+            norm = global_norm(grads)
+            if not (math.isfinite(loss_value) and math.isfinite(norm)):
+                raise _non_finite(loss_value, norm, step, params, previous, history)
+            if clip_norm is not None:
+                grads = _scale_to(grads, norm, clip_norm)
+            previous = params
+            params, opt_state = update(grads, opt_state, params)
+            if averager is not None:
+                ema_state = averager.update(params, ema_state)
+            history["loss"].append(loss_value)
+            history["grad_norm"].append(norm)
+            done = step + 1
+            bar.update(1)
+            if done % log_every == 0 or done == steps:
+                bar.set_postfix(loss=f"{loss_value:.4g}", refresh=False)
+            if eval_fn is not None and ((eval_every and done % eval_every == 0) or done == steps):
+                history["eval"].append((done, eval_fn(params)))
+            if checkpoint_path is not None and ((checkpoint_every and done % checkpoint_every == 0)
+                                                or done == steps):
+                save(done)
+    finally:
+        bar.close()
+    return FitResult(params=params, opt_state=opt_state, history=history, ema_params=ema_state, step=steps)
+
+
+def _non_finite(loss_value, norm, step, params, previous, history):
+    if tree_all_finite(params):
+        good, kept = params, "the params this step started from"
+    elif tree_all_finite(previous):
+        good, kept = previous, "the params of the step before (this step's were already non-finite)"
+    else:
+        good, kept = None, "None (no finite params were left)"
+    what = f"loss is {loss_value}" if not math.isfinite(loss_value) else f"gradient norm is {norm}"
+    last = history["loss"][-1] if history["loss"] else None
+    return NonFiniteLossError(
+        f"non-finite training: at step {step} the {what} (previous loss {last}); stopped, .params holds "
+        f"{kept}. Try a smaller learning rate or clip_norm, or look for log(0) or 0/0 in the loss.",
+        params=good, step=step, history=history,
+    )
+
+
+def _resume(path, params, init, averager, n, batch_size, steps):
+    saved = checkpoint.load(path, like=params)
+    fit_info = (saved["extra"] or {}).get("fit")
+    state = saved["opt_state"]
+    if not isinstance(fit_info, dict) or not isinstance(state, dict) or set(state) != {"optimizer", "ema", "history"}:
+        raise ValueError(f"checkpoint_path: {path!r} was not written by fit (no fit state to resume)")
+    if (fit_info.get("n"), fit_info.get("batch_size")) != (n, batch_size):
+        raise ValueError(
+            f"resume: {path!r} was trained with n={fit_info.get('n')} rows and batch_size="
+            f"{fit_info.get('batch_size')}, this call has n={n} and batch_size={batch_size}; an exact "
+            "resume needs the same data and batch size"
+        )
+    checkpoint.check_compatible(init(params), state["optimizer"], name="opt_state", source=path)
+    if (state["ema"] is None) != (averager is None):
+        raise ValueError(
+            f"ema_decay: {path!r} was written {'with' if state['ema'] is not None else 'without'} an EMA, "
+            f"this call has ema_decay={'None' if averager is None else 'set'}"
+        )
+    if state["ema"] is not None:
+        checkpoint.check_compatible(params, state["ema"], name="ema", source=path)
+    start = saved["step"]
+    if start is None or start > steps:
+        raise ValueError(f"steps: {path!r} is at step {start}, beyond the requested steps={steps}")
+    if saved["rng"] is None:
+        raise ValueError(f"checkpoint_path: {path!r} holds no rng state to resume from")
+    history = {k: [float(v) for v in state["history"][k]] for k in ("loss", "grad_norm")}
+    history["eval"] = [(int(s), r) for s, r in fit_info.get("eval", [])]
+    if len(history["loss"]) != start:
+        raise ValueError(f"checkpoint_path: {path!r} holds {len(history['loss'])} losses for {start} steps")
+    return start, saved["params"], state["optimizer"], state["ema"], saved["rng"], history

@@ -1,0 +1,99 @@
+"""Pytrees: nested dicts, lists and tuples whose leaves are arrays (``None`` is an empty subtree).
+
+- ``tree_map(fn, tree, *rest)``: ``fn`` applied leafwise to trees of the same structure.
+- ``tree_leaves(tree)``: the leaves in order (dicts in insertion order).
+- ``global_norm(tree)``: ``sqrt(sum_i sum(leaf_i ** 2))`` as a Python float, accumulated in float64.
+- ``tree_all_finite(tree)``: True when no leaf holds NaN or inf.
+"""
+
+import math
+
+from genblocks.backends import namespace
+
+__all__ = ["tree_map", "tree_leaves", "global_norm", "tree_all_finite"]
+
+
+def _where(path):
+    return path or "the root"
+
+
+def tree_map(fn, tree, *rest, path=""):
+    """``fn(leaf, *other_leaves)`` at every leaf; the trees must share ``tree``'s structure.
+
+    Structure differences (missing dict keys, list lengths, a dict where a leaf was expected) raise
+    ValueError naming the path, e.g. ``"[1]['W']"``.
+    """
+    if isinstance(tree, dict):
+        for other in rest:
+            if not isinstance(other, dict) or set(other) != set(tree):
+                raise ValueError(f"trees differ at {_where(path)}: {_describe(tree)} vs {_describe(other)}")
+        return {k: tree_map(fn, v, *(o[k] for o in rest), path=f"{path}[{k!r}]") for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        for other in rest:
+            if not isinstance(other, (list, tuple)) or len(other) != len(tree):
+                raise ValueError(f"trees differ at {_where(path)}: {_describe(tree)} vs {_describe(other)}")
+        out = [tree_map(fn, v, *(o[i] for o in rest), path=f"{path}[{i}]") for i, v in enumerate(tree)]
+        return tuple(out) if isinstance(tree, tuple) else out
+    if tree is None:
+        for other in rest:
+            if other is not None:
+                raise ValueError(f"trees differ at {_where(path)}: None vs {_describe(other)}")
+        return None
+    for other in rest:
+        if isinstance(other, (dict, list, tuple)) or other is None:
+            raise ValueError(f"trees differ at {_where(path)}: a leaf vs {_describe(other)}")
+    return fn(tree, *rest)
+
+
+def _describe(node):
+    if isinstance(node, dict):
+        return f"dict with keys {sorted(map(str, node))}"
+    if isinstance(node, (list, tuple)):
+        return f"{type(node).__name__} of length {len(node)}"
+    if node is None:
+        return "None"
+    return f"a leaf ({type(node).__name__})"
+
+
+def tree_leaves(tree):
+    """The leaves of ``tree`` as a list, depth first, dicts in insertion order; ``None`` has none."""
+    out = []
+
+    def visit(node):
+        if isinstance(node, dict):
+            for v in node.values():
+                visit(v)
+        elif isinstance(node, (list, tuple)):
+            for v in node:
+                visit(v)
+        elif node is not None:
+            out.append(node)
+
+    visit(tree)
+    return out
+
+
+def global_norm(tree):
+    """``||tree||_2 = sqrt(sum_i sum(leaf_i ** 2))`` as a Python float (0.0 for no leaves).
+
+    Squares are summed in float64 so float32 gradients with entries up to ~1e150 do not overflow;
+    NaN or inf anywhere gives a non-finite result.
+    """
+    leaves = tree_leaves(tree)
+    if not leaves:
+        return 0.0
+    xp = namespace(leaves)
+    total = 0.0
+    for leaf in leaves:
+        flat = xp.reshape(xp.astype(leaf, xp.float64), (-1,))
+        total += float(xp.vecdot(flat, flat))
+    return math.sqrt(total)
+
+
+def tree_all_finite(tree):
+    """True when every leaf is free of NaN and inf."""
+    leaves = tree_leaves(tree)
+    if not leaves:
+        return True
+    xp = namespace(leaves)
+    return all(bool(xp.all(xp.isfinite(leaf))) for leaf in leaves)

@@ -158,6 +158,10 @@ PATCH_CASES = {
     "std": lambda x: xnp.std(x, axis=0, correction=0.5, keepdims=True),
     "astype": lambda x: xnp.astype(x, xnp.float64) * x,
     "max": lambda x: xnp.max(x, axis=1),
+    "min": lambda x: xnp.min(x, axis=0, keepdims=True),
+    "maximum": lambda x: xnp.maximum(x, 0.1) + xnp.maximum(0.2, x[::-1]),
+    "minimum": lambda x: xnp.minimum(x, x[:, :1] * 0.5),
+    "broadcast_to": lambda x: xnp.broadcast_to(x[:1], (2, 3, 3)) * np.arange(18.0).reshape(2, 3, 3),
     "where": lambda x: xnp.where(x > 0, x * x, 3.0 * x),
     "where_broadcast": lambda x: xnp.where(x > 0, x, xnp.sum(x, axis=0)),
     "copysign": lambda x: xnp.copysign(x, x[::-1]),
@@ -205,6 +209,10 @@ def test_patch_values_match_strict(name):
         "std": lambda a: xs.std(a, axis=0, correction=0.5, keepdims=True),
         "astype": lambda a: xs.astype(a, xs.float64) * a,
         "max": lambda a: xs.max(a, axis=1),
+        "min": lambda a: xs.min(a, axis=0, keepdims=True),
+        "maximum": lambda a: xs.maximum(a, 0.1) + xs.maximum(0.2, xs.flip(a, axis=0)),
+        "minimum": lambda a: xs.minimum(a, a[:, :1] * 0.5),
+        "broadcast_to": lambda a: xs.broadcast_to(a[:1, ...], (2, 3, 3)) * xs.asarray(np.arange(18.0).reshape(2, 3, 3)),
         "where": lambda a: xs.where(a > 0, a * a, 3.0 * a),
         "where_broadcast": lambda a: xs.where(a > 0, a, xs.sum(a, axis=0)),
         "copysign": lambda a: xs.copysign(a, xs.flip(a, axis=0)),
@@ -224,7 +232,8 @@ def test_patch_values_match_strict(name):
     np.testing.assert_allclose(PATCH_CASES[name](x), got, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("name", ["mean", "var", "where", "max", "astype", "concat", "take_along_axis", "dense_silu"])
+@pytest.mark.parametrize("name", ["mean", "var", "where", "max", "min", "maximum", "minimum", "broadcast_to",
+                                  "copysign", "astype", "concat", "take_along_axis", "dense_silu"])
 def test_float32_gradients_stay_float32(name):
     x = np.array([[0.3, -1.2, 0.8], [1.1, 0.4, -0.7], [-0.5, 0.9, 1.6]], dtype=np.float32)
     cases = dict(PATCH_CASES, astype=lambda a: xnp.astype(xnp.astype(a, xnp.float64), xnp.float32))

@@ -14,7 +14,7 @@ import autograd.numpy.linalg as alinalg
 import numpy as onp
 from autograd.extend import defvjp, primitive
 
-from .fused import make_dense
+from .fused import make_dense, make_im2col
 from .vocab import ARRAY_API, EXTRAS, LINALG
 
 # ---------------------------------------------------------------------------------------------------
@@ -140,29 +140,54 @@ def astype(x, dtype, /, *, copy=True):
 defvjp(astype, lambda ans, x, dtype, copy=True: lambda g: onp.asarray(g).astype(onp.result_type(x)))
 
 
+def _extremum(reduce):
+    """max/min with the gradient shared equally among ties, in x's dtype (autograd's VJPs upcast)."""
+
+    @primitive
+    def extremum(x, /, *, axis=None, keepdims=False):
+        return reduce(x, axis=axis, keepdims=keepdims)
+
+    def make_vjp(ans, x, axis=None, keepdims=False):
+        full = ans if keepdims or axis is None else onp.expand_dims(ans, axis)
+        hits = (x == full).astype(onp.result_type(x))
+        hits /= onp.sum(hits, axis=axis, keepdims=True)
+
+        def vjp(g):
+            g = g if keepdims or axis is None else onp.expand_dims(g, axis)
+            return (g * hits).astype(onp.result_type(x), copy=False)
+
+        return vjp
+
+    defvjp(extremum, make_vjp)
+    extremum.__name__ = reduce.__name__
+    return extremum
+
+
+max_ = _extremum(onp.max)
+min_ = _extremum(onp.min)
+
+
+def maximum(x1, x2, /):
+    """Elementwise max; the gradient goes to x1 on ties (a valid subgradient) and keeps each operand's dtype."""
+    return where(x1 >= x2, x1, x2)
+
+
+def minimum(x1, x2, /):
+    return where(x1 <= x2, x1, x2)
+
+
 @primitive
-def max_(x, /, *, axis=None, keepdims=False):
-    return onp.max(x, axis=axis, keepdims=keepdims)
+def broadcast_to(x, /, shape):
+    return onp.broadcast_to(x, shape)
 
 
-def _max_vjp(ans, x, axis=None, keepdims=False):
-    # ties share the gradient equally, as in autograd, but in x's dtype (autograd's VJP upcasts)
-    full = ans if keepdims or axis is None else onp.expand_dims(ans, axis)
-    hits = (x == full).astype(onp.result_type(x))
-    hits /= onp.sum(hits, axis=axis, keepdims=True)
-
-    def vjp(g):
-        g = g if keepdims or axis is None else onp.expand_dims(g, axis)
-        return (g * hits).astype(onp.result_type(x), copy=False)
-
-    return vjp
-
-
-defvjp(max_, _max_vjp)
+defvjp(broadcast_to, lambda ans, x, shape: lambda g: _unbroadcast(g, onp.shape(x)).astype(
+    onp.result_type(x), copy=False))
 
 
 def copysign(x1, x2, /):
-    return anp.abs(x1) * onp.where(onp.signbit(_value(x2)), -1.0, 1.0)
+    sign = onp.where(onp.signbit(_value(x2)), -1.0, 1.0).astype(onp.result_type(x1))
+    return anp.abs(x1) * sign
 
 
 @primitive
@@ -275,7 +300,8 @@ _RENAMED = {
 _PATCHED = {
     "concat": concat, "permute_dims": permute_dims, "matrix_transpose": matrix_transpose, "flip": flip,
     "take": take, "take_along_axis": take_along_axis, "cumulative_sum": cumulative_sum,
-    "vector_norm": vector_norm, "mean": mean, "var": var, "std": std, "astype": astype, "max": max_,
+    "vector_norm": vector_norm, "mean": mean, "var": var, "std": std, "astype": astype, "max": max_, "min": min_,
+    "maximum": maximum, "minimum": minimum, "broadcast_to": broadcast_to,
     "copysign": copysign, "where": where, "searchsorted": searchsorted, "device_of": device_of,
     "tensordot": tensordot, "vecdot": vecdot, "asarray": asarray,
     "zeros": _creation(onp.zeros), "ones": _creation(onp.ones), "full": _creation(onp.full),
@@ -307,6 +333,7 @@ def build_namespace():
         setattr(linalg, name, _LINALG_PATCHED.get(name) or getattr(alinalg, name))
     ns.linalg = linalg
     ns.dense = make_dense(ns, fused=True)
+    ns.im2col = make_im2col(ns, fused=True)
     ns.vector_norm = vector_norm
     ns.device_of = device_of
     ns.backend_name = "numpy"

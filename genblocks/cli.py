@@ -36,7 +36,7 @@ def format_table(rows):
     """A Markdown table of the demo rows."""
     lines = ["| family | model | data | metric | value | seconds |", "|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['family']} | {r['model']} | {r['data']} | {r['metric']} | {r['value']:.4f} "
+        lines.append(f"| {r['family']} | {r['model']} | {r.get('data', '-')} | {r['metric']} | {r['value']:.4f} "
                      f"| {r['seconds']:.1f} |")
     return "\n".join(lines)
 
@@ -63,8 +63,9 @@ def _plot(rows, path):
     return None
 
 
-def run_demo(out, *, seed=0, smoke=False, families=None, stream=sys.stdout):
+def run_demo(out, *, seed=0, smoke=False, families=None, stream=None):
     """Run every family's demo, print the table, write ``demo.md``, ``demo.json`` and ``demo.png``."""
+    stream = sys.stdout if stream is None else stream
     names = [f for f, _ in DEMO_FAMILIES]
     chosen = names if families is None else families
     unknown = [f for f in chosen if f not in names]

@@ -17,10 +17,11 @@ import contextlib
 import os
 
 import numpy as onp
-from autograd import grad, jacobian, value_and_grad
+from autograd import jacobian
 from autograd.tracer import Box
 
 from .random import Rng
+from .treegrad import grad, value_and_grad  # autograd's, minus its per-leaf container copies
 from .vocab import VOCAB
 
 __all__ = [

@@ -6,7 +6,7 @@ an ImportError that says what to install or what is missing.
 
 import types
 
-from .fused import make_dense
+from .fused import make_dense, make_im2col
 from .vocab import ARRAY_API, LINALG
 
 INSTALL_HINT = 'pip install "genblocks[gpu]"'
@@ -44,6 +44,7 @@ def build_namespace():
     ns.vector_norm = cxp.linalg.vector_norm
     ns.device_of = lambda x: x.device
     ns.dense = make_dense(ns, fused=False)
+    ns.im2col = make_im2col(ns, fused=False)
     ns.backend_name = "cupy"
     ns._cupy = cupy
     return ns

@@ -10,7 +10,7 @@ import array_api_strict as _strict
 import numpy as onp
 from array_api_strict._array_object import Array as _Array
 
-from .fused import make_dense
+from .fused import make_dense, make_im2col
 from .vocab import ARRAY_API, LINALG
 
 DEVICE = _strict.Device("device1")
@@ -88,5 +88,6 @@ def build_namespace():
     ns.linalg.diagonal = _diagonal
     ns.device_of = _device_of
     ns.dense = make_dense(ns, fused=False)
+    ns.im2col = make_im2col(ns, fused=False)
     ns.backend_name = "strict"
     return ns

@@ -1,0 +1,222 @@
+"""The fused dense + activation primitive: gradients (first and second order), dtypes, fused == unfused."""
+
+import autograd.numpy as anp
+import numpy as np
+import pytest
+from autograd import grad
+from autograd.test_util import check_grads
+
+from genblocks.backends import fused, namespace, to_device, to_numpy
+from genblocks.backends.fused import ACTIVATIONS, apply_activation
+
+xp = namespace(np.zeros(1))
+
+
+def _data(x_shape, d_out=4, dtype="float64", seed=0):
+    r = np.random.default_rng(seed)
+    d_in = x_shape[-1]
+    x = r.normal(size=x_shape).astype(dtype)
+    W = r.normal(size=(d_in, d_out)).astype(dtype)
+    b = r.normal(size=(d_out,)).astype(dtype)
+    return x, W, b
+
+
+def _unfused(x, W, b, name):
+    z = anp.matmul(x, W)
+    if b is not None:
+        z = z + b
+    return apply_activation(anp, z, name)
+
+
+@pytest.mark.parametrize("name", ACTIVATIONS)
+@pytest.mark.parametrize("x_shape", [(5, 3), (2, 4, 3)])
+def test_first_order_gradients_x_W_b(name, x_shape):
+    x, W, b = _data(x_shape)
+    # sin makes the cotangent non-constant, so a wrong activation derivative cannot hide
+    check_grads(lambda x, W, b: anp.sum(anp.sin(xp.dense(x, W, b, name))), modes=["rev"], order=1)(x, W, b)
+
+
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_gradients_without_bias_and_1d_x(name):
+    x, W, _ = _data((3,))
+    check_grads(lambda x, W: anp.sum(anp.sin(xp.dense(x, W, None, name))), modes=["rev"], order=1)(x, W)
+
+
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_second_order_gradients(name):
+    """Gradients of gradients (gradient penalties, sliced score matching) go through the traced VJP."""
+    x, W, b = _data((4, 3), d_out=3, seed=1)
+    check_grads(lambda x, W, b: anp.sum(anp.sin(xp.dense(x, W, b, name))), modes=["rev"], order=2)(x, W, b)
+
+
+def test_gradient_penalty_through_dense_matches_unfused():
+    """d/dW ||d/dx sum(dense(x, W, b))||^2: x traced inside, W outside (mixed trace levels)."""
+    x, W, b = _data((6, 3), d_out=5, seed=2)
+
+    def penalty(W, f):
+        gx = grad(lambda x: anp.sum(anp.cos(f(x, W, b, "silu"))))(x)
+        return anp.sum(gx * gx)
+
+    np.testing.assert_allclose(grad(penalty)(W, xp.dense), grad(penalty)(W, _unfused), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_float32_gradients_stay_float32(name):
+    x, W, b = _data((5, 3), dtype="float32")
+    # a float64 cotangent (from a float64 loss term) must still give float32 gradients
+    gs = grad(lambda args: anp.sum(xp.dense(*args, name) * np.ones(4, dtype="float64")))((x, W, b))
+    assert [g.dtype for g in gs] == [np.float32] * 3
+    assert xp.dense(x, W, b, name).dtype == np.float32
+
+
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_float32_second_order_gradients_stay_float32(name):
+    x, W, b = _data((4, 3), d_out=2, dtype="float32", seed=7)
+
+    def penalty(W):
+        gx = grad(lambda x: anp.sum(xp.dense(x, W, b, name) * 2.0))(x)
+        return anp.sum(gx * gx)
+
+    assert grad(penalty)(W).dtype == np.float32
+
+
+@pytest.mark.parametrize("name", ACTIVATIONS)
+@pytest.mark.parametrize("x_shape", [(5, 3), (2, 4, 3)])
+def test_fused_equals_unfused_values_and_gradients(name, x_shape):
+    x, W, b = _data(x_shape, seed=3)
+    x = x * 3.0  # reach the tails of every activation
+    np.testing.assert_allclose(xp.dense(x, W, b, name), _unfused(x, W, b, name), rtol=1e-13, atol=1e-13)
+    strict = namespace(to_device(x, "strict"))
+    got = strict.dense(*to_device((x, W, b), "strict"), name)
+    np.testing.assert_allclose(to_numpy(got), _unfused(x, W, b, name), rtol=1e-13, atol=1e-13)
+
+    def loss(f):
+        return lambda args: anp.sum(anp.sin(f(*args, name)))
+
+    for g_fused, g_ref in zip(grad(loss(xp.dense))((x, W, b)), grad(loss(_unfused))((x, W, b))):
+        np.testing.assert_allclose(g_fused, g_ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_inputs_are_not_modified_and_the_z_slot_is_released(name):
+    x, W, b = _data((5, 3), seed=4)
+    copies = [a.copy() for a in (x, W, b)]
+    y = xp.dense(x, W, b, name)
+    assert fused._pending_z() is None  # an untraced call keeps nothing alive
+    g = grad(lambda args: anp.sum(xp.dense(*args, name) ** 2))((x, W, b))
+    for a, c in zip((x, W, b), copies):
+        np.testing.assert_array_equal(a, c)
+    assert fused._pending_z() is None
+    np.testing.assert_array_equal(y, xp.dense(x, W, b, name))  # the forward output is not a reused buffer
+    assert all(np.all(np.isfinite(gi)) for gi in g)
+
+
+def test_shared_cotangent_is_not_overwritten():
+    """add's VJP passes one cotangent object to both operands; the dense VJP must not write into it."""
+    x, W, b = _data((5, 3), d_out=3, seed=5)
+
+    def f(x):
+        return anp.sum(anp.sin(xp.dense(x, W, b, "tanh") + x))
+
+    def ref(x):
+        return anp.sum(anp.sin(_unfused(x, W, b, "tanh") + x))
+
+    np.testing.assert_allclose(grad(f)(x), grad(ref)(x), rtol=1e-12)
+
+
+def test_batched_bias_falls_back_to_the_generic_formula():
+    x, W, _ = _data((5, 3))
+    B = np.random.default_rng(6).normal(size=(5, 4))
+    check_grads(lambda W, B: anp.sum(anp.sin(xp.dense(x, W, B, "silu"))), modes=["rev"], order=1)(W, B)
+
+
+def test_extreme_inputs_stay_finite():
+    x = np.array([[-3e38, 3e38, -1e4, 1e4, 0.0]], dtype="float32")  # up to float32's max
+    W = np.eye(5, dtype="float32")
+    for name in ACTIVATIONS:
+        y, gs = xp.dense(x, W, None, name), grad(lambda W: anp.sum(xp.dense(x, W, None, name)))(W)
+        assert np.all(np.isfinite(y)) and np.all(np.isfinite(gs)), name
+
+
+def test_bad_arguments():
+    x, W, b = _data((5, 3))
+    with pytest.raises(ValueError, match="activation: expected one of"):
+        xp.dense(x, W, b, "swish")
+    with pytest.raises(ValueError, match=r"dense: x has shape \(5, 2\).*d_in = 3"):
+        xp.dense(x[:, :2], W, b)
+    with pytest.raises(ValueError, match="W must be 2-d"):
+        xp.dense(x, W[None], b)
+    with pytest.raises(ValueError, match="b must have a last axis of d_out = 4"):
+        xp.dense(x, W, b[:3])
+
+
+# ---------------------------------------------------------------------------------------------------
+# im2col
+
+IM2COL_CASES = [  # (x shape, kernel, stride, pads)
+    ((2, 4, 5, 3), (3, 3), (1, 1), ((1, 1), (1, 1))),
+    ((1, 5, 6, 2), (3, 2), (2, 1), ((1, 1), (0, 1))),
+    ((2, 3, 3, 1), (2, 2), (1, 1), ((0, 0), (0, 0))),
+    ((1, 6, 5, 2), (1, 1), (2, 2), ((0, 1), (2, 0))),
+]
+
+
+def _im2col_loops(x, k, s, pads):
+    padded = np.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+    Ho = (padded.shape[1] - k[0]) // s[0] + 1
+    Wo = (padded.shape[2] - k[1]) // s[1] + 1
+    out = np.empty((x.shape[0], Ho, Wo, k[0] * k[1] * x.shape[3]))
+    for i in range(Ho):
+        for j in range(Wo):
+            patch = padded[:, i * s[0]:i * s[0] + k[0], j * s[1]:j * s[1] + k[1], :]
+            out[:, i, j, :] = patch.reshape(x.shape[0], -1)
+    return out
+
+
+@pytest.mark.parametrize("shape, k, s, pads", IM2COL_CASES)
+def test_im2col_matches_loops_on_numpy_and_strict(shape, k, s, pads):
+    x = np.random.default_rng(0).normal(size=shape)
+    expected = _im2col_loops(x, k, s, pads)
+    np.testing.assert_array_equal(xp.im2col(x, k, s, pads), expected)
+    strict = namespace(to_device(x, "strict"))
+    np.testing.assert_array_equal(to_numpy(strict.im2col(to_device(x, "strict"), k, s, pads)), expected)
+
+
+@pytest.mark.parametrize("shape, k, s, pads", IM2COL_CASES)
+def test_im2col_gradients_first_and_second_order(shape, k, s, pads):
+    x = np.random.default_rng(1).normal(size=shape)
+    check_grads(lambda x: anp.sum(anp.sin(xp.im2col(x, k, s, pads))), modes=["rev"], order=2)(x)
+
+
+def test_col2im_is_the_adjoint_and_float32_stays_float32():
+    shape, k, s, pads = IM2COL_CASES[1]
+    r = np.random.default_rng(2)
+    x = r.normal(size=shape).astype("float32")
+    c = r.normal(size=xp.im2col(x, k, s, pads).shape)
+    # <im2col(x), c> = <x, im2col^T(c)>, and im2col^T(c) is the VJP
+    g = grad(lambda x: anp.sum(xp.im2col(x, k, s, pads) * c))(x)
+    assert g.dtype == np.float32
+    np.testing.assert_allclose(np.sum(xp.im2col(x, k, s, pads) * c), np.sum(x * g), rtol=1e-5)
+
+
+def test_im2col_bad_arguments():
+    with pytest.raises(ValueError, match="x must be NHWC"):
+        xp.im2col(np.ones((3, 3, 1)), (1, 1))
+    with pytest.raises(ValueError, match="smaller than the kernel"):
+        xp.im2col(np.ones((1, 2, 2, 1)), (3, 3))
+    with pytest.raises(ValueError, match="non-negative pads"):
+        xp.im2col(np.ones((1, 4, 4, 1)), (3, 3), (1, 1), ((-1, 0), (0, 0)))
+
+
+@pytest.mark.parametrize("name", ["silu", "gelu"])
+def test_pre_activation_is_reused_not_recomputed(name, monkeypatch):
+    x, W, b = _data((5, 3), seed=8)
+    calls = []
+    forward = fused._forward
+    monkeypatch.setattr(fused, "_forward", lambda *a: calls.append(a[-1]) or forward(*a))
+    g = grad(lambda W: anp.sum(anp.sin(xp.dense(x, W, b, name))))(W)
+    assert calls == [name]  # one forward pass, no x @ W in the VJP
+    # and when the slot does not match (another thread overwrote it), z is recomputed: same gradient
+    monkeypatch.setattr(fused, "_take_z", lambda ans: None)
+    np.testing.assert_allclose(grad(lambda W: anp.sum(anp.sin(xp.dense(x, W, b, name))))(W), g, rtol=1e-14)
+    assert calls == [name, name, "identity"]

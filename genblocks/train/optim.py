@@ -196,14 +196,28 @@ def _adam(lr, b1, b2, eps, weight_decay):
         lr_t = _lr_at(schedule, t - 1)
         c1, c2 = 1.0 - b1**t, 1.0 - b2**t  # bias corrections, Python floats (no upcast)
         grads = tree_map(lambda g, p: _cast_like(xp, g, p), grads, params)
-        m = tree_map(lambda m, g: b1 * m + (1.0 - b1) * g, state["m"], grads)
-        v = tree_map(lambda v, g: b2 * v + (1.0 - b2) * (g * g), state["v"], grads)
+
+        # Same equations as the docstring, arranged so that each leaf allocates four fresh arrays and
+        # updates them in place: large temporaries cost page faults (ARCHITECTURE.md section 5).
+        # Inputs are never modified, so the update stays pure.
+        def moment(old, g, beta, square):
+            new = g * g if square else g - 0.0
+            new -= old
+            new *= 1.0 - beta
+            new += old  # = beta * old + (1 - beta) * g(^2)
+            return new
+
+        m = tree_map(lambda m, g: moment(m, g, b1, False), state["m"], grads)
+        v = tree_map(lambda v, g: moment(v, g, b2, True), state["v"], grads)
 
         def step(p, m, v):
-            direction = (m / c1) / (xp.sqrt(v / c2) + eps)
-            if weight_decay:
-                direction = direction + weight_decay * p
-            return p - lr_t * direction
+            denom = xp.sqrt(v)
+            denom *= 1.0 / math.sqrt(c2)
+            denom += eps  # sqrt(v_hat) + eps
+            new = m / denom
+            new *= -lr_t / c1  # -lr m_hat / (sqrt(v_hat) + eps)
+            new += p * (1.0 - lr_t * weight_decay) if weight_decay else p
+            return new
 
         return tree_map(step, params, m, v), {"step": _step_array(xp, t), "m": m, "v": v}
 

@@ -54,5 +54,26 @@ def assert_backend(x, backend):
             assert backend_of(leaf) == backend, f"expected a {backend} array, got {type(leaf)}"
 
 
+def assert_same_tree(a, b, *, values="bits"):
+    """Same container types, keys in order, leaf dtypes and shapes; leaves bit-equal (``values="bits"``)
+    or not compared (``values=None``)."""
+    assert type(a) is type(b), (type(a), type(b))
+    if isinstance(a, dict):
+        assert list(a) == list(b)
+        for k in a:
+            assert_same_tree(a[k], b[k], values=values)
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same_tree(x, y, values=values)
+    elif a is None:
+        assert b is None
+    else:
+        a, b = np.asarray(a), np.asarray(b)
+        assert a.dtype == b.dtype and a.shape == b.shape, (a.dtype, b.dtype, a.shape, b.shape)
+        if values == "bits":
+            assert a.tobytes() == b.tobytes()
+
+
 def assert_close_to_numpy(result, reference, rtol=1e-6, atol=1e-6):
     np.testing.assert_allclose(to_numpy(result), to_numpy(reference), rtol=rtol, atol=atol)

@@ -6,6 +6,7 @@ import tempfile
 
 import numpy as np
 import pytest
+from conftest import assert_same_tree
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -13,25 +14,6 @@ from hypothesis.extra import numpy as hnp
 from genblocks.backends import Rng, to_device
 from genblocks.backends import host as host_io
 from genblocks.train import adam, checkpoint
-
-
-def assert_same_tree(a, b):
-    """Same container types, keys in order, leaf dtypes, shapes and bits."""
-    assert type(a) is type(b), (type(a), type(b))
-    if isinstance(a, dict):
-        assert list(a) == list(b)
-        for k in a:
-            assert_same_tree(a[k], b[k])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            assert_same_tree(x, y)
-    elif a is None:
-        assert b is None
-    else:
-        a, b = np.asarray(a), np.asarray(b)
-        assert a.dtype == b.dtype and a.shape == b.shape
-        np.testing.assert_array_equal(a, b, strict=True)
 
 
 def model_params(dtype=np.float32):

@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+from conftest import assert_same_tree
 
 from genblocks.backends import Rng, namespace, to_device
 from genblocks.train import NonFiniteLossError, adam, checkpoint, fit, sgd
@@ -38,23 +39,6 @@ def run(steps=30, seed=0, **kw):
     return fit(linear_loss, init_params(), make_data(), Rng(seed, backend="numpy"), adam(0.1), steps, **kw)
 
 
-def assert_bits_equal(a, b):
-    if isinstance(a, dict):
-        assert list(a) == list(b)
-        for k in a:
-            assert_bits_equal(a[k], b[k])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            assert_bits_equal(x, y)
-    elif a is None:
-        assert b is None
-    else:
-        a, b = np.asarray(a), np.asarray(b)
-        assert a.dtype == b.dtype and a.shape == b.shape
-        assert a.tobytes() == b.tobytes()
-
-
 # -- training ------------------------------------------------------------------------------------------
 
 
@@ -72,7 +56,7 @@ def test_fits_linear_regression_in_float32():
 
 def test_same_seed_same_result_other_seed_differs():
     a, b, c = run(seed=3), run(seed=3), run(seed=4)
-    assert_bits_equal(a.params, b.params)
+    assert_same_tree(a.params, b.params)
     assert a.history["loss"] == b.history["loss"]
     assert a.history["loss"] != c.history["loss"]
 
@@ -117,12 +101,12 @@ def test_list_data_gives_list_batches_and_inputs_stay_untouched():
     params, data = init_params(), list(make_data())
     fit(loss, params, data, Rng(0, backend="numpy"), adam(0.1), 2, batch_size=8, progress=False)
     assert kinds == [list, list]
-    assert_bits_equal(params, init_params())
+    assert_same_tree(params, init_params())
 
 
 def test_zero_steps_returns_inputs():
     result = run(steps=0)
-    assert_bits_equal(result.params, init_params())
+    assert_same_tree(result.params, init_params())
     assert result.history == {"loss": [], "grad_norm": [], "eval": []} and result.step == 0
 
 
@@ -160,7 +144,7 @@ def test_nan_loss_stops_with_last_finite_params():
     err = info.value
     assert isinstance(err, FloatingPointError) and err.step == 5
     assert len(err.history["loss"]) == 5
-    assert_bits_equal(err.params, before.params)
+    assert_same_tree(err.params, before.params)
 
 
 def test_infinite_gradient_stops():
@@ -214,8 +198,8 @@ def test_checkpoints_are_written(tmp_path):
     result = run(steps=7, checkpoint_path=path, checkpoint_every=3, config={"lr": 0.1})
     saved = checkpoint.load(path, like=init_params())
     assert saved["step"] == 7 and saved["config"] == {"lr": 0.1}
-    assert_bits_equal(saved["params"], result.params)
-    assert_bits_equal(saved["opt_state"]["optimizer"], result.opt_state)
+    assert_same_tree(saved["params"], result.params)
+    assert_same_tree(saved["opt_state"]["optimizer"], result.opt_state)
     assert [p.name for p in tmp_path.iterdir()] == ["run.npz"]
 
 
@@ -240,9 +224,9 @@ def test_resume_is_bit_identical(tmp_path, stop_at):
             checkpoint_path=path, checkpoint_every=stop_at, eval_fn=evals, progress=False, **kw)
     assert checkpoint.load(path)["step"] == stop_at
     resumed = run(steps=14, eval_fn=evals, checkpoint_path=path, checkpoint_every=stop_at, resume=True, **kw)
-    assert_bits_equal(resumed.params, straight.params)
-    assert_bits_equal(resumed.opt_state, straight.opt_state)
-    assert_bits_equal(resumed.ema_params, straight.ema_params)
+    assert_same_tree(resumed.params, straight.params)
+    assert_same_tree(resumed.opt_state, straight.opt_state)
+    assert_same_tree(resumed.ema_params, straight.ema_params)
     assert resumed.history == straight.history
     assert checkpoint.load(path)["step"] == 14
 
@@ -250,9 +234,9 @@ def test_resume_is_bit_identical(tmp_path, stop_at):
 def test_resume_without_checkpoint_starts_fresh_and_finished_run_returns(tmp_path):
     path = tmp_path / "run.npz"
     fresh = run(steps=6, checkpoint_path=path, resume=True)
-    assert_bits_equal(fresh.params, run(steps=6).params)
+    assert_same_tree(fresh.params, run(steps=6).params)
     again = run(steps=6, checkpoint_path=path, resume=True)
-    assert_bits_equal(again.params, fresh.params) and again.history == fresh.history
+    assert_same_tree(again.params, fresh.params) and again.history == fresh.history
 
 
 def test_resume_refuses_mismatches(tmp_path):

@@ -197,25 +197,28 @@ def _adam(lr, b1, b2, eps, weight_decay):
         c1, c2 = 1.0 - b1**t, 1.0 - b2**t  # bias corrections, Python floats (no upcast)
         grads = tree_map(lambda g, p: _cast_like(xp, g, p), grads, params)
 
-        # Same equations as the docstring, arranged so that each leaf allocates four fresh arrays and
-        # updates them in place: large temporaries cost page faults (ARCHITECTURE.md section 5).
-        # Inputs are never modified, so the update stays pure.
+        # Same equations as the docstring, arranged so that each leaf allocates three fresh arrays (m, v and
+        # the new parameter) and updates them in place: large temporaries cost page faults (ARCHITECTURE.md
+        # section 5). Inputs are never modified, so the update stays pure. Using
+        # m_hat / (sqrt(v_hat) + eps) = (sqrt(c2) / c1) m / (sqrt(v) + eps sqrt(c2)):
         def moment(old, g, beta, square):
-            new = g * g if square else g - 0.0
-            new -= old
+            new = g * g if square else g - old
+            if square:
+                new -= old
             new *= 1.0 - beta
             new += old  # = beta * old + (1 - beta) * g(^2)
             return new
 
         m = tree_map(lambda m, g: moment(m, g, b1, False), state["m"], grads)
         v = tree_map(lambda v, g: moment(v, g, b2, True), state["v"], grads)
+        root_c2 = math.sqrt(c2)
 
         def step(p, m, v):
-            denom = xp.sqrt(v)
-            denom *= 1.0 / math.sqrt(c2)
-            denom += eps  # sqrt(v_hat) + eps
-            new = m / denom
-            new *= -lr_t / c1  # -lr m_hat / (sqrt(v_hat) + eps)
+            new = xp.sqrt(v)
+            new += eps * root_c2
+            new **= -1.0
+            new *= m
+            new *= -lr_t * root_c2 / c1  # -lr m_hat / (sqrt(v_hat) + eps)
             new += p * (1.0 - lr_t * weight_decay) if weight_decay else p
             return new
 

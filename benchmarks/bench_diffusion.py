@@ -1,0 +1,199 @@
+"""Diffusion benchmark: train on the checkerboard and on 8x8 digits, then time the samplers.
+
+Reports, per dataset: training ms/step, MMD^2 between 1000 DDIM-50 samples and held-out data, the
+variational bound in bits/dim (the full L_0..L_T sum) and the PF-ODE NLL; then the wall time to draw 1000
+checkerboard samples with DDPM-1000, DDIM-50 and DPM-Solver++-20. When torch is importable, the same
+network (same weights) and the same DDIM / DDPM loops run in PyTorch CPU and the table shows the ratio
+genblocks / torch (target <= 1.0); when diffusers is importable, its DDIMScheduler loop is timed as well.
+
+    python benchmarks/bench_diffusion.py            # about two minutes on 2 quiet cores
+    python benchmarks/bench_diffusion.py --quick    # a smoke run (seconds, numbers meaningless)
+    python benchmarks/bench_diffusion.py --threads 1   # single-threaded BLAS and torch (a like-for-like loop)
+
+Figures are indicative: they move with the machine's load and the BLAS build.
+"""
+
+import argparse
+import math
+import os
+import pathlib
+import sys
+import time
+
+if "--threads" in sys.argv[:-1]:  # BLAS reads these when numpy is first imported
+    _threads = sys.argv[sys.argv.index("--threads") + 1]
+    for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[_var] = _threads
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from genblocks.backends import Rng, to_numpy, value_and_grad  # noqa: E402
+from genblocks.blocks.schedules import DiscreteSchedule  # noqa: E402
+from genblocks.blocks.score_nets import MLPScoreNet  # noqa: E402
+from genblocks.data import checkerboard, load_digits  # noqa: E402
+from genblocks.metrics import mmd  # noqa: E402
+from genblocks.models.diffusion import Diffusion  # noqa: E402
+from genblocks.train.loop import fit  # noqa: E402
+from genblocks.train.optim import adam  # noqa: E402
+
+
+def train(model, data, steps, seed=0):
+    r_init, r_fit = Rng(seed).split(2)
+    params = model.init(r_init)
+    step = value_and_grad(model.loss)
+    t0 = time.perf_counter()
+    for i in range(5):  # ms/step of the bare loss + gradient, after a warm-up
+        step(params, data[:256], Rng(i))
+    t0 = time.perf_counter()
+    for i in range(20):
+        step(params, data[:256], Rng(i))
+    ms = (time.perf_counter() - t0) / 20 * 1000
+    res = fit(model.loss, params, data, r_fit, adam(2e-3), steps, batch_size=256, progress=False, ema_decay=0.995)
+    return res.ema_params, ms
+
+
+def quality(name, model, params, test_x, nll_points, vlb_offset, nll_offset):
+    """Print sample MMD, the VLB (bits/dim, + vlb_offset nats) and the PF-ODE NLL (+ nll_offset nats)."""
+    samples = to_numpy(model.sample(params, Rng(1), 1000, sampler="ddim", num_inference_steps=50))
+    m = float(mmd(samples, test_x[:1000]))
+    t0 = time.perf_counter()
+    terms = model.loss_terms(params, test_x[:200], Rng(2))
+    D = test_x.shape[1]
+    vlb_bpd = (float(terms["vlb"]) + vlb_offset) / (D * math.log(2))
+    t_vlb = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    nll = -to_numpy(model.log_prob(params, test_x[:nll_points], trace="exact" if D <= 4 else "hutchinson",
+                                   rng=Rng(3), rtol=1e-4, atol=1e-4)).mean() + nll_offset
+    t_nll = time.perf_counter() - t0
+    print(f"{name:12s} MMD^2 {m:8.5f}   VLB {vlb_bpd:6.3f} bits/dim ({t_vlb:4.1f} s)   "
+          f"PF-ODE NLL {nll:8.3f} nats = {nll / (D * math.log(2)):6.3f} bits/dim ({t_nll:4.1f} s)")
+
+
+# ---------------------------------------------------------------------------------------------------
+# the PyTorch twin of MLPScoreNet (same weights) and its sampling loops
+
+
+def torch_twin(params, net):
+    import torch
+
+    T = lambda a: torch.from_numpy(np.ascontiguousarray(a))
+    half = net.time_embedding.frequency_dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * (-math.log(10000.0) / half))
+    P = {"fc1": params["cond"]["time"]["fc1"], "fc2": params["cond"]["time"]["fc2"]}
+    silu = torch.nn.functional.silu
+
+    def lin(x, p):
+        return torch.addmm(T(p["b"]), x, T(p["W"]))
+
+    @torch.no_grad()
+    def model(x, t):
+        args = t[:, None] * freqs
+        e = lin(silu(lin(torch.cat([torch.cos(args), torch.sin(args)], dim=-1), P["fc1"])), P["fc2"])
+        e = silu(e)
+        h = x
+        for p, f in zip(params["layers"], params["films"]):
+            h = silu(lin(h, p)) * (1.0 + lin(e, f["scale"])) + lin(e, f["shift"])
+        return lin(h, params["out"])
+
+    return model
+
+
+def torch_ddim(model, sched, x, steps, eta=0.0):
+    import torch
+
+    grid = sched.timesteps(steps)
+    with torch.no_grad():
+        for k, t in enumerate(grid):
+            a, s = sched.marginal_host(t)
+            a_prev, s_prev = sched.marginal_host(grid[k + 1]) if k + 1 < len(grid) else (1.0, 0.0)
+            eps = model(x, torch.full((x.shape[0],), float(t)))
+            x0 = (x - s * eps) / a
+            c = 0.0
+            if eta > 0 and s_prev > 0:
+                c = eta * s_prev / s * math.sqrt(max(s * s - (a * s_prev / a_prev) ** 2, 0.0))
+            x = a_prev * x0 + math.sqrt(max(s_prev ** 2 - c * c, 0.0)) * eps
+            if c > 0:
+                x = x + c * torch.randn_like(x)
+    return x
+
+
+def time_it(fn, repeat=3):
+    best = math.inf
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def sampling_table(model, params, quick, threads=None):
+    n = 200 if quick else 1000
+    runs = [("DDPM-1000", "ddpm", {}, 1.0), ("DDIM-50", "ddim", {"num_inference_steps": 50}, 0.0),
+            ("DPM-Solver++-20", "dpm_solver_pp", {"num_inference_steps": 20, "clip_sample": True,
+                                                  "clip_sample_range": 2.0}, None)]
+    try:
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        twin = torch_twin(params, model.network)
+    except ImportError:
+        torch = twin = None
+    blas = os.environ.get("OPENBLAS_NUM_THREADS", "default")
+    print(f"\nsampling {n} checkerboard samples (best of 3; BLAS threads {blas}, torch threads "
+          f"{torch.get_num_threads() if torch else '-'}){'' if torch else '  [torch not importable]'}")
+    for name, sampler, kw, eta in runs:
+        g = time_it(lambda: model.sample(params, Rng(0), n, sampler=sampler, **kw), 1 if quick else 3)
+        line = f"  {name:16s} genblocks {g:7.3f} s"
+        if torch is not None and eta is not None:
+            steps = kw.get("num_inference_steps", model.schedule.num_train_timesteps)
+            x = torch.randn(n, 2)
+            tt = time_it(lambda: torch_ddim(twin, model.schedule, x, steps, eta), 1 if quick else 3)
+            line += f"   torch {tt:7.3f} s   ratio {g / tt:5.2f}x"
+        print(line)
+    try:
+        import diffusers  # noqa: F401
+        print("  diffusers importable: its scheduler comparison is not wired in this script yet")
+    except ImportError:
+        print("  [diffusers not importable: no scheduler comparison]")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="BLAS and torch threads (default: theirs)")
+    parser.add_argument("--sampling-only", action="store_true", help="skip the quality figures")
+    args = parser.parse_args()
+    steps_cb, steps_dg, T = (50, 30, 100) if args.quick else (2000, 1500, 1000)
+
+    board = to_numpy(checkerboard(Rng(10), 20000)) / 2.0
+    held = to_numpy(checkerboard(Rng(11), 2000)) / 2.0
+    model = Diffusion(MLPScoreNet(2, (128, 128, 128)), DiscreteSchedule("squaredcos_cap_v2", T))
+    t0 = time.perf_counter()
+    steps_cb = min(steps_cb, 1000) if args.sampling_only else steps_cb
+    params, ms = train(model, board, steps_cb)
+    print(f"checkerboard: {steps_cb} steps in {time.perf_counter() - t0:.1f} s ({ms:.1f} ms/step at batch 256)")
+    if args.sampling_only:
+        return sampling_table(model, params, args.quick, args.threads)
+    # the network sees the board divided by 2: densities of the original data lose 2 log 2 nats
+    quality("checkerboard", model, params, held, 50 if args.quick else 200, 2 * math.log(2.0), 2 * math.log(2.0))
+
+    digits = load_digits(backend="numpy")
+    scale = lambda x: (to_numpy(x) / 8.0 - 1.0).astype(np.float32)  # 17 grey levels -> [-1, 1]
+    dx, tx = scale(digits["train"][0]), scale(digits["test"][0])
+    dmodel = Diffusion(MLPScoreNet(64, (256, 256, 256)), DiscreteSchedule("squaredcos_cap_v2", T),
+                       decoder="discretized", num_bins=17)
+    t0 = time.perf_counter()
+    dparams, dms = train(dmodel, dx, steps_dg)
+    print(f"digits:       {steps_dg} steps in {time.perf_counter() - t0:.1f} s ({dms:.1f} ms/step at batch 256)")
+    # the bound is over the 17-level data already; the ODE density is over [-1, 1]^64, so bin it with
+    # width 2/16 (density x bin volume, a rough conversion) to put both in bits of the 17-level data
+    quality("digits", dmodel, dparams, tx, 20 if args.quick else 100, 0.0, 64 * math.log(2.0 / 16.0))
+
+    sampling_table(model, params, args.quick, args.threads)
+
+
+if __name__ == "__main__":
+    main()

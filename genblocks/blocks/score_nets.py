@@ -1,0 +1,325 @@
+"""Noise / score networks: f(x_t, t, y) -> prediction with the shape of x_t (or twice its channels).
+
+- ``TimeEmbedding``: e(t) = W_2 silu(W_1 sin_cos(time_scale t) + b_1) + b_2.
+- ``ClassEmbedding``: a (num_classes + 1, dim) table; row ``num_classes`` is the null token used for
+  classifier-free guidance (and for y=None).
+- ``MLPScoreNet``: an MLP on flat data whose hidden layers are modulated by FiLM,
+  h <- h (1 + gamma(e)) + beta(e), with e = silu(e_time(t) + e_class(y)).
+- ``UNet``: a small U-Net on NHWC images (conv residual blocks with FiLM, stride-2 down-sampling,
+  nearest up-sampling, skip connections) for 8x8 and 28x28 inputs.
+
+Every network has ``apply(params, x, t, y=None)``; ``out_channels = 2 * channels`` gives the extra
+outputs a ``variance_type="learned_range"`` model needs.
+"""
+
+from genblocks.backends import namespace
+from genblocks.blocks.base import Block, check_array, check_dtype, check_positive_int
+from genblocks.blocks.nn import Conv2d, Dense, LayerNorm, SinusoidalEmbedding
+from genblocks.blocks.ops import get_activation
+
+__all__ = ["TimeEmbedding", "ClassEmbedding", "FiLM", "MLPScoreNet", "UNet", "ResBlock", "upsample_nearest"]
+
+
+def _check_times(t, n):
+    check_array(t, "t", ndim=1)
+    if t.shape[0] != n:
+        raise ValueError(f"t: expected one time per example ({n},), got shape {tuple(t.shape)}")
+    return t
+
+
+class TimeEmbedding(Block):
+    """e(t) = W_2 silu(W_1 [cos(s t w), sin(s t w)] + b_1) + b_2, s = ``time_scale``.
+
+    t (n,) -> (n, dim). Use time_scale=1000 for continuous times in [0, 1].
+    """
+
+    def __init__(self, dim, *, time_scale=1.0, frequency_dim=None):
+        self.dim = check_positive_int(dim, "dim")
+        self.time_scale = float(time_scale)
+        self.frequency_dim = check_positive_int(frequency_dim or dim, "frequency_dim")
+        self.sinusoid = SinusoidalEmbedding(self.frequency_dim)
+        self.fc1 = Dense(self.frequency_dim, dim, activation="silu")
+        self.fc2 = Dense(dim, dim)
+
+    def init(self, rng, dtype="float32"):
+        r1, r2 = rng.split(2)
+        return {"fc1": self.fc1.init(r1, dtype), "fc2": self.fc2.init(r2, dtype)}
+
+    def apply(self, params, t):
+        e = self.sinusoid.apply({}, t * self.time_scale if self.time_scale != 1.0 else t)
+        return self.fc2.apply(params["fc2"], self.fc1.apply(params["fc1"], e))
+
+
+class ClassEmbedding(Block):
+    """e(y) = E[y], E a (num_classes + 1, dim) table whose last row is the null token (y = None or num_classes).
+
+    y: int array (n,) -> (n, dim).
+    """
+
+    def __init__(self, num_classes, dim):
+        self.num_classes = check_positive_int(num_classes, "num_classes")
+        self.dim = check_positive_int(dim, "dim")
+
+    def init(self, rng, dtype="float32"):
+        dtype = check_dtype(dtype)
+        return {"table": rng.normal((self.num_classes + 1, self.dim), dtype=dtype, scale=0.02)}
+
+    def apply(self, params, y, n=None):
+        xp = namespace(params)
+        table = params["table"]
+        if y is None:
+            if n is None:
+                raise ValueError("y: None (the null token) needs the batch size n")
+            return xp.broadcast_to(table[self.num_classes:self.num_classes + 1, :], (n, self.dim))
+        if getattr(y, "shape", None) is None or len(y.shape) != 1:
+            raise ValueError(f"y: expected an int array of labels (n,), got {y!r}")
+        if xp.isdtype(y.dtype, "real floating"):
+            raise TypeError(f"y: expected integer labels, got dtype {y.dtype}")
+        return xp.take(table, y, axis=0)
+
+
+class FiLM(Block):
+    """(gamma, beta) = (W_g e + b_g, W_b e + b_b), zero-initialised so the modulation starts as the identity.
+
+    e (n, embed_dim) -> two (n, channels) arrays; ``apply(params, h, e)`` returns h (1 + gamma) + beta.
+    """
+
+    def __init__(self, embed_dim, channels):
+        self.embed_dim = check_positive_int(embed_dim, "embed_dim")
+        self.channels = check_positive_int(channels, "channels")
+        self.scale = Dense(embed_dim, channels, init="zeros")
+        self.shift = Dense(embed_dim, channels, init="zeros")
+
+    def init(self, rng, dtype="float32"):
+        r1, r2 = rng.split(2)
+        return {"scale": self.scale.init(r1, dtype), "shift": self.shift.init(r2, dtype)}
+
+    def apply(self, params, h, e):
+        xp = namespace(h, params)
+        return _film(xp, h, self.scale.apply(params["scale"], e), self.shift.apply(params["shift"], e))
+
+
+def _film(xp, h, gamma, beta):
+    """h (1 + gamma) + beta with gamma, beta (n, c) broadcast over h's middle axes."""
+    c = h.shape[-1]
+    extra = h.ndim - 2
+    if extra:
+        shape = (h.shape[0],) + (1,) * extra + (c,)
+        gamma, beta = xp.reshape(gamma, shape), xp.reshape(beta, shape)
+    return h * (1.0 + gamma) + beta
+
+
+class _Conditioning(Block):
+    """e = silu(time_embedding(t) + class_embedding(y)) shared by the networks below."""
+
+    def _setup_conditioning(self, embed_dim, num_classes, time_scale):
+        self.embed_dim = check_positive_int(embed_dim, "time_embed_dim")
+        self.num_classes = None if num_classes is None else check_positive_int(num_classes, "num_classes")
+        self.time_scale = float(time_scale)
+        self.time_embedding = TimeEmbedding(embed_dim, time_scale=time_scale)
+        self.class_embedding = None if num_classes is None else ClassEmbedding(num_classes, embed_dim)
+
+    def _init_conditioning(self, rng, dtype):
+        r1, r2 = rng.split(2)
+        p = {"time": self.time_embedding.init(r1, dtype)}
+        if self.class_embedding is not None:
+            p["class"] = self.class_embedding.init(r2, dtype)
+        return p
+
+    def _embed(self, params, t, y, n):
+        xp = namespace(t, params)
+        e = self.time_embedding.apply(params["time"], t)
+        if self.class_embedding is not None:
+            e = e + self.class_embedding.apply(params["class"], y, n)
+        elif y is not None:
+            raise ValueError("y: this network has no class embedding (num_classes=None), got labels")
+        return 0.5 * e * (1.0 + xp.tanh(0.5 * e))  # silu
+
+
+class MLPScoreNet(_Conditioning):
+    """eps_theta(x, t, y) = W_out h_L + b_out, h_k = FiLM_k(act(W_k h_{k-1} + b_k), e(t, y)), h_0 = x.
+
+    x (n, dim), t (n,), y int (n,) or None -> (n, out_dim) (default out_dim = dim).
+    """
+
+    def __init__(self, dim, hidden=(128, 128, 128), *, time_embed_dim=64, num_classes=None, out_dim=None,
+                 activation="silu", time_scale=1.0):
+        self.dim = check_positive_int(dim, "dim")
+        self.hidden = tuple(check_positive_int(h, "hidden") for h in hidden)
+        if not self.hidden:
+            raise ValueError("hidden: expected at least one hidden width, got ()")
+        self.out_dim = check_positive_int(out_dim or dim, "out_dim")
+        self.activation = activation
+        get_activation(activation)
+        self._setup_conditioning(time_embed_dim, num_classes, time_scale)
+        widths = (dim,) + self.hidden
+        self.layers = [Dense(widths[i], widths[i + 1], activation=activation, init="he")
+                       for i in range(len(self.hidden))]
+        self.films = [FiLM(self.embed_dim, h) for h in self.hidden]
+        self.out = Dense(self.hidden[-1], self.out_dim)
+
+    def __repr__(self):
+        return (f"MLPScoreNet(dim={self.dim}, hidden={self.hidden}, time_embed_dim={self.embed_dim}, "
+                f"num_classes={self.num_classes}, out_dim={self.out_dim}, activation={self.activation!r}, "
+                f"time_scale={self.time_scale})")
+
+    def init(self, rng, dtype="float32"):
+        dtype = check_dtype(dtype)
+        rs = rng.split(2 * len(self.layers) + 2)
+        return {
+            "cond": self._init_conditioning(rs[0], dtype),
+            "layers": [layer.init(r, dtype) for layer, r in zip(self.layers, rs[1:])],
+            "films": [f.init(r, dtype) for f, r in zip(self.films, rs[1 + len(self.layers):])],
+            "out": self.out.init(rs[-1], dtype),
+        }
+
+    def apply(self, params, x, t, y=None):
+        check_array(x, "x", ndim=2, last_dim=self.dim)
+        n = x.shape[0]
+        _check_times(t, n)
+        e = self._embed(params["cond"], t, y, n)
+        h = x
+        for layer, film, p, pf in zip(self.layers, self.films, params["layers"], params["films"]):
+            h = film.apply(pf, layer.apply(p, h), e)
+        return self.out.apply(params["out"], h)
+
+
+class ResBlock(Block):
+    """y = skip(x) + conv_2(silu(norm_2(FiLM(conv_1(silu(norm_1(x))), e)))) on NHWC images.
+
+    x (n, H, W, c_in), e (n, embed_dim) -> (n, H, W, c_out). Norms are over channels (per pixel).
+    """
+
+    def __init__(self, c_in, c_out, embed_dim):
+        self.c_in = check_positive_int(c_in, "c_in")
+        self.c_out = check_positive_int(c_out, "c_out")
+        self.embed_dim = check_positive_int(embed_dim, "embed_dim")
+        self.norm1, self.norm2 = LayerNorm(c_in), LayerNorm(c_out)
+        self.conv1 = Conv2d(c_in, c_out, 3, init="he")
+        self.conv2 = Conv2d(c_out, c_out, 3, init="zeros")
+        self.film = FiLM(embed_dim, c_out)
+        self.skip = None if c_in == c_out else Conv2d(c_in, c_out, 1)
+
+    def init(self, rng, dtype="float32"):
+        rs = rng.split(6)
+        p = {"norm1": self.norm1.init(rs[0], dtype), "conv1": self.conv1.init(rs[1], dtype),
+             "film": self.film.init(rs[2], dtype), "norm2": self.norm2.init(rs[3], dtype),
+             "conv2": self.conv2.init(rs[4], dtype)}
+        if self.skip is not None:
+            p["skip"] = self.skip.init(rs[5], dtype)
+        return p
+
+    def apply(self, params, x, e):
+        silu = get_activation("silu")
+        h = self.conv1.apply(params["conv1"], silu(self.norm1.apply(params["norm1"], x)))
+        h = self.film.apply(params["film"], h, e)
+        h = self.conv2.apply(params["conv2"], silu(self.norm2.apply(params["norm2"], h)))
+        skip = x if self.skip is None else self.skip.apply(params["skip"], x)
+        return skip + h
+
+
+def upsample_nearest(x):
+    """Nearest-neighbour x2 up-sampling of NHWC images: (n, H, W, c) -> (n, 2H, 2W, c)."""
+    xp = namespace(x)
+    n, H, W, c = x.shape
+    y = xp.broadcast_to(xp.reshape(x, (n, H, 1, W, 1, c)), (n, H, 2, W, 2, c))
+    return xp.reshape(y, (n, 2 * H, 2 * W, c))
+
+
+class UNet(_Conditioning):
+    """A small U-Net eps_theta(x, t, y) on NHWC images: levels of ResBlocks, stride-2 down, nearest up, skips.
+
+    x (n, H, W, channels), t (n,), y int (n,) or None -> (n, H, W, out_channels). H and W must be divisible
+    by 2^(len(channel_mults) - 1) (8x8 with 2 or 3 levels, 28x28 with 2 or 3 levels).
+    """
+
+    def __init__(self, channels=1, *, base_channels=32, channel_mults=(1, 2), num_res_blocks=1, time_embed_dim=64,
+                 num_classes=None, out_channels=None, time_scale=1.0):
+        self.channels = check_positive_int(channels, "channels")
+        self.base_channels = check_positive_int(base_channels, "base_channels")
+        self.channel_mults = tuple(check_positive_int(m, "channel_mults") for m in channel_mults)
+        if not self.channel_mults:
+            raise ValueError("channel_mults: expected at least one level, got ()")
+        self.num_res_blocks = check_positive_int(num_res_blocks, "num_res_blocks")
+        self.out_channels = check_positive_int(out_channels or channels, "out_channels")
+        self._setup_conditioning(time_embed_dim, num_classes, time_scale)
+        chans = [base_channels * m for m in self.channel_mults]
+        E = self.embed_dim
+        self.conv_in = Conv2d(channels, chans[0], 3)
+        self.down, self.downsample, skips = [], [], []
+        c = chans[0]
+        for i, ch in enumerate(chans):
+            blocks = []
+            for _ in range(self.num_res_blocks):
+                blocks.append(ResBlock(c, ch, E))
+                c = ch
+            self.down.append(blocks)
+            skips.append(c)
+            self.downsample.append(Conv2d(c, c, 3, stride=2) if i + 1 < len(chans) else None)
+        self.mid = ResBlock(c, c, E)
+        self.up, self.upsample = [], []
+        for i in reversed(range(len(chans))):
+            blocks = [ResBlock(c + skips[i], chans[i], E)]
+            c = chans[i]
+            for _ in range(self.num_res_blocks - 1):
+                blocks.append(ResBlock(c, c, E))
+            self.up.append(blocks)
+            self.upsample.append(Conv2d(c, chans[i - 1], 3) if i > 0 else None)
+            if i > 0:
+                c = chans[i - 1]
+        self.norm_out = LayerNorm(c)
+        self.conv_out = Conv2d(c, self.out_channels, 3, init="zeros")
+
+    def __repr__(self):
+        return (f"UNet(channels={self.channels}, base_channels={self.base_channels}, "
+                f"channel_mults={self.channel_mults}, num_res_blocks={self.num_res_blocks}, "
+                f"time_embed_dim={self.embed_dim}, num_classes={self.num_classes}, "
+                f"out_channels={self.out_channels}, time_scale={self.time_scale})")
+
+    def init(self, rng, dtype="float32"):
+        dtype = check_dtype(dtype)
+        count = 6 + 2 * len(self.down) + sum(len(b) for b in self.down) + sum(len(b) for b in self.up)
+        r = iter(rng.split(count))
+
+        def many(blocks):
+            return [b.init(next(r), dtype) for b in blocks]
+
+        return {
+            "cond": self._init_conditioning(next(r), dtype),
+            "conv_in": self.conv_in.init(next(r), dtype),
+            "down": [many(blocks) for blocks in self.down],
+            "downsample": [{} if d is None else d.init(next(r), dtype) for d in self.downsample],
+            "mid": self.mid.init(next(r), dtype),
+            "up": [many(blocks) for blocks in self.up],
+            "upsample": [{} if u is None else u.init(next(r), dtype) for u in self.upsample],
+            "norm_out": self.norm_out.init(next(r), dtype),
+            "conv_out": self.conv_out.init(next(r), dtype),
+        }
+
+    def apply(self, params, x, t, y=None):
+        check_array(x, "x", ndim=4, last_dim=self.channels)
+        factor = 2 ** (len(self.channel_mults) - 1)
+        if x.shape[1] % factor or x.shape[2] % factor:
+            raise ValueError(f"x: expected H and W divisible by {factor} for {len(self.channel_mults)} levels, "
+                             f"got shape {tuple(x.shape)}")
+        n = x.shape[0]
+        _check_times(t, n)
+        xp = namespace(x, params)
+        e = self._embed(params["cond"], t, y, n)
+        h = self.conv_in.apply(params["conv_in"], x)
+        skips = []
+        for blocks, ps, down, pd in zip(self.down, params["down"], self.downsample, params["downsample"]):
+            for block, p in zip(blocks, ps):
+                h = block.apply(p, h, e)
+            skips.append(h)
+            if down is not None:
+                h = down.apply(pd, h)
+        h = self.mid.apply(params["mid"], h, e)
+        for blocks, ps, up, pu in zip(self.up, params["up"], self.upsample, params["upsample"]):
+            h = xp.concat([h, skips.pop()], axis=-1)
+            for block, p in zip(blocks, ps):
+                h = block.apply(p, h, e)
+            if up is not None:
+                h = up.apply(pu, upsample_nearest(h))
+        silu = get_activation("silu")
+        return self.conv_out.apply(params["conv_out"], silu(self.norm_out.apply(params["norm_out"], h)))

@@ -1,0 +1,484 @@
+"""Diffusion models: DDPM (Ho et al. 2020), DDIM sampling, Improved DDPM (Nichol & Dhariwal 2021).
+
+The forward process adds Gaussian noise, x_t = alpha_t x_0 + sigma_t eps, along a schedule
+(``genblocks.blocks.schedules``). A network learns to undo it by predicting eps, x_0 or
+v = alpha_t eps - sigma_t x_0 (``prediction_type``) from (x_t, t[, y]). Read this file top to bottom:
+
+1. the training loss: L_simple = E_{t, x_0, eps} w(t) |f_theta(x_t, t) - target|^2, with optional min-SNR
+   weighting (``snr_gamma``), importance sampling of t (``timestep_sampling="importance"``), learned
+   variances (``variance_type="learned_range"``, hybrid loss L_simple + lambda L_vlb) and label dropout
+   for classifier-free guidance (``cond_drop_prob``);
+2. the variational bound: ``loss_terms`` gives L_T (prior), L_{T-1}..L_1 (KL terms) and L_0 (decoder),
+   ``nll_bound`` their sum in bits/dim;
+3. the probability-flow ODE likelihood (``log_prob``), sampling with any sampler of
+   ``genblocks.blocks.samplers`` (``sample``), and the noise-aware classifier for classifier guidance.
+"""
+
+import math
+import time
+from collections import deque
+
+from genblocks.backends import namespace, to_numpy
+from genblocks.blocks import samplers as S
+from genblocks.blocks.base import Block, check_array
+from genblocks.blocks.ops import log_softmax, stop_gradient
+from genblocks.blocks.schedules import DiscreteSchedule
+
+__all__ = ["Diffusion", "LossSecondMomentSampler", "NoisyClassifier", "train_noisy_classifier", "normal_kl",
+           "discretized_gaussian_log_likelihood", "demo", "SAMPLERS"]
+
+SAMPLERS = {
+    "ddpm": S.ddpm_sample,
+    "ddim": S.ddim_sample,
+    "dpm_solver_pp": S.dpm_solver_pp_sample,
+    "heun": lambda *a, **k: S.ode_sample(*a, method="heun", **k),
+    "euler": lambda *a, **k: S.ode_sample(*a, method="euler", **k),
+    "euler_maruyama": S.euler_maruyama_sample,
+    "predictor_corrector": S.predictor_corrector_sample,
+    "annealed_langevin": S.annealed_langevin_sample,
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Gaussian pieces of the variational bound
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(m1, e^{v1}) || N(m2, e^{v2})) = (v2 - v1 + e^{v1 - v2} + (m1 - m2)^2 e^{-v2} - 1) / 2, elementwise."""
+    xp = namespace(mean1, logvar1, mean2, logvar2)
+    return 0.5 * (logvar2 - logvar1 + xp.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * xp.exp(-logvar2) - 1.0)
+
+
+def _approx_std_normal_cdf(xp, x):
+    # the tanh form of Phi used by Improved DDPM (erf is not in every array namespace)
+    return 0.5 * (1.0 + xp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
+
+
+def discretized_gaussian_log_likelihood(x, mean, logvar, num_bins=256):
+    """log P(bin of x) under N(mean, e^logvar) for data on num_bins levels scaled to [-1, 1], elementwise.
+
+    P = Phi((x + 1/(K-1) - m)/s) - Phi((x - 1/(K-1) - m)/s), the edge bins taking the whole tail.
+    """
+    xp = namespace(x, mean, logvar)
+    half = 1.0 / (num_bins - 1)
+    inv_std = xp.exp(-0.5 * logvar)
+    centred = x - mean
+    cdf_plus = _approx_std_normal_cdf(xp, inv_std * (centred + half))
+    cdf_min = _approx_std_normal_cdf(xp, inv_std * (centred - half))
+    tiny = 1e-12
+    log_cdf_plus = xp.log(xp.clip(cdf_plus, tiny, None))
+    log_one_minus_cdf_min = xp.log(xp.clip(1.0 - cdf_min, tiny, None))
+    log_delta = xp.log(xp.clip(cdf_plus - cdf_min, tiny, None))
+    edge = 1.0 - half
+    return xp.where(x < -edge, log_cdf_plus, xp.where(x > edge, log_one_minus_cdf_min, log_delta))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Improved DDPM's importance sampling of t
+
+
+class LossSecondMomentSampler:
+    """Sample t with p_t proportional to sqrt(E[L_t^2]) over the last ``history`` losses at t (uniform until filled).
+
+    p is mixed with ``uniform_prob`` of the uniform law; losses are reweighted by 1 / (T p_t) so the
+    objective stays unbiased. Host state (this is the one stateful piece of a Diffusion model):
+    ``update(t, losses)`` records host values after each step.
+    """
+
+    def __init__(self, num_timesteps, *, history=10, uniform_prob=0.001):
+        self.num_timesteps = int(num_timesteps)
+        self.history = int(history)
+        self.uniform_prob = float(uniform_prob)
+        self._losses = [deque(maxlen=self.history) for _ in range(self.num_timesteps)]
+
+    def __repr__(self):
+        return f"LossSecondMomentSampler(num_timesteps={self.num_timesteps}, history={self.history})"
+
+    def warmed_up(self):
+        return all(len(d) == self.history for d in self._losses)
+
+    def probabilities(self):
+        """p_t as a list of T Python floats."""
+        T = self.num_timesteps
+        if not self.warmed_up():
+            return [1.0 / T] * T
+        root = [math.sqrt(sum(v * v for v in d) / len(d)) for d in self._losses]
+        total = sum(root)
+        if not total > 0.0:
+            return [1.0 / T] * T
+        return [(1.0 - self.uniform_prob) * r / total + self.uniform_prob / T for r in root]
+
+    def sample(self, rng, n, dtype="float32"):
+        """(t, weights): t float array (n,) drawn from p, weights 1 / (T p_t) (n,) on ``rng``'s backend."""
+        p = self.probabilities()
+        idx = rng.categorical([math.log(v) for v in p], shape=(n,))
+        xp = namespace(idx)
+        table = xp.asarray([1.0 / (self.num_timesteps * v) for v in p], dtype=getattr(xp, dtype),
+                           device=xp.device_of(idx))
+        return xp.astype(idx, getattr(xp, dtype)), xp.take(table, idx, axis=0)
+
+    def update(self, t, losses):
+        """Record per-example losses (host-convertible arrays (n,)) at their steps t."""
+        for ti, li in zip(to_numpy(t), to_numpy(losses)):
+            self._losses[int(ti)].append(float(li))
+
+
+# ---------------------------------------------------------------------------------------------------
+# the model
+
+
+class Diffusion(Block):
+    """Denoising diffusion model: minimise E_{t, x_0, eps} w(t) |f_theta(alpha_t x_0 + sigma_t eps, t, y) - target|^2.
+
+    target: eps ("epsilon"), x_0 ("sample") or v = alpha_t eps - sigma_t x_0 ("v_prediction").
+    ``snr_gamma`` (min-SNR-gamma): w = min(SNR, gamma) / SNR for eps, / (SNR + 1) for v, min(SNR, gamma) for x_0.
+    ``variance_type="learned_range"``: the network outputs twice the channels (prediction, v in [-1, 1]) and the
+    loss adds ``vlb_weight`` * T * L_t (nats per dim, mean prediction held fixed): Improved DDPM's hybrid loss.
+    ``timestep_sampling="importance"`` draws t by ``LossSecondMomentSampler``. ``cond_drop_prob`` replaces labels by
+    the null token (``num_classes``) for classifier-free guidance. ``decoder``: "gaussian" (continuous data) or
+    "discretized" (data on ``num_bins`` levels scaled to [-1, 1]). Batches: x (n, *data_shape) or (x, y).
+    """
+
+    def __init__(self, network, schedule, *, prediction_type="epsilon", variance_type="fixed_small", snr_gamma=None,
+                 timestep_sampling="uniform", vlb_weight=0.001, cond_drop_prob=0.0, num_classes=None,
+                 data_shape=None, decoder="gaussian", num_bins=256):
+        self.network = network
+        self.schedule = schedule
+        self.prediction_type = S.check_prediction_type(prediction_type)
+        if variance_type not in S.VARIANCE_TYPES:
+            raise ValueError(f"variance_type: expected one of {S.VARIANCE_TYPES}, got {variance_type!r}")
+        self.variance_type = variance_type
+        if snr_gamma is not None and not float(snr_gamma) > 0.0:
+            raise ValueError(f"snr_gamma: expected a positive float or None, got {snr_gamma!r}")
+        self.snr_gamma = None if snr_gamma is None else float(snr_gamma)
+        if timestep_sampling not in ("uniform", "importance"):
+            raise ValueError(f"timestep_sampling: expected 'uniform' or 'importance', got {timestep_sampling!r}")
+        self.timestep_sampling = timestep_sampling
+        self.vlb_weight = float(vlb_weight)
+        if not 0.0 <= float(cond_drop_prob) < 1.0:
+            raise ValueError(f"cond_drop_prob: expected a probability in [0, 1), got {cond_drop_prob!r}")
+        self.cond_drop_prob = float(cond_drop_prob)
+        self.num_classes = num_classes if num_classes is not None else getattr(network, "num_classes", None)
+        if self.cond_drop_prob > 0.0 and self.num_classes is None:
+            raise ValueError("cond_drop_prob: label dropout needs a class-conditional network (num_classes)")
+        if decoder not in ("gaussian", "discretized"):
+            raise ValueError(f"decoder: expected 'gaussian' or 'discretized', got {decoder!r}")
+        self.decoder = decoder
+        self.num_bins = int(num_bins)
+        if data_shape is None and hasattr(network, "dim"):
+            data_shape = (network.dim,)
+        self.data_shape = None if data_shape is None else tuple(data_shape)
+        needs_table = variance_type == "learned_range" or timestep_sampling == "importance"
+        if needs_table and not getattr(schedule, "is_discrete", False):
+            raise ValueError(f"schedule: variance_type={variance_type!r} / timestep_sampling={timestep_sampling!r} "
+                             f"need a DiscreteSchedule, got {schedule!r}")
+        if getattr(schedule, "is_discrete", False) and schedule.timestep_map != tuple(range(len(schedule.betas))):
+            raise ValueError("schedule: train on the full schedule; respace it only for sampling")
+        self.timestep_sampler = (LossSecondMomentSampler(schedule.num_train_timesteps)
+                                 if timestep_sampling == "importance" else None)
+
+    def __repr__(self):
+        return (f"Diffusion({self.network!r}, {self.schedule!r}, prediction_type={self.prediction_type!r}, "
+                f"variance_type={self.variance_type!r}, snr_gamma={self.snr_gamma}, "
+                f"timestep_sampling={self.timestep_sampling!r}, cond_drop_prob={self.cond_drop_prob})")
+
+    def init(self, rng, dtype="float32"):
+        return self.network.init(rng, dtype)
+
+    # -- the network as a model_fn -------------------------------------------------------------------
+    def _apply(self, params, x, t, y=None):
+        if self.num_classes is None:
+            if y is not None:
+                raise ValueError("y: this model is unconditional (num_classes=None), got labels")
+            return self.network.apply(params, x, t)
+        return self.network.apply(params, x, t, y)
+
+    def _split(self, out, x):
+        if self.variance_type != "learned_range":
+            return out, None
+        c = x.shape[-1]
+        if out.shape[-1] != 2 * c:
+            raise ValueError(f"network: learned_range needs 2 x {c} output channels, got {out.shape[-1]}")
+        return out[..., :c], out[..., c:]
+
+    def model_fn(self, params, *, full=False):
+        """model_fn(x, t, y=None) -> prediction (with ``full``, the learned-range outputs too) for the samplers."""
+        def fn(x, t, y=None):
+            out = self._apply(params, x, t, y)
+            return out if full else self._split(out, x)[0]
+
+        return fn
+
+    # -- 1. the training loss ------------------------------------------------------------------------
+    def _unpack(self, batch):
+        if isinstance(batch, dict):
+            return batch["x"], batch.get("y")
+        if isinstance(batch, (tuple, list)):
+            if len(batch) == 1:
+                return batch[0], None
+            return batch[0], batch[1]
+        return batch, None
+
+    def _bshape(self, v, x):
+        xp = namespace(v)
+        return xp.reshape(v, (x.shape[0],) + (1,) * (x.ndim - 1))
+
+    def loss(self, params, batch, rng):
+        """Mean over the batch of the (weighted) denoising loss; a scalar."""
+        x0, y = self._unpack(batch)
+        check_array(x0, "x", min_ndim=2)
+        xp = namespace(x0, params)
+        n = x0.shape[0]
+        dtype = "float64" if "64" in str(x0.dtype) else "float32"
+        r_t, r_eps, r_drop = rng.split(3)
+        if self.timestep_sampler is not None:
+            t, weights = self.timestep_sampler.sample(r_t, n, dtype)
+        else:
+            t, weights = self.schedule.sample_t(r_t, n, dtype), None
+        a, s = self.schedule.marginal(t)
+        a, s = self._bshape(a, x0), self._bshape(s, x0)
+        eps = r_eps.normal(tuple(x0.shape), dtype=dtype)
+        x_t = a * x0 + s * eps
+        if y is not None and self.cond_drop_prob > 0.0:
+            drop = r_drop.bernoulli(self.cond_drop_prob, shape=(n,)) > 0.5
+            y = xp.where(drop, xp.full_like(y, self.num_classes), y)
+        pred, v = self._split(self._apply(params, x_t, t, y), x0)
+        target = S.from_x0_eps(x0, eps, a, s, self.prediction_type)
+        axes = tuple(range(1, x0.ndim))
+        per = xp.mean((pred - target) ** 2, axis=axes)
+        if self.snr_gamma is not None:
+            snr = xp.reshape(a * a / (s * s), (n,))
+            clipped = xp.minimum(snr, self.snr_gamma)
+            per = per * {"epsilon": clipped / snr, "v_prediction": clipped / (snr + 1.0),
+                         "sample": clipped}[self.prediction_type]
+        tracked = per
+        if self.variance_type == "learned_range":
+            vb = xp.mean(self._vb_terms(stop_gradient(pred), v, x0, x_t, t), axis=axes)
+            per = per + (self.vlb_weight * self.schedule.num_train_timesteps) * vb
+            tracked = vb
+        if self.timestep_sampler is not None:
+            self.timestep_sampler.update(t, stop_gradient(tracked))
+            per = per * weights
+        return xp.mean(per)
+
+    # -- 2. the variational bound --------------------------------------------------------------------
+    def _table(self, name, t, ref):
+        xp = namespace(ref)
+        table = xp.asarray(getattr(self.schedule, name), dtype=ref.dtype, device=xp.device_of(ref))
+        return self._bshape(xp.take(table, xp.astype(t, xp.int64), axis=0), ref)
+
+    def p_mean_logvar(self, pred, v, x_t, t, clip_denoised=False):
+        """p(x_{t-1} | x_t) = N(c1_t x0_hat + c2_t x_t, e^{logvar}): (mean, logvar, x0_hat), arrays like x_t.
+
+        ``clip_denoised`` clips x0_hat to [-1, 1] (data known to lie there) before forming the mean.
+        """
+        sched = _discrete(self.schedule)
+        xp = namespace(pred, x_t)
+        a, s = self._table_sqrt(t, x_t)
+        x0_hat = S.to_x0_eps(pred, x_t, a, s, self.prediction_type)[0]
+        if clip_denoised:
+            x0_hat = xp.clip(x0_hat, -1.0, 1.0)
+        mean = self._table("posterior_mean_coef1", t, x_t) * x0_hat + self._table("posterior_mean_coef2", t, x_t) * x_t
+        small = self._table("posterior_log_variance_clipped", t, x_t)
+        if self.variance_type == "fixed_small":
+            logvar = small
+        else:
+            big = xp.log(self._large_variance(t, x_t, sched))
+            if self.variance_type == "fixed_large":
+                logvar = big
+            else:
+                frac = 0.5 * (v + 1.0)
+                logvar = frac * big + (1.0 - frac) * small
+        return mean, logvar, x0_hat
+
+    def _table_sqrt(self, t, ref):
+        xp = namespace(ref)
+        abar = self._table("alphas_cumprod", t, ref)
+        return xp.sqrt(abar), xp.sqrt(1.0 - abar)
+
+    def _large_variance(self, t, ref, sched):
+        xp = namespace(ref)
+        large = (sched.posterior_variance[1],) + tuple(sched.betas[1:])
+        table = xp.asarray(large, dtype=ref.dtype, device=xp.device_of(ref))
+        return self._bshape(xp.take(table, xp.astype(t, xp.int64), axis=0), ref)
+
+    def _vb_terms(self, pred, v, x0, x_t, t, clip_denoised=False):
+        """Elementwise L_t: KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) for t > 0, -log p(x_0 | x_1) at t = 0."""
+        xp = namespace(pred, x0)
+        true_mean = self._table("posterior_mean_coef1", t, x0) * x0 + self._table("posterior_mean_coef2", t, x0) * x_t
+        true_logvar = self._table("posterior_log_variance_clipped", t, x0)
+        mean, logvar, _ = self.p_mean_logvar(pred, v, x_t, t, clip_denoised)
+        kl = normal_kl(true_mean, true_logvar, mean, logvar)
+        if self.decoder == "discretized":
+            nll = -discretized_gaussian_log_likelihood(x0, mean, logvar, self.num_bins)
+        else:
+            nll = 0.5 * (math.log(2.0 * math.pi) + logvar + (x0 - mean) ** 2 * xp.exp(-logvar))
+        return xp.where(self._bshape(t, x0) == 0.0, nll, kl)
+
+    def prior_kl(self, x0):
+        """L_T = KL(q(x_{T-1} | x_0) || N(0, I)) summed over dimensions: (n,)."""
+        xp = namespace(x0)
+        sched = _discrete(self.schedule)
+        abar = sched.alphas_cumprod[-1]
+        zero = xp.zeros_like(x0)
+        kl = normal_kl(math.sqrt(abar) * x0, zero + math.log(1.0 - abar), zero, zero)
+        return xp.sum(xp.reshape(kl, (x0.shape[0], -1)), axis=-1)
+
+    def loss_terms(self, params, x0, rng, y=None, *, clip_denoised=None):
+        """The variational bound term by term, each summed over dimensions and averaged over the batch (nats).
+
+        Returns {"L_T": prior KL (0-d), "L_t": (T,) array with L_0 (decoder NLL) at index 0 and the KL terms
+        after it, "vlb": L_T + sum_t L_t, "bits_per_dim": vlb / (D log 2)}. Costs T network evaluations.
+        ``clip_denoised`` (default: True with the discretized decoder, whose data lie in [-1, 1]) evaluates the
+        bound of the model that clips x0_hat, as Improved DDPM's evaluation does; near t = T an eps model's
+        x0_hat = (x_t - sigma eps_hat) / alpha amplifies small errors by 1 / alpha otherwise.
+        """
+        if clip_denoised is None:
+            clip_denoised = self.decoder == "discretized"
+        sched = _discrete(self.schedule)
+        xp = namespace(x0, params)
+        n = x0.shape[0]
+        D = math.prod(tuple(x0.shape[1:]))
+        dtype = "float64" if "64" in str(x0.dtype) else "float32"
+        terms = []
+        for i, r in enumerate(rng.split(sched.num_train_timesteps)):
+            t = xp.full((n,), float(i), dtype=x0.dtype, device=xp.device_of(x0))
+            a, s = sched.marginal_host(i)
+            x_t = a * x0 + s * r.normal(tuple(x0.shape), dtype=dtype)
+            pred, v = self._split(self._apply(params, x_t, t, y), x0)
+            vb = self._vb_terms(pred, v, x0, x_t, t, clip_denoised)
+            terms.append(xp.mean(xp.sum(xp.reshape(vb, (n, -1)), axis=-1)))
+        L_t = xp.stack(terms)
+        L_T = xp.mean(self.prior_kl(x0))
+        vlb = L_T + xp.sum(L_t)
+        return {"L_T": L_T, "L_t": L_t, "vlb": vlb, "bits_per_dim": vlb / (D * math.log(2.0))}
+
+    def nll_bound(self, params, x0, rng, y=None, *, clip_denoised=None):
+        """Variational upper bound on -log p(x_0) in bits/dim (batch mean): ``loss_terms(...)["bits_per_dim"]``."""
+        return self.loss_terms(params, x0, rng, y, clip_denoised=clip_denoised)["bits_per_dim"]
+
+    # -- 3. likelihood and sampling ------------------------------------------------------------------
+    def log_prob(self, params, x, *, y=None, trace="exact", rng=None, **kw):
+        """log p(x) (nats, (n,)) through the probability-flow ODE (``samplers.ode_log_likelihood``); numpy only."""
+        cond = {} if y is None else {"y": y}
+        return S.ode_log_likelihood(self.model_fn(params), self.schedule, x, prediction_type=self.prediction_type,
+                                    trace=trace, rng=rng, cond=cond, **kw)
+
+    def sample(self, params, rng, n, *, sampler="ddpm", y=None, guidance_weight=None, guidance_rescale=0.0,
+               data_shape=None, dtype="float32", **kw):
+        """n samples (n, *data_shape) with ``sampler`` (a key of ``SAMPLERS``) and its keyword options.
+
+        ``y`` (n,) labels for a class-conditional model; ``guidance_weight`` w turns on classifier-free guidance
+        eps_u + (1 + w)(eps_c - eps_u). Learned variances are used by "ddpm"; other samplers use the mean.
+        """
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler: expected one of {tuple(SAMPLERS)}, got {sampler!r}")
+        shape = data_shape or self.data_shape
+        if shape is None:
+            raise ValueError("data_shape: unknown for this network; pass data_shape=(H, W, C) or similar")
+        learned = self.variance_type == "learned_range" and sampler == "ddpm"
+        model_fn = self.model_fn(params, full=learned)
+        cond = {}
+        if y is not None:
+            cond["y"] = y
+        if guidance_weight is not None:
+            if self.num_classes is None or y is None:
+                raise ValueError("guidance_weight: classifier-free guidance needs a class-conditional model and y")
+            model_fn = S.classifier_free_guidance(model_fn, guidance_weight, null_label=self.num_classes,
+                                                  guidance_rescale=guidance_rescale)
+        if learned:
+            kw.setdefault("variance_type", "learned_range")
+        return SAMPLERS[sampler](model_fn, self.schedule, rng, (n,) + tuple(shape),
+                                 prediction_type=self.prediction_type, cond=cond, dtype=dtype, **kw)
+
+
+def _discrete(schedule):
+    if not getattr(schedule, "is_discrete", False):
+        raise TypeError(f"schedule: the variational bound needs a DiscreteSchedule, got {schedule!r}")
+    return schedule
+
+
+# ---------------------------------------------------------------------------------------------------
+# a noise-aware classifier for classifier guidance
+
+
+class NoisyClassifier(Block):
+    """p(y | x_t, t) = softmax(f(x_t, t)): any network with apply(params, x, t) -> logits (n, K).
+
+    ``log_prob(params, x, t, y) -> (n,)`` and ``guidance_fn(params)`` (the callable classifier_guidance wants).
+    """
+
+    def __init__(self, network):
+        self.network = network
+
+    def init(self, rng, dtype="float32"):
+        return self.network.init(rng, dtype)
+
+    def log_prob(self, params, x, t, y):
+        xp = namespace(x, params)
+        logp = log_softmax(self.network.apply(params, x, t), axis=-1)
+        return xp.take_along_axis(logp, xp.reshape(y, (-1, 1)), axis=-1)[:, 0]
+
+    def guidance_fn(self, params):
+        return lambda x, t, y: self.log_prob(params, x, t, y)
+
+
+def train_noisy_classifier(classifier, schedule, x, y, rng, *, steps=500, batch_size=128, lr=1e-3, params=None,
+                           progress=False):
+    """Fit ``NoisyClassifier`` params by minimising -log p(y | alpha_t x + sigma_t eps, t) over random t and eps.
+
+    x (n, ...) host data, y (n,) int labels. Returns the trained params (numpy backend).
+    """
+    from genblocks.train.loop import fit
+    from genblocks.train.optim import adam
+
+    r_init, r_fit = rng.split(2)
+    if params is None:
+        params = classifier.init(r_init, "float64" if "64" in str(x.dtype) else "float32")
+
+    def loss(p, batch, r):
+        xb, yb = batch
+        xp = namespace(xb, p)
+        dtype = "float64" if "64" in str(xb.dtype) else "float32"
+        r_t, r_eps = r.split(2)
+        t = schedule.sample_t(r_t, xb.shape[0], dtype)
+        a, s = schedule.marginal(t)
+        shape = (xb.shape[0],) + (1,) * (xb.ndim - 1)
+        x_t = xp.reshape(a, shape) * xb + xp.reshape(s, shape) * r_eps.normal(tuple(xb.shape), dtype=dtype)
+        return -xp.mean(classifier.log_prob(p, x_t, t, yb))
+
+    return fit(loss, params, (x, y), r_fit, adam(lr), steps, batch_size=batch_size, progress=progress).params
+
+
+# ---------------------------------------------------------------------------------------------------
+# the `genblocks demo` row
+
+
+def demo(rng, *, smoke=False):
+    """Train a small DDPM on the checkerboard; report the PF-ODE test NLL (nats) and DDIM samples.
+
+    ``rng``: a numpy-backend Rng (training uses autograd). Returns the dict ``genblocks demo`` shows.
+    """
+    from genblocks.blocks.score_nets import MLPScoreNet
+    from genblocks.data import checkerboard
+    from genblocks.train.loop import fit
+    from genblocks.train.optim import adam
+
+    start = time.perf_counter()
+    r_data, r_test, r_init, r_fit, r_sample = rng.split(5)
+    n_train, steps, width, n_test = (256, 30, 16, 8) if smoke else (4000, 600, 64, 64)
+    data = to_numpy(checkerboard(r_data, n_train)) / 2.0
+    test = to_numpy(checkerboard(r_test, n_test)) / 2.0
+    net = MLPScoreNet(2, (width, width, width), time_embed_dim=32)
+    model = Diffusion(net, DiscreteSchedule("squaredcos_cap_v2", 200))
+    params = model.init(r_init)
+    params = fit(model.loss, params, data, r_fit, adam(2e-3), steps, batch_size=256,
+                 progress=False).params
+    tol = 1e-2 if smoke else 1e-3
+    # the data were scaled by 1/2: log p_x(x) = log p_z(x / 2) - 2 log 2
+    nll = -to_numpy(model.log_prob(params, test, rtol=tol, atol=tol)) + 2.0 * math.log(2.0)
+    samples = model.sample(params, r_sample, 500 if not smoke else 64, sampler="ddim",
+                           num_inference_steps=50 if not smoke else 10)
+    return {"family": "diffusion", "model": "DDPM (MLP + FiLM, cosine schedule), DDIM-50 samples",
+            "metric": "test NLL (nats, PF-ODE)", "value": float(nll.mean()),
+            "seconds": time.perf_counter() - start, "samples": 2.0 * to_numpy(samples)}

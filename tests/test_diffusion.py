@@ -1,0 +1,343 @@
+"""The Diffusion model: losses (prediction types, min-SNR, importance sampling, learned variances, CFG
+dropout), the variational bound, sampling, the noisy classifier and the demo row."""
+
+import math
+
+import numpy as np
+import pytest
+from autograd.test_util import check_grads
+from conftest import assert_backend
+from scipy import integrate
+from scipy.stats import norm
+
+from genblocks.backends import Rng, grad, namespace, to_device, to_numpy
+from genblocks.blocks import samplers as S
+from genblocks.blocks.base import Block
+from genblocks.blocks.schedules import VPSDE, DiscreteSchedule
+from genblocks.blocks.score_nets import MLPScoreNet
+from genblocks.checks import analytic_gaussian_mixture_model
+from genblocks.models.diffusion import (
+    SAMPLERS,
+    Diffusion,
+    LossSecondMomentSampler,
+    NoisyClassifier,
+    demo,
+    discretized_gaussian_log_likelihood,
+    normal_kl,
+    train_noisy_classifier,
+)
+from genblocks.train.loop import fit
+from genblocks.train.optim import adam
+
+W = np.array([0.3, 0.7])
+MU = np.array([[-1.5, 0.5], [1.0, -0.5]])
+COV = np.array([[[0.2, 0.05], [0.05, 0.1]], [[0.1, 0.0], [0.0, 0.3]]])
+SCHED = DiscreteSchedule("linear", 100, beta_start=1e-3, beta_end=0.2)
+
+
+class OracleNet(Block):
+    """A parameter-free 'network' that returns the exact denoiser's prediction (for known-truth tests)."""
+
+    def __init__(self, oracle, extra=None):
+        self.oracle, self.extra, self.dim = oracle, extra, oracle.dim
+
+    def apply(self, params, x, t):
+        out = self.oracle(x, t)
+        if self.extra is None:
+            return out
+        xp = namespace(x)
+        return xp.concat([out, xp.full_like(out, self.extra)], axis=-1)  # learned-range outputs v = extra
+
+
+def data(n=2000, seed=0, dtype=np.float64):
+    o = analytic_gaussian_mixture_model(W, MU, COV, SCHED)
+    return to_numpy(o.sample(Rng(seed), n)).astype(dtype), o
+
+
+# ---------------------------------------------------------------------------------------------------
+# Gaussian pieces
+
+
+def test_normal_kl_matches_numerical_integration():
+    m1, v1, m2, v2 = 0.3, math.log(0.5), -0.2, math.log(2.0)
+    f = lambda x: norm.pdf(x, m1, math.exp(0.5 * v1)) * (norm.logpdf(x, m1, math.exp(0.5 * v1))
+                                                        - norm.logpdf(x, m2, math.exp(0.5 * v2)))
+    want = integrate.quad(f, -20, 20)[0]
+    assert float(normal_kl(np.array(m1), np.array(v1), np.array(m2), np.array(v2))) == pytest.approx(want, rel=1e-8)
+
+
+def test_discretized_gaussian_sums_to_one_over_bins():
+    K = 16
+    x = np.linspace(-1, 1, K)
+    for mean, logvar in ((0.1, math.log(0.04)), (-0.9, math.log(0.5)), (0.99, math.log(1e-3))):
+        logp = discretized_gaussian_log_likelihood(x, np.full(K, mean), np.full(K, logvar), num_bins=K)
+        assert np.exp(logp).sum() == pytest.approx(1.0, abs=2e-3)  # the tanh approximation of Phi
+    assert np.all(np.isfinite(discretized_gaussian_log_likelihood(x, np.full(K, 5.0), np.full(K, -20.0), K)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# the training loss
+
+
+@pytest.mark.parametrize("kw", [
+    {}, {"prediction_type": "v_prediction", "snr_gamma": 5.0}, {"prediction_type": "sample"},
+    {"variance_type": "learned_range"}, {"timestep_sampling": "importance"},
+], ids=str)
+def test_loss_is_a_differentiable_scalar(kw):
+    out = 4 if kw.get("variance_type") == "learned_range" else 2
+    model = Diffusion(MLPScoreNet(2, (8,), time_embed_dim=4, out_dim=out), SCHED, **kw)
+    x, _ = data(16)
+    p32 = model.init(Rng(0))
+    loss32 = model.loss(p32, x.astype(np.float32), Rng(1))
+    assert np.ndim(loss32) == 0 and np.isfinite(loss32) and loss32.dtype == np.float32
+    p = model.init(Rng(0), "float64")
+    W0 = p["out"]["W"] + 0.1
+
+    def loss_of(m):
+        return lambda Wout: m.loss({**p, "out": {**p["out"], "W": Wout}}, x, Rng(1))
+
+    if kw.get("variance_type") != "learned_range":
+        check_grads(loss_of(model), modes=["rev"], order=1)(W0)
+        return
+    # the VLB term sees the mean prediction through a stop-gradient: only the variance outputs learn from it
+    mse_only = Diffusion(model.network, SCHED, variance_type="learned_range", vlb_weight=0.0)
+    check_grads(loss_of(mse_only), modes=["rev"], order=1)(W0)
+    g, g_mse = grad(loss_of(model))(W0), grad(loss_of(mse_only))(W0)
+    np.testing.assert_allclose(g[:, :2], g_mse[:, :2], rtol=1e-12)
+    assert np.abs(g[:, 2:] - g_mse[:, 2:]).max() > 1e-6
+
+
+def test_optimal_denoiser_loss_and_min_snr_weights():
+    x, o = data(4000)
+    exact = Diffusion(OracleNet(o), SCHED)
+    zero = Diffusion(OracleNet(analytic_gaussian_mixture_model(W, MU + 5.0, COV, SCHED)), SCHED)
+    assert float(exact.loss({}, x, Rng(2))) < float(zero.loss({}, x, Rng(2)))
+    # gamma larger than every SNR leaves the epsilon loss unchanged; a small gamma only lowers it
+    big = Diffusion(OracleNet(o), SCHED, snr_gamma=1e12)
+    assert float(big.loss({}, x, Rng(2))) == pytest.approx(float(exact.loss({}, x, Rng(2))), rel=1e-12)
+    small = Diffusion(OracleNet(o), SCHED, snr_gamma=1.0)
+    assert float(small.loss({}, x, Rng(2))) < float(exact.loss({}, x, Rng(2)))
+    # every prediction type's target is met by the same exact denoiser: v and x0 losses agree with eps' through SNR
+    for pt in ("sample", "v_prediction"):
+        m = Diffusion(OracleNet(analytic_gaussian_mixture_model(W, MU, COV, SCHED, prediction_type=pt)), SCHED,
+                      prediction_type=pt)
+        assert np.isfinite(float(m.loss({}, x, Rng(2))))
+
+
+def test_label_dropout_uses_the_null_token():
+    seen = []
+
+    class Spy(Block):
+        num_classes, dim = 3, 2
+
+        def apply(self, params, x, t, y=None):
+            seen.append(to_numpy(y))
+            return x
+
+    model = Diffusion(Spy(), SCHED, cond_drop_prob=0.5)
+    x = np.zeros((4000, 2))
+    model.loss({}, (x, np.zeros(4000, dtype=np.int64)), Rng(0))
+    frac = (seen[-1] == 3).mean()
+    assert abs(frac - 0.5) < 4 * 0.5 / math.sqrt(4000)
+    assert set(np.unique(seen[-1])) == {0, 3}
+    Diffusion(Spy(), SCHED).loss({}, (x, np.ones(4000, dtype=np.int64)), Rng(0))
+    assert np.all(seen[-1] == 1)
+
+
+def test_loss_second_moment_sampler():
+    s = LossSecondMomentSampler(4, history=3, uniform_prob=0.1)
+    assert s.probabilities() == [0.25] * 4
+    t, w = s.sample(Rng(0), 8)
+    np.testing.assert_array_equal(w, np.ones(8, np.float32))
+    for _ in range(3):
+        s.update(np.arange(4.0), np.array([1.0, 2.0, 3.0, 4.0]))
+    p = np.array(s.probabilities())
+    np.testing.assert_allclose(p, 0.9 * np.arange(1, 5) / 10 + 0.1 / 4)
+    t, w = s.sample(Rng(1), 20000)
+    freq = np.bincount(to_numpy(t).astype(int), minlength=4) / 20000
+    np.testing.assert_allclose(freq, p, atol=4 * np.sqrt(p * (1 - p) / 20000).max())
+    np.testing.assert_allclose(to_numpy(w), 1.0 / (4 * p[to_numpy(t).astype(int)]), rtol=1e-6)
+    # the reweighted loss is unbiased: E_p[L_t / (T p_t)] = mean_t L_t
+    L = np.array([1.0, 2.0, 3.0, 4.0])
+    assert np.mean(L[to_numpy(t).astype(int)] * to_numpy(w)) == pytest.approx(L.mean(), rel=0.03)
+
+
+def test_importance_sampling_model_records_history():
+    model = Diffusion(MLPScoreNet(2, (8,)), DiscreteSchedule("linear", 5), timestep_sampling="importance")
+    p = model.init(Rng(0))
+    for i in range(12):
+        model.loss(p, data(64, i, np.float32)[0], Rng(i))
+    assert model.timestep_sampler.warmed_up()
+    assert abs(sum(model.timestep_sampler.probabilities()) - 1.0) < 1e-12
+
+
+# ---------------------------------------------------------------------------------------------------
+# the variational bound
+
+
+def test_loss_terms_structure_and_bound_on_the_exact_model():
+    x, o = data(300)
+    model = Diffusion(OracleNet(o), SCHED)
+    terms = model.loss_terms({}, x, Rng(3))
+    assert terms["L_t"].shape == (100,)
+    assert float(terms["vlb"]) == pytest.approx(float(terms["L_T"] + np.sum(terms["L_t"])), rel=1e-12)
+    assert float(terms["bits_per_dim"]) == pytest.approx(float(terms["vlb"]) / (2 * math.log(2)), rel=1e-12)
+    assert np.all(to_numpy(terms["L_t"])[1:] >= -1e-9)  # KL terms
+    # L_T in closed form
+    abar = SCHED.alphas_cumprod[-1]
+    want = 0.5 * np.sum(abar * x ** 2 + (1 - abar) - 1 - np.log(1 - abar), axis=1).mean()
+    assert float(terms["L_T"]) == pytest.approx(want, rel=1e-10)
+    # a bound: E[VLB] >= E[-log p_data(x)] for any model, and the exact denoiser comes close
+    nll = -to_numpy(o.log_prob(x)).mean()
+    assert float(terms["vlb"]) > nll - 0.05
+    assert float(terms["vlb"]) < nll + 3.0
+    # learned_range with v = -1 is fixed_small; v = +1 fixed_large: both are valid bounds
+    small = Diffusion(OracleNet(o, extra=-1.0), SCHED, variance_type="learned_range").loss_terms({}, x, Rng(3))
+    np.testing.assert_allclose(to_numpy(small["L_t"]), to_numpy(terms["L_t"]), rtol=1e-9, atol=1e-12)
+    large = Diffusion(OracleNet(o), SCHED, variance_type="fixed_large").loss_terms({}, x, Rng(3))
+    assert float(large["vlb"]) > nll - 0.05
+
+
+def test_discretized_decoder_bound_is_in_bits_of_integer_data():
+    rng = np.random.default_rng(0)
+    levels = rng.integers(0, 256, size=(200, 3))
+    x = levels / 127.5 - 1.0
+    o = analytic_gaussian_mixture_model(np.ones(1), np.zeros((1, 3)), np.eye(3)[None] * 0.33, SCHED)
+    model = Diffusion(OracleNet(o), SCHED, decoder="discretized")
+    bpd = float(model.nll_bound({}, x, Rng(0)))
+    # uniform 8-bit data have entropy 8 bits/dim, so no bound can go below it (a Gaussian fit and the
+    # 100-step bound's slack cost about 2 bits more)
+    assert 7.9 < bpd < 11.0
+    # the discretized decoder evaluates the clipped-x0 model by default (Improved DDPM's evaluation)
+    assert bpd == pytest.approx(float(model.nll_bound({}, x, Rng(0), clip_denoised=True)), rel=1e-12)
+    assert float(model.nll_bound({}, x, Rng(0), clip_denoised=False)) != pytest.approx(bpd, rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------
+# training, sampling and likelihood
+
+
+def test_training_learns_the_mixture_and_samples_on_every_backend(backend):
+    x, o = data(2000, dtype=np.float32)
+    model = Diffusion(MLPScoreNet(2, (32, 32), time_embed_dim=16), SCHED)
+    res = fit(model.loss, model.init(Rng(0)), x, Rng(1), adam(3e-3), 300, batch_size=128, progress=False)
+    losses = res.history["loss"]
+    assert np.mean(losses[-30:]) < 0.8 * np.mean(losses[:10])
+    params = to_device(res.params, backend)
+    samples = model.sample(params, Rng(2, backend), 1000, sampler="ddim", num_inference_steps=25)
+    assert_backend(samples, backend)
+    h = to_numpy(samples)
+    assert np.abs(h.mean(0) - o.mean).max() < 0.3
+    if backend == "numpy":
+        ref = model.sample(res.params, Rng(2), 1000, sampler="ddim", num_inference_steps=25)
+    else:
+        ref = model.sample(res.params, Rng(2, "numpy"), 1000, sampler="ddim", num_inference_steps=25)
+    np.testing.assert_allclose(h, to_numpy(ref), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_every_sampler_name_runs(name):
+    if name == "ddpm":
+        model = Diffusion(MLPScoreNet(2, (8,), num_classes=2, out_dim=4), SCHED, variance_type="learned_range")
+    else:
+        model = Diffusion(MLPScoreNet(2, (8,), num_classes=2), SCHED)
+    p = model.init(Rng(0))
+    kw = {"num_levels": 2, "steps_per_level": 2} if name == "annealed_langevin" else {"num_inference_steps": 4}
+    y = np.array([0, 1, 0, 1])
+    out = model.sample(p, Rng(1), 4, sampler=name, y=y, guidance_weight=2.0, **kw)
+    assert out.shape == (4, 2) and np.all(np.isfinite(out))
+
+
+def test_model_log_prob_with_the_exact_denoiser():
+    sde = VPSDE()
+    o = analytic_gaussian_mixture_model(W, MU, COV, sde)
+    model = Diffusion(OracleNet(o), sde)
+    x = to_numpy(o.sample(Rng(5), 5))
+    got = model.log_prob({}, x, rtol=1e-6, atol=1e-6, prior_log_prob=lambda z: o.log_prob(z, np.full(5, 1.0)))
+    np.testing.assert_allclose(got, to_numpy(o.log_prob(x, np.full(5, sde.t_min))), atol=5e-4)
+
+
+def test_noisy_classifier_and_classifier_guidance():
+    x, o = data(2000)
+    y = (np.stack([W[k] * np.exp(-0.5 * np.sum((x - MU[k]) @ np.linalg.inv(COV[k]) * (x - MU[k]), 1))
+                   / np.sqrt(np.linalg.det(COV[k])) for k in range(2)], 1).argmax(1))
+    clf = NoisyClassifier(MLPScoreNet(2, (32,), time_embed_dim=8, out_dim=2))
+    params = train_noisy_classifier(clf, SCHED, x, y, Rng(0), steps=300, batch_size=128, lr=3e-3)
+    acc = (to_numpy(clf.log_prob(params, x, np.zeros(2000), y)) > math.log(0.5)).mean()
+    assert acc > 0.9
+    # guidance towards class 0 moves the samples towards component 0
+    guided = S.classifier_guidance(o, clf.guidance_fn(params), SCHED, 3.0)
+    labels = np.zeros(500, dtype=np.int64)
+    xs = S.ddim_sample(guided, SCHED, Rng(1), (500, 2), num_inference_steps=20, cond={"y": labels}, dtype="float64")
+    plain = S.ddim_sample(o, SCHED, Rng(1), (500, 2), num_inference_steps=20, dtype="float64")
+    assert (xs[:, 0] < -0.25).mean() > (plain[:, 0] < -0.25).mean() + 0.3
+
+
+def test_demo_smoke():
+    out = demo(Rng(0), smoke=True)
+    assert set(out) >= {"family", "model", "metric", "value", "seconds", "samples"}
+    assert out["family"] == "diffusion" and np.isfinite(out["value"])
+    assert isinstance(out["samples"], np.ndarray) and out["samples"].shape[1] == 2
+    assert out["seconds"] < 30
+
+
+def test_bad_arguments():
+    net = MLPScoreNet(2, (8,))
+    with pytest.raises(ValueError, match="prediction_type"):
+        Diffusion(net, SCHED, prediction_type="score")
+    with pytest.raises(ValueError, match="variance_type"):
+        Diffusion(net, SCHED, variance_type="learned")
+    with pytest.raises(ValueError, match="schedule"):
+        Diffusion(net, VPSDE(), variance_type="learned_range")
+    with pytest.raises(ValueError, match="schedule"):
+        Diffusion(net, SCHED.respace("ddim10"))
+    with pytest.raises(ValueError, match="cond_drop_prob"):
+        Diffusion(net, SCHED, cond_drop_prob=0.1)
+    with pytest.raises(ValueError, match="snr_gamma"):
+        Diffusion(net, SCHED, snr_gamma=-1.0)
+    model = Diffusion(net, SCHED)
+    with pytest.raises(ValueError, match="sampler"):
+        model.sample(model.init(Rng(0)), Rng(0), 2, sampler="ddpm++")
+    with pytest.raises(ValueError, match="guidance_weight"):
+        model.sample(model.init(Rng(0)), Rng(0), 2, guidance_weight=1.0)
+    learned = Diffusion(net, SCHED, variance_type="learned_range")
+    with pytest.raises(ValueError, match="learned_range"):
+        learned.loss(learned.init(Rng(0)), np.zeros((4, 2), np.float32), Rng(0))
+    assert "Diffusion(MLPScoreNet" in repr(model)
+
+
+def test_continuous_time_training_loss():
+    sde = VPSDE()
+    model = Diffusion(MLPScoreNet(2, (8,), time_scale=1000.0), sde, prediction_type="v_prediction", snr_gamma=5.0)
+    x, _ = data(64)
+    p = model.init(Rng(0), "float64")
+    value = model.loss(p, x, Rng(1))
+    assert np.isfinite(value) and value > 0
+    check_grads(lambda W: model.loss({**p, "out": {**p["out"], "W": W}}, x, Rng(1)), modes=["rev"], order=1)(
+        p["out"]["W"] + 0.1)
+    with pytest.raises(TypeError, match="DiscreteSchedule"):
+        model.loss_terms(p, x, Rng(0))
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "heun", "predictor_corrector"])
+def test_guided_sampling_same_on_every_backend(sampler, backend):
+    model = Diffusion(MLPScoreNet(2, (8,), num_classes=3, out_dim=4), DiscreteSchedule("linear", 50),
+                      variance_type="learned_range")
+    p = model.init(Rng(0))
+    y = np.array([0, 1, 2, 0])
+    kw = dict(sampler=sampler, guidance_weight=1.5, guidance_rescale=0.5, num_inference_steps=5)
+    ref = model.sample(p, Rng(1), 4, y=y, **kw)
+    got = model.sample(to_device(p, backend), Rng(1, backend), 4, y=to_device(y, backend), **kw)
+    assert_backend(got, backend)
+    np.testing.assert_allclose(to_numpy(got), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_unet_model_samples_unconditionally_on_every_backend(backend):
+    from genblocks.blocks.score_nets import UNet
+
+    model = Diffusion(UNet(1, base_channels=4, num_classes=2), DiscreteSchedule("linear", 20), data_shape=(8, 8, 1))
+    p = model.init(Rng(0))
+    ref = model.sample(p, Rng(0), 2, sampler="ddim", num_inference_steps=3)
+    got = model.sample(to_device(p, backend), Rng(0, backend), 2, sampler="ddim", num_inference_steps=3)
+    assert got.shape == (2, 8, 8, 1)
+    np.testing.assert_allclose(to_numpy(got), ref, rtol=1e-5, atol=1e-5)

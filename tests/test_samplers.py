@@ -1,0 +1,445 @@
+"""Samplers against a known truth: the exact denoiser of Gaussian-mixture data (genblocks.checks).
+
+With the analytic oracle as model_fn, every sampler must reproduce the data distribution (mean, covariance,
+mixture weights within a few standard errors; an MMD permutation test), the PF-ODE log-likelihood must equal
+the analytic log-density, DDIM inversion must round-trip, and guidance must reduce to the right models.
+"""
+
+import math
+
+import numpy as np
+import pytest
+from conftest import assert_backend
+from hypothesis import given
+from hypothesis import strategies as st
+from scipy.stats import multivariate_normal, norm
+
+from genblocks.backends import Rng, namespace, to_device, to_numpy
+from genblocks.blocks import samplers as S
+from genblocks.blocks.ops import logsumexp
+from genblocks.blocks.schedules import VESDE, VPSDE, DiscreteSchedule, subVPSDE
+from genblocks.checks import analytic_gaussian_mixture_model, check_score
+from genblocks.metrics import mmd_permutation_test
+
+W = np.array([0.3, 0.7])
+MU = np.array([[-1.5, 0.5], [1.0, -0.5]])
+COV = np.array([[[0.2, 0.05], [0.05, 0.1]], [[0.1, 0.0], [0.0, 0.3]]])
+LINEAR = DiscreteSchedule("linear", 1000)
+VP = VPSDE()
+N = 2000
+
+
+def oracle(schedule=LINEAR, prediction_type="epsilon", means=MU):
+    return analytic_gaussian_mixture_model(W, means, COV, schedule, prediction_type=prediction_type)
+
+
+def responsibilities(x):
+    """Posterior probability of each data component for points x (n, 2)."""
+    logp = np.stack([np.log(W[k]) + multivariate_normal(MU[k], COV[k]).logpdf(x) for k in range(2)], axis=1)
+    logp -= logp.max(axis=1, keepdims=True)
+    p = np.exp(logp)
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def assert_matches_data(x, data_rng_seed=123):
+    """Mean, covariance and mixture weight within standard errors, and an MMD two-sample test."""
+    x = to_numpy(x)
+    assert x.shape == (N, 2) and np.all(np.isfinite(x))
+    o = oracle()
+    m, C = o.mean, o.covariance
+    z_mean = (x.mean(0) - m) / np.sqrt(np.diag(C) / N)
+    assert np.all(np.abs(z_mean) < 4.0), z_mean
+    # Gaussian-approximation standard error of a sample covariance entry
+    se = np.sqrt((np.outer(np.diag(C), np.diag(C)) + C ** 2) / N)
+    z_cov = (np.cov(x.T) - C) / se
+    assert np.all(np.abs(z_cov) < 5.0), z_cov
+    # E[responsibility of component 0] = w_0 exactly under the data distribution; |r| <= 1 bounds its sd by 1/2
+    z_w = (responsibilities(x)[:, 0].mean() - W[0]) / (0.5 / math.sqrt(N))
+    assert abs(z_w) < 4.0, z_w
+    data = o.sample(Rng(data_rng_seed), 400)
+    p = mmd_permutation_test(x[:400], to_numpy(data), Rng(7), 100)
+    assert p > 0.01, p
+
+
+# ---------------------------------------------------------------------------------------------------
+# the oracle itself
+
+
+def test_oracle_density_matches_scipy_and_its_score_is_the_gradient():
+    o = oracle()
+    x = np.random.default_rng(0).normal(size=(50, 2))
+    t = np.arange(50) * 20.0 + 3.0
+    a = np.sqrt(np.array(LINEAR.alphas_cumprod)[t.astype(int)])
+    s = np.sqrt(1 - a ** 2)
+    want = np.log(sum(W[k] * np.array([multivariate_normal(a[i] * MU[k], a[i] ** 2 * COV[k] + s[i] ** 2 * np.eye(2))
+                                                 .pdf(x[i]) for i in range(50)]) for k in range(2)))
+    np.testing.assert_allclose(to_numpy(o.log_prob(x, t)), want, rtol=1e-10)
+    np.testing.assert_allclose(to_numpy(o.log_prob(x)), np.log(sum(
+        W[k] * multivariate_normal(MU[k], COV[k]).pdf(x) for k in range(2))), rtol=1e-10)
+    report = check_score(o.score, x, t, log_prob=o.log_prob, rtol=1e-8, atol=1e-10)
+    assert report["max_abs_error"] < 1e-8
+    np.testing.assert_allclose(to_numpy(o.eps(x, t)), -s[:, None] * to_numpy(o.score(x, t)), rtol=1e-12)
+
+
+def test_check_score_catches_a_wrong_score():
+    o = oracle()
+    x = np.random.default_rng(1).normal(size=(20, 2))
+    with pytest.raises(AssertionError, match="differs"):
+        check_score(lambda z: 1.01 * o.score(z), x, log_prob=o.log_prob)
+    with pytest.raises(AssertionError, match="shape"):
+        check_score(lambda z: o.score(z)[:, :1], x, log_prob=o.log_prob)
+    with pytest.raises(ValueError, match="exactly one"):
+        check_score(o.score, x)
+    check_score(o.score, x, reference=o.score)
+
+
+def test_oracle_moments_and_samples(backend):
+    o = oracle()
+    np.testing.assert_allclose(o.mean, W @ MU)
+    d = o.sample(Rng(0, backend), 4000)
+    assert_backend(d, backend)
+    h = to_numpy(d)
+    np.testing.assert_allclose(h.mean(0), o.mean, atol=4 * np.sqrt(np.diag(o.covariance) / 4000).max())
+    with pytest.raises(ValueError, match="covs"):
+        analytic_gaussian_mixture_model(W, MU, COV[:, :1], LINEAR)
+    with pytest.raises(ValueError, match="weights"):
+        analytic_gaussian_mixture_model(W[:1], MU, COV, LINEAR)
+
+
+@pytest.mark.parametrize("prediction_type", ["sample", "v_prediction"])
+def test_oracle_prediction_types_describe_the_same_denoiser(prediction_type):
+    x = np.random.default_rng(2).normal(size=(30, 2))
+    t = np.full(30, 400.0)
+    a, s = LINEAR.marginal_host(400)
+    eps = to_numpy(oracle()(x, t))
+    x0, eps2 = S.to_x0_eps(to_numpy(oracle(prediction_type=prediction_type)(x, t)), x, a, s, prediction_type)
+    np.testing.assert_allclose(eps2, eps, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(x0, (x - s * eps) / a, rtol=1e-9, atol=1e-12)
+
+
+@given(a=st.floats(0.01, 1.0), s=st.floats(0.01, 50.0), pt=st.sampled_from(S.PREDICTION_TYPES))
+def test_prediction_conversions_round_trip(a, s, pt):
+    rng = np.random.default_rng(0)
+    x0, eps = rng.normal(size=4), rng.normal(size=4)
+    x = a * x0 + s * eps
+    back = S.to_x0_eps(S.from_x0_eps(x0, eps, a, s, pt), x, a, s, pt)
+    np.testing.assert_allclose(back[0], x0, atol=1e-8 * (1 + s / a))
+    np.testing.assert_allclose(back[1], eps, atol=1e-8 * (1 + a / s))
+
+
+# ---------------------------------------------------------------------------------------------------
+# every sampler reproduces the data distribution
+
+
+SAMPLERS = {
+    "ddpm": lambda o, r: S.ddpm_sample(o(), LINEAR, r, (N, 2), num_inference_steps=250, dtype="float64"),
+    "ddim_eta0": lambda o, r: S.ddim_sample(o(), LINEAR, r, (N, 2), num_inference_steps=100, dtype="float64"),
+    "ddim_eta1": lambda o, r: S.ddim_sample(o(), LINEAR, r, (N, 2), num_inference_steps=200, eta=1.0,
+                                            dtype="float64"),
+    "ddim_respaced": lambda o, r: S.ddim_sample(o(), LINEAR.respace("ddim100"), r, (N, 2), num_inference_steps=None,
+                                                dtype="float64"),
+    "dpm_solver_pp": lambda o, r: S.dpm_solver_pp_sample(o(), LINEAR, r, (N, 2), num_inference_steps=30,
+                                                         timestep_spacing="trailing", dtype="float64"),
+    "heun": lambda o, r: S.ode_sample(o(), LINEAR, r, (N, 2), num_inference_steps=30, dtype="float64"),
+    "heun_vp": lambda o, r: S.ode_sample(o(VP), VP, r, (N, 2), num_inference_steps=30, dtype="float64"),
+    "heun_sigma_max": lambda o, r: S.ode_sample(o(), LINEAR, r, (N, 2), num_inference_steps=30, sigma_max=80.0,
+                                                dtype="float64"),
+    "euler_maruyama": lambda o, r: S.euler_maruyama_sample(o(VP), VP, r, (N, 2), num_inference_steps=400,
+                                                           dtype="float64"),
+    "predictor_corrector": lambda o, r: S.predictor_corrector_sample(o(VP), VP, r, (N, 2), num_inference_steps=100,
+                                                                     dtype="float64"),
+}
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_sampler_reproduces_gaussian_mixture(name):
+    assert_matches_data(SAMPLERS[name](oracle, Rng(0)))
+
+
+def test_the_distribution_check_rejects_a_wrong_model():
+    shifted = lambda schedule=LINEAR: oracle(schedule, means=MU + np.array([0.3, 0.0]))
+    with pytest.raises(AssertionError):
+        assert_matches_data(SAMPLERS["ddim_eta0"](shifted, Rng(0)))
+
+
+def test_v_and_sample_prediction_give_the_same_ddim_samples():
+    xs = [S.ddim_sample(oracle(prediction_type=pt), LINEAR, Rng(3), (64, 2), num_inference_steps=20,
+                        prediction_type=pt, dtype="float64") for pt in S.PREDICTION_TYPES]
+    for other in xs[1:]:
+        np.testing.assert_allclose(other, xs[0], rtol=1e-8, atol=1e-8)
+
+
+def test_ddim_eta1_is_ddpm_on_the_respaced_schedule():
+    a = S.ddim_sample(oracle(), LINEAR, Rng(4), (64, 2), num_inference_steps=20, eta=1.0, dtype="float64")
+    b = S.ddpm_sample(oracle(), LINEAR, Rng(4), (64, 2), num_inference_steps=20, dtype="float64")
+    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_learned_range_endpoints_are_the_fixed_variances():
+    o = oracle()
+
+    def with_v(v):
+        return lambda x, t: np.concatenate([o(x, t), np.full_like(x, v)], axis=-1)
+
+    for v, fixed in ((-1.0, "fixed_small"), (1.0, "fixed_large")):
+        a = S.ddpm_sample(with_v(v), LINEAR, Rng(5), (32, 2), variance_type="learned_range", num_inference_steps=25,
+                          dtype="float64")
+        b = S.ddpm_sample(o, LINEAR, Rng(5), (32, 2), variance_type=fixed, num_inference_steps=25, dtype="float64")
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_adaptive_ode_and_annealed_langevin_run_and_land_near_the_data():
+    x, nfev = S.ode_solve_ivp_sample(oracle(VP), VP, Rng(0), (500, 2), rtol=1e-4, atol=1e-4, dtype="float64")
+    assert nfev > 10
+    assert np.abs(x.mean(0) - oracle().mean).max() < 0.15
+    y = S.annealed_langevin_sample(oracle(VESDE()), VESDE(), Rng(0), (500, 2), num_levels=10, steps_per_level=30,
+                                   step_lr=1e-4, dtype="float64")
+    assert np.abs(y.mean(0) - oracle().mean).max() < 0.25
+    assert np.abs(np.cov(y.T) - oracle().covariance).max() < 0.3
+
+
+# ---------------------------------------------------------------------------------------------------
+# numpy and strict: identical results for identical noise
+
+
+BACKEND_RUNS = {
+    "ddpm": lambda o, s, r: S.ddpm_sample(o, s, r, (16, 2), num_inference_steps=10, clip_sample=True),
+    "ddpm_learned": lambda o, s, r: S.ddpm_sample(
+        lambda x, t: _concat(o(x, t), x), s, r, (16, 2), num_inference_steps=10, variance_type="learned_range"),
+    "ddim": lambda o, s, r: S.ddim_sample(o, s, r, (16, 2), num_inference_steps=10, eta=0.5, thresholding=True),
+    "dpm": lambda o, s, r: S.dpm_solver_pp_sample(o, s, r, (16, 2), num_inference_steps=10),
+    "heun": lambda o, s, r: S.ode_sample(o, s, r, (16, 2), num_inference_steps=6),
+    "euler": lambda o, s, r: S.ode_sample(o, s, r, (16, 2), num_inference_steps=6, method="euler",
+                                          sigma_spacing="timesteps"),
+    "em": lambda o, s, r: S.euler_maruyama_sample(o, s, r, (16, 2), num_inference_steps=10),
+    "pc": lambda o, s, r: S.predictor_corrector_sample(o, s, r, (16, 2), num_inference_steps=5, corrector_steps=2),
+    "langevin": lambda o, s, r: S.annealed_langevin_sample(o, s, r, (16, 2), num_levels=3, steps_per_level=3),
+    "ivp": lambda o, s, r: S.ode_solve_ivp_sample(o, s, r, (16, 2), rtol=1e-3, atol=1e-3)[0],
+}
+
+
+def _concat(a, b):
+    xp = namespace(a)
+    return xp.concat([a, xp.tanh(b)], axis=-1)
+
+
+@pytest.mark.parametrize("name", list(BACKEND_RUNS))
+def test_same_noise_same_samples_on_every_backend(name, backend):
+    o = oracle()
+    ref = BACKEND_RUNS[name](o, LINEAR, Rng(11, "numpy"))
+    got = BACKEND_RUNS[name](o, LINEAR, Rng(11, backend))
+    assert_backend(got, backend)
+    assert "float32" in str(got.dtype)
+    np.testing.assert_allclose(to_numpy(got), to_numpy(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_callback_sees_every_step():
+    seen = []
+    S.ddim_sample(oracle(), LINEAR, Rng(0), (4, 2), num_inference_steps=7,
+                  callback=lambda step, t, x: seen.append((step, t, x.shape)))
+    assert [s for s, _, _ in seen] == list(range(7))
+    assert [t for _, t, _ in seen] == [float(v) for v in LINEAR.timesteps(7)]
+    assert all(shape == (4, 2) for _, _, shape in seen)
+
+
+# ---------------------------------------------------------------------------------------------------
+# DDIM inversion, thresholding
+
+
+def test_ddim_inversion_round_trip():
+    x0 = to_numpy(oracle().sample(Rng(8), 32))
+    o = oracle()
+    kw = dict(num_inference_steps=50, timestep_spacing="linspace")
+    xT = S.ddim_invert(o, LINEAR, x0, fixed_point_iterations=30, **kw)
+    back = S.ddim_sample(o, LINEAR, Rng(0), None, x_T=xT, **kw)
+    np.testing.assert_allclose(back, x0, rtol=0, atol=1e-12)
+    # the classic one-evaluation inversion is only approximate
+    approx = S.ddim_sample(o, LINEAR, Rng(0), None, x_T=S.ddim_invert(o, LINEAR, x0, **kw), **kw)
+    assert 1e-6 < np.abs(approx - x0).max() < 0.5
+    # and the encodings look like noise
+    big = S.ddim_invert(o, LINEAR, to_numpy(oracle().sample(Rng(9), 2000)), **kw)
+    assert np.abs(big.mean(0)).max() < 0.1 and np.abs(np.cov(big.T) - np.eye(2)).max() < 0.15
+
+
+def test_threshold_sample(backend):
+    x = to_device(np.array([[0.5, -3.0, 2.0, 0.1], [0.2, 0.3, -0.1, 0.0]]), backend)
+    clipped = to_numpy(S.threshold_sample(x, clip_sample=True, clip_sample_range=1.0))
+    np.testing.assert_array_equal(clipped[0], [0.5, -1.0, 1.0, 0.1])
+    dyn = to_numpy(S.threshold_sample(x, thresholding=True, dynamic_thresholding_ratio=0.75, sample_max_value=2.5))
+    # row 0: the 75% quantile of |x| is 2.0 -> clip to [-2, 2] then divide by 2; row 1: s clips up to 1
+    np.testing.assert_allclose(dyn[0], [0.25, -1.0, 1.0, 0.05])
+    np.testing.assert_allclose(dyn[1], to_numpy(x)[1])
+
+
+# ---------------------------------------------------------------------------------------------------
+# likelihood
+
+
+@pytest.mark.parametrize("sde", [VP, subVPSDE()], ids=repr)
+def test_pf_ode_log_likelihood_equals_analytic_density(sde):
+    o = oracle(sde)
+    x = to_numpy(o.sample(Rng(3), 12))
+    exact_prior = lambda xT: o.log_prob(xT, np.full(12, sde.t_max))
+    got = S.ode_log_likelihood(o, sde, x, rtol=1e-7, atol=1e-7, prior_log_prob=exact_prior)
+    want = to_numpy(o.log_prob(x, np.full(12, sde.t_min)))
+    np.testing.assert_allclose(got, want, atol=2e-4)
+    # the default N(0, (alpha_T^2 + sigma_T^2) I) prior ignores alpha_T mu_k: a small, bounded error
+    default = S.ode_log_likelihood(o, sde, x, rtol=1e-5, atol=1e-5)
+    assert np.abs(default - want).max() < 0.05
+
+
+def test_pf_ode_log_likelihood_1d_discrete_schedule_and_hutchinson():
+    sched = DiscreteSchedule("linear", 1000)
+    o = analytic_gaussian_mixture_model(np.array([0.5, 0.5]), np.array([[-1.0], [1.0]]),
+                                        np.array([[[0.09]], [[0.25]]]), sched)
+    x = np.linspace(-1.5, 1.5, 7)[:, None]
+    want = np.log(0.5 * norm.pdf(x[:, 0], -1, math.sqrt(0.09 * (1 - 1e-4) + 1e-4))
+                  + 0.5 * norm.pdf(x[:, 0], 1, math.sqrt(0.25 * (1 - 1e-4) + 1e-4)))
+    exact = S.ode_log_likelihood(o, sched, x, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(exact, want, atol=5e-3)
+    # in 1-D the Rademacher probe gives the exact trace: z^T J z = J
+    hutch = S.ode_log_likelihood(o, sched, x, trace="hutchinson", rng=Rng(0), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(hutch, exact, atol=1e-6)
+
+
+def test_hutchinson_is_unbiased_in_2d():
+    o = oracle(VP)
+    x = to_numpy(o.sample(Rng(4), 4))
+    exact = S.ode_log_likelihood(o, VP, x, rtol=1e-5, atol=1e-5)
+    hutch = S.ode_log_likelihood(o, VP, np.repeat(x, 50, axis=0), trace="hutchinson", rng=Rng(1), rtol=1e-4,
+                                 atol=1e-4)
+    est = hutch.reshape(4, 50).mean(1)
+    se = hutch.reshape(4, 50).std(1) / math.sqrt(50)
+    assert np.all(np.abs(est - exact) < 4 * se + 1e-3), (est, exact, se)
+
+
+def test_likelihood_needs_numpy():
+    with pytest.raises(TypeError, match="numpy"):
+        S.ode_log_likelihood(oracle(), LINEAR, to_device(np.zeros((2, 2)), "strict"))
+    with pytest.raises(ValueError, match="rng"):
+        S.ode_log_likelihood(oracle(), LINEAR, np.zeros((2, 2)), trace="hutchinson")
+
+
+# ---------------------------------------------------------------------------------------------------
+# guidance
+
+
+def class_conditional_oracle(schedule=LINEAR):
+    """model(x, t, y): component y's exact denoiser for y in {0, 1}; the mixture's for the null label 2."""
+    parts = [analytic_gaussian_mixture_model(np.ones(1), MU[k:k + 1], COV[k:k + 1], schedule) for k in range(2)]
+    mix = oracle(schedule)
+
+    def model(x, t, y):
+        y = y[:, None]
+        return np.where(y == 0, parts[0](x, t), np.where(y == 1, parts[1](x, t), mix(x, t)))
+
+    return model, parts, mix
+
+
+def test_cfg_w0_is_conditional_and_w_minus1_unconditional():
+    model, parts, mix = class_conditional_oracle()
+    x = np.random.default_rng(0).normal(size=(40, 2))
+    t = np.full(40, 300.0)
+    y = np.arange(40) % 2
+    cond = model(x, t, y=y)
+    np.testing.assert_allclose(S.classifier_free_guidance(model, 0.0, null_label=2)(x, t, y=y), cond, rtol=1e-12)
+    np.testing.assert_allclose(S.classifier_free_guidance(model, -1.0, null_label=2)(x, t, y=y), mix(x, t),
+                               rtol=1e-10, atol=1e-12)
+    g = S.classifier_free_guidance(model, 3.0, null_label=2)(x, t, y=y)
+    np.testing.assert_allclose(g, mix(x, t) + 4.0 * (cond - mix(x, t)), rtol=1e-10, atol=1e-12)
+    r = S.classifier_free_guidance(model, 3.0, null_label=2, guidance_rescale=1.0)(x, t, y=y)
+    np.testing.assert_allclose(r.std(axis=1), cond.std(axis=1), rtol=1e-10)
+    # samplers: CFG w=0 gives exactly the conditional samples
+    yy = np.zeros(64, dtype=np.int64)
+    a = S.ddim_sample(S.classifier_free_guidance(model, 0.0, null_label=2), LINEAR, Rng(1), (64, 2),
+                      num_inference_steps=10, cond={"y": yy}, dtype="float64")
+    b = S.ddim_sample(model, LINEAR, Rng(1), (64, 2), num_inference_steps=10, cond={"y": yy}, dtype="float64")
+    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_classifier_guidance_zero_classifier_is_unguided_and_bayes_classifier_is_conditional():
+    o = oracle()
+    zero = lambda x, t, y: 0.0 * np.sum(x, axis=-1)
+    for sampler in (S.ddim_sample, S.ddpm_sample, S.dpm_solver_pp_sample):
+        a = sampler(S.classifier_guidance(o, zero, LINEAR, 5.0), LINEAR, Rng(2), (32, 2), num_inference_steps=10,
+                    cond={"y": np.zeros(32, dtype=np.int64)}, dtype="float64")
+        b = sampler(o, LINEAR, Rng(2), (32, 2), num_inference_steps=10, dtype="float64")
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    # the exact noisy classifier log p(y | x_t) = log w_y N_y(x_t) - log p_t(x_t) turns the unconditional
+    # denoiser into the conditional one (scale 1), in every prediction type
+    model, parts, _ = class_conditional_oracle()
+
+    def log_p_y(x, t, y):
+        xp = namespace(x)
+        comps = xp.stack([math.log(W[k]) + parts[k].log_prob(x, t) for k in range(2)], axis=-1)
+        return xp.where(y == 0, comps[:, 0], comps[:, 1]) - logsumexp(comps, axis=-1)
+
+    x = np.random.default_rng(3).normal(size=(30, 2))
+    t = np.full(30, 250.0)
+    y = np.arange(30) % 2
+    for pt in S.PREDICTION_TYPES:
+        guided = S.classifier_guidance(oracle(prediction_type=pt), log_p_y, LINEAR, 1.0, prediction_type=pt)
+        want = S.from_x0_eps(*S.to_x0_eps(model(x, t, y=y), x, *LINEAR.marginal_host(250), "epsilon"),
+                             *LINEAR.marginal_host(250), pt)
+        np.testing.assert_allclose(guided(x, t, y=y), want, rtol=1e-7, atol=1e-9)
+
+
+def test_guidance_argument_errors():
+    with pytest.raises(ValueError, match="guidance_rescale"):
+        S.classifier_free_guidance(oracle(), 1.0, null_label=2, guidance_rescale=2.0)
+    with pytest.raises(ValueError, match="labels"):
+        S.classifier_free_guidance(oracle(), 1.0, null_label=2)(np.zeros((2, 2)), np.zeros(2))
+    with pytest.raises(TypeError, match="numpy"):
+        g = S.classifier_guidance(lambda x, t: x, lambda x, t, y: x[:, 0], LINEAR, 1.0)
+        g(to_device(np.zeros((2, 2)), "strict"), to_device(np.zeros(2), "strict"), y=None)
+
+
+def test_sampler_argument_errors():
+    o = oracle()
+    with pytest.raises(ValueError, match="prediction_type"):
+        S.ddim_sample(o, LINEAR, Rng(0), (2, 2), prediction_type="score")
+    with pytest.raises(ValueError, match="variance_type"):
+        S.ddpm_sample(o, LINEAR, Rng(0), (2, 2), variance_type="learned")
+    with pytest.raises(TypeError, match="DiscreteSchedule"):
+        S.ddpm_sample(o, VP, Rng(0), (2, 2))
+    with pytest.raises(ValueError, match="method"):
+        S.ode_sample(o, LINEAR, Rng(0), (2, 2), method="rk4")
+    with pytest.raises(TypeError, match="callback"):
+        S.ddim_sample(o, LINEAR, Rng(0), (2, 2), callback=3)
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        S.euler_maruyama_sample(o, VP, Rng(0), (2, 2), num_inference_steps=0)
+
+
+def test_pf_ode_drift_and_sde_coefficients():
+    o = oracle(VP)
+    x = np.random.default_rng(5).normal(size=(6, 2))
+    for t in (0.05, 0.5):
+        f, g2 = S.sde_coefficients(VP, t)
+        beta = VP.beta_host(t)
+        assert (f, g2) == (pytest.approx(-0.5 * beta), pytest.approx(beta))
+        want = f * x - 0.5 * g2 * to_numpy(o.score(x, np.full(6, t)))
+        np.testing.assert_allclose(S.pf_ode_drift(o, VP, x, t), want, rtol=1e-10)
+    # schedules without sde_host get (f, g^2) from their marginals: for DDPM tables g^2 = -d abar/dt / abar
+    f, g2 = S.sde_coefficients(LINEAR, 500.5)
+    abar0, abar1 = LINEAR.alphas_cumprod[500], LINEAR.alphas_cumprod[501]
+    slope = abar1 - abar0
+    abar = 0.5 * (abar0 + abar1)
+    assert f == pytest.approx(0.5 * slope / abar, rel=1e-3)
+    assert g2 == pytest.approx(-slope / abar, rel=1e-3)
+
+
+def test_dpm_solver_lambda_clipping_skips_the_near_zero_snr_start():
+    cosine = DiscreteSchedule("squaredcos_cap_v2", 1000)
+    o = oracle(cosine)
+    for lam, first in ((-5.1, 995.0), (-math.inf, 999.0)):
+        seen = []
+        S.dpm_solver_pp_sample(o, cosine, Rng(0), (4, 2), num_inference_steps=10, lambda_min_clipped=lam,
+                               callback=lambda step, t, x: seen.append(t))
+        assert seen[0] == first and seen[-1] == 0.0 and len(seen) == 10
+    a, s = cosine.marginal_host(995)
+    assert math.log(a / s) >= -5.1 > math.log(cosine.marginal_host(996)[0] / cosine.marginal_host(996)[1])
+    # on the linear schedule lambda never goes below -5.1: nothing is clipped
+    seen = []
+    S.dpm_solver_pp_sample(oracle(), LINEAR, Rng(0), (4, 2), num_inference_steps=10,
+                           callback=lambda step, t, x: seen.append(t))
+    assert seen[0] == 999.0

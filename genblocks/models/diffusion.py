@@ -462,23 +462,24 @@ def demo(rng, *, smoke=False):
     from genblocks.blocks.score_nets import MLPScoreNet
     from genblocks.data import checkerboard
     from genblocks.train.loop import fit
-    from genblocks.train.optim import adam
+    from genblocks.train.optim import adam, cosine_decay
 
     start = time.perf_counter()
     r_data, r_test, r_init, r_fit, r_sample = rng.split(5)
-    n_train, steps, width, n_test = (256, 30, 16, 8) if smoke else (4000, 600, 64, 64)
+    n_train, steps, width, n_test = (256, 30, 16, 8) if smoke else (20000, 3000, 64, 64)
     data = to_numpy(checkerboard(r_data, n_train)) / 2.0
     test = to_numpy(checkerboard(r_test, n_test)) / 2.0
     net = MLPScoreNet(2, (width, width, width), time_embed_dim=32)
     model = Diffusion(net, DiscreteSchedule("squaredcos_cap_v2", 200))
     params = model.init(r_init)
-    params = fit(model.loss, params, data, r_fit, adam(2e-3), steps, batch_size=256,
+    params = fit(model.loss, params, data, r_fit, adam(cosine_decay(3e-3, steps, 1e-4)), steps, batch_size=256,
                  progress=False).params
     tol = 1e-2 if smoke else 1e-3
     # the data were scaled by 1/2: log p_x(x) = log p_z(x / 2) - 2 log 2
     nll = -to_numpy(model.log_prob(params, test, rtol=tol, atol=tol)) + 2.0 * math.log(2.0)
-    samples = model.sample(params, r_sample, 500 if not smoke else 64, sampler="ddim",
-                           num_inference_steps=50 if not smoke else 10)
-    return {"family": "diffusion", "model": "DDPM (MLP + FiLM, cosine schedule), DDIM-50 samples",
+    # deterministic DDIM over all 200 steps: on this small model it matches the data far better (MMD) than 50
+    samples = model.sample(params, r_sample, 1000 if not smoke else 64, sampler="ddim",
+                           num_inference_steps=200 if not smoke else 10)
+    return {"family": "diffusion", "model": "DDPM (MLP + FiLM, cosine T=200), DDIM samples", "data": "checkerboard",
             "metric": "test NLL (nats, PF-ODE)", "value": float(nll.mean()),
             "seconds": time.perf_counter() - start, "samples": 2.0 * to_numpy(samples)}

@@ -18,7 +18,7 @@ log P(x) >= E_u[log p(y)] + dequantization_log_det(K, D), with dequantization_lo
 import math
 import os
 
-from genblocks.backends import Rng, namespace, resolve_dtype, to_device, to_numpy
+from genblocks.backends import Rng, float_dtype_name, namespace, resolve_dtype, to_device, to_numpy
 from genblocks.blocks.ops import logsumexp
 
 __all__ = [
@@ -46,13 +46,6 @@ def _check_n(n, name="n"):
     return n
 
 
-def _check_float_dtype(dtype):
-    name = getattr(dtype, "name", None) or str(dtype).rsplit(".", 1)[-1]
-    if name not in ("float32", "float64"):
-        raise ValueError(f"dtype: expected 'float32' or 'float64', got {dtype!r}")
-    return name
-
-
 def _check_num_bins(num_bins):
     if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1:
         raise ValueError(f"num_bins: expected a positive int, got {num_bins!r}")
@@ -68,7 +61,7 @@ def _is_floating(x):
 
 
 def _toy_args(rng, n, dtype):
-    return _check_rng(rng), _check_n(n), _check_float_dtype(dtype)
+    return _check_rng(rng), _check_n(n), float_dtype_name(dtype)
 
 
 def _finish(xp, a, b, dtype):
@@ -325,7 +318,7 @@ def load_digits(*, binarize=False, split=None, dtype="float32", backend=None):
     None (the default) gives the dict {"train": (x, y), "valid": (x, y), "test": (x, y)}.
     Arrays are on ``backend`` (default: the current default backend). Needs scikit-learn.
     """
-    dtype = _check_float_dtype(dtype)
+    dtype = float_dtype_name(dtype)
     _split_name(split, ("train", "valid", "test", "all"))
     images, labels = _digits_host()
     host = namespace(images)
@@ -402,7 +395,7 @@ def load_fashion_mnist(directory=None, *, split="train", binarize=False, flatten
     >= 128 to 1.0 and the rest to 0.0. ``flatten=False`` keeps images as (n, 28, 28). Class names are in
     ``FASHION_MNIST_CLASSES``. Missing files raise FileNotFoundError; corrupt ones ValueError.
     """
-    dtype = _check_float_dtype(dtype)
+    dtype = float_dtype_name(dtype)
     if split not in _FASHION_PREFIX:
         raise ValueError(f"split: expected one of {tuple(_FASHION_PREFIX)}, got {split!r}")
     if directory is None:

@@ -20,13 +20,13 @@ import numpy as onp
 from autograd import jacobian
 from autograd.tracer import Box
 
-from .random import Rng
+from .random import Rng, float_dtype_name
 from .treegrad import grad, value_and_grad  # autograd's, minus its per-leaf container copies
 from .vocab import VOCAB
 
 __all__ = [
     "BACKENDS", "VOCAB", "Rng", "namespace", "get_backend", "set_backend", "use_backend", "to_device",
-    "to_numpy", "backend_of", "resolve_dtype", "grad", "value_and_grad", "jacobian",
+    "to_numpy", "backend_of", "resolve_dtype", "float_dtype_name", "grad", "value_and_grad", "jacobian",
 ]
 
 BACKENDS = ("numpy", "cupy", "strict")
@@ -126,10 +126,7 @@ def namespace(*trees):
 
 def resolve_dtype(xp, dtype):
     """The backend dtype object for "float32"/"float64" (or such a dtype); ValueError otherwise."""
-    name = getattr(dtype, "name", None) or str(dtype).rsplit(".", 1)[-1]
-    if name not in ("float32", "float64"):
-        raise ValueError(f"dtype: expected 'float32' or 'float64', got {dtype!r}")
-    return getattr(xp, name)
+    return getattr(xp, float_dtype_name(dtype))
 
 
 def _map(tree, fn):

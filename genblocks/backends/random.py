@@ -21,7 +21,8 @@ def _check_shape(shape, name="shape"):
     return shape
 
 
-def _check_dtype(dtype):
+def float_dtype_name(dtype):
+    """"float32" or "float64" for a dtype given as a string or any backend's dtype object; ValueError otherwise."""
     name = getattr(dtype, "name", None) or str(dtype).rsplit(".", 1)[-1]
     if name not in ("float32", "float64"):
         raise ValueError(f"dtype: expected 'float32' or 'float64', got {dtype!r}")
@@ -116,7 +117,7 @@ class Rng:
     # -- draws ---------------------------------------------------------------------------------
     def normal(self, shape=(), dtype="float32", loc=0.0, scale=1.0):
         """Standard normal draws times ``scale`` plus ``loc``: array of ``shape``."""
-        shape, dtype = _check_shape(shape), _check_dtype(dtype)
+        shape, dtype = _check_shape(shape), float_dtype_name(dtype)
         if self._device is not None:
             z = self._device.standard_normal(shape, dtype=dtype)
             return z * scale + loc if (loc, scale) != (0.0, 1.0) else z
@@ -127,7 +128,7 @@ class Rng:
 
     def uniform(self, shape=(), dtype="float32", low=0.0, high=1.0):
         """Uniform draws on [low, high): array of ``shape``."""
-        shape, dtype = _check_shape(shape), _check_dtype(dtype)
+        shape, dtype = _check_shape(shape), float_dtype_name(dtype)
         if not high > low:
             raise ValueError(f"high: expected high > low, got low={low!r}, high={high!r}")
         u = self._gen().random(shape, dtype=dtype)

@@ -8,17 +8,12 @@
 
 import inspect
 
-from genblocks.backends import namespace, resolve_dtype
+from genblocks.backends import float_dtype_name, namespace, resolve_dtype
 
 FLOAT_DTYPES = ("float32", "float64")
 
 
-def dtype_name(dtype):
-    """"float32"/"float64" for a dtype given as a string or any backend's dtype object."""
-    name = getattr(dtype, "name", None) or str(dtype).rsplit(".", 1)[-1]
-    if name not in FLOAT_DTYPES:
-        raise ValueError(f"dtype: expected one of {FLOAT_DTYPES}, got {dtype!r}")
-    return name
+dtype_name = float_dtype_name  # "float32"/"float64" for a string or any backend's dtype object
 
 
 def check_dtype(dtype):

@@ -3,8 +3,9 @@
 Reports, per dataset: training ms/step, MMD^2 between 1000 DDIM-50 samples and held-out data, the
 variational bound in bits/dim (the full L_0..L_T sum) and the PF-ODE NLL; then the wall time to draw 1000
 checkerboard samples with DDPM-1000, DDIM-50 and DPM-Solver++-20. When torch is importable, the same
-network (same weights) and the same DDIM / DDPM loops run in PyTorch CPU and the table shows the ratio
-genblocks / torch (target <= 1.0); when diffusers is importable, its DDIMScheduler loop is timed as well.
+network (same weights, float32, inference mode, the same thread count with --threads) and the same DDPM,
+DDIM and DPM-Solver++ loops run in PyTorch CPU and the table shows the ratio genblocks / torch (target
+<= 1.0), then the network forward alone (each loop is one forward per step plus a few vector updates).
 
     python benchmarks/bench_diffusion.py            # about two minutes on 2 quiet cores
     python benchmarks/bench_diffusion.py --quick    # a smoke run (seconds, numbers meaningless)
@@ -87,7 +88,7 @@ def torch_twin(params, net):
     def lin(x, p):
         return torch.addmm(T(p["b"]), x, T(p["W"]))
 
-    @torch.no_grad()
+    @torch.inference_mode()  # the fastest no-autograd mode: a fair twin of an untraced numpy forward
     def model(x, t):
         args = t[:, None] * freqs
         e = lin(silu(lin(torch.cat([torch.cos(args), torch.sin(args)], dim=-1), P["fc1"])), P["fc2"])
@@ -101,10 +102,11 @@ def torch_twin(params, net):
 
 
 def torch_ddim(model, sched, x, steps, eta=0.0):
+    """DDIM in torch, out of place; eta = 1 on all T steps is DDPM's ancestral sampler (fixed_small)."""
     import torch
 
     grid = sched.timesteps(steps)
-    with torch.no_grad():
+    with torch.inference_mode():
         for k, t in enumerate(grid):
             a, s = sched.marginal_host(t)
             a_prev, s_prev = sched.marginal_host(grid[k + 1]) if k + 1 < len(grid) else (1.0, 0.0)
@@ -119,6 +121,25 @@ def torch_ddim(model, sched, x, steps, eta=0.0):
     return x
 
 
+def torch_dpm_solver_pp(model, sched, x, grid, clip):
+    """DPM-Solver++(2M) in torch on the time grid genblocks visits, x0_hat clipped to [-clip, clip]."""
+    import torch
+
+    x0_prev = h_prev = None
+    with torch.inference_mode():
+        for k, t in enumerate(grid):
+            a, s = sched.marginal_host(t)
+            x0 = ((x - s * model(x, torch.full((x.shape[0],), float(t)))) / a).clamp(-clip, clip)
+            if k + 1 == len(grid):
+                return x0
+            a_next, s_next = sched.marginal_host(grid[k + 1])
+            h = math.log(a_next / s_next) - math.log(a / s)
+            D = x0 if x0_prev is None else (1.0 + 0.5 * h / h_prev) * x0 - (0.5 * h / h_prev) * x0_prev
+            x = (s_next / s) * x - a_next * math.expm1(-h) * D
+            x0_prev, h_prev = x0, h
+    return x
+
+
 def time_it(fn, repeat=3):
     best = math.inf
     for _ in range(repeat):
@@ -128,11 +149,21 @@ def time_it(fn, repeat=3):
     return best
 
 
+def time_pair(fn_a, fn_b, repeat=3):
+    """Best-of-repeat times of two functions run alternately, so a load change on a shared machine hits both."""
+    a = b = math.inf
+    for _ in range(repeat):
+        a = min(a, time_it(fn_a, 1))
+        if fn_b is not None:
+            b = min(b, time_it(fn_b, 1))
+    return a, b
+
+
 def sampling_table(model, params, quick, threads=None):
     n = 200 if quick else 1000
-    runs = [("DDPM-1000", "ddpm", {}, 1.0), ("DDIM-50", "ddim", {"num_inference_steps": 50}, 0.0),
-            ("DPM-Solver++-20", "dpm_solver_pp", {"num_inference_steps": 20, "clip_sample": True,
-                                                  "clip_sample_range": 2.0}, None)]
+    runs = [("DDPM", "ddpm", {}), ("DDIM", "ddim", {"num_inference_steps": 50}),
+            ("DPM-Solver++", "dpm_solver_pp", {"num_inference_steps": 20, "clip_sample": True,
+                                               "clip_sample_range": 2.0})]
     try:
         import torch
 
@@ -141,18 +172,40 @@ def sampling_table(model, params, quick, threads=None):
         twin = torch_twin(params, model.network)
     except ImportError:
         torch = twin = None
+    repeat = 1 if quick else 3
     blas = os.environ.get("OPENBLAS_NUM_THREADS", "default")
-    print(f"\nsampling {n} checkerboard samples (best of 3; BLAS threads {blas}, torch threads "
+    print(f"\nsampling {n} checkerboard samples (best of {repeat}, alternating; BLAS threads {blas}, torch threads "
           f"{torch.get_num_threads() if torch else '-'}){'' if torch else '  [torch not importable]'}")
-    for name, sampler, kw, eta in runs:
-        g = time_it(lambda: model.sample(params, Rng(0), n, sampler=sampler, **kw), 1 if quick else 3)
-        line = f"  {name:16s} genblocks {g:7.3f} s"
-        if torch is not None and eta is not None:
-            steps = kw.get("num_inference_steps", model.schedule.num_train_timesteps)
+    for name, sampler, kw in runs:
+        grid = []
+        model.sample(params, Rng(0), 4, sampler=sampler, callback=lambda step, t, x: grid.append(t), **kw)
+        twin_loop = None
+        if torch is not None:
             x = torch.randn(n, 2)
-            tt = time_it(lambda: torch_ddim(twin, model.schedule, x, steps, eta), 1 if quick else 3)
+            if sampler == "dpm_solver_pp":
+                twin_loop = lambda: torch_dpm_solver_pp(twin, model.schedule, x, grid, kw["clip_sample_range"])
+            else:
+                eta = 1.0 if sampler == "ddpm" else 0.0
+                steps = kw.get("num_inference_steps", model.schedule.num_train_timesteps)
+                twin_loop = lambda: torch_ddim(twin, model.schedule, x, steps, eta)
+        g, tt = time_pair(lambda: model.sample(params, Rng(0), n, sampler=sampler, **kw), twin_loop, repeat)
+        line = f"  {name + '-' + str(len(grid)):16s} genblocks {g:7.3f} s"
+        if torch is not None:
             line += f"   torch {tt:7.3f} s   ratio {g / tt:5.2f}x"
         print(line)
+    # the network alone: each loop above is one forward per step plus a few vector updates
+    fn = model.model_fn(params)
+    x_np = np.random.default_rng(0).normal(size=(n, 2)).astype(np.float32)
+    t_np = np.full((n,), 500.0, dtype=np.float32)
+    twin_fwd = None
+    if torch is not None:
+        x_t, t_t = torch.from_numpy(x_np), torch.from_numpy(t_np)
+        twin_fwd = lambda: [twin(x_t, t_t) for _ in range(50)]
+    fwd, fwd_t = time_pair(lambda: [fn(x_np, t_np) for _ in range(50)], twin_fwd, repeat)
+    line = f"  {'forward alone':16s} genblocks {fwd / 50 * 1e3:7.3f} ms"
+    if torch is not None:
+        line += f"  torch {fwd_t / 50 * 1e3:7.3f} ms  ratio {fwd / fwd_t:5.2f}x"
+    print(line)
     try:
         import diffusers  # noqa: F401
         print("  diffusers importable: its scheduler comparison is not wired in this script yet")

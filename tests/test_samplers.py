@@ -443,3 +443,139 @@ def test_dpm_solver_lambda_clipping_skips_the_near_zero_snr_start():
     S.dpm_solver_pp_sample(oracle(), LINEAR, Rng(0), (4, 2), num_inference_steps=10,
                            callback=lambda step, t, x: seen.append(t))
     assert seen[0] == 999.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# in-place updates: same numbers as the textbook (out-of-place) loops, inputs and snapshots untouched
+
+
+def _ref_ddim(model_fn, schedule, x, steps, eta, rng, prediction_type="epsilon"):
+    """DDIM written out of place, as in the paper (the reference for the in-place loop)."""
+    grid = [float(t) for t in schedule.timesteps(steps, "leading")]
+    for k, t in enumerate(grid):
+        a, s = schedule.marginal_host(t)
+        a_prev, s_prev = schedule.marginal_host(grid[k + 1]) if k + 1 < len(grid) else (1.0, 0.0)
+        x0, eps = S.to_x0_eps(model_fn(x, np.full(x.shape[0], t)), x, a, s, prediction_type)
+        c = eta * s_prev / s * math.sqrt(max(s * s - (a * s_prev / a_prev) ** 2, 0.0)) if s_prev > 0 else 0.0
+        x = a_prev * x0 + math.sqrt(max(s_prev * s_prev - c * c, 0.0)) * eps
+        if c > 0.0:
+            x = x + c * rng.normal(x.shape, dtype="float64")
+    return x
+
+
+def _ref_dpm_solver_pp(model_fn, schedule, x, steps, prediction_type="epsilon"):
+    grid = [float(t) for t in schedule.timesteps(steps, "linspace")]
+    x0_prev = h_prev = None
+    for k, t in enumerate(grid):
+        a, s = schedule.marginal_host(t)
+        x0 = S.to_x0_eps(model_fn(x, np.full(x.shape[0], t)), x, a, s, prediction_type)[0]
+        if k + 1 == len(grid):
+            return x0
+        a_next, s_next = schedule.marginal_host(grid[k + 1])
+        h = math.log(a_next / s_next) - math.log(a / s)
+        r = None if h_prev is None else h_prev / h
+        D = x0 if x0_prev is None else (1.0 + 0.5 / r) * x0 - (0.5 / r) * x0_prev
+        x = (s_next / s) * x - a_next * math.expm1(-h) * D
+        x0_prev, h_prev = x0, h
+
+
+def _ref_euler_maruyama(model_fn, schedule, x, steps, rng):
+    grid = [schedule.t_max + (schedule.t_min - schedule.t_max) * k / steps for k in range(steps + 1)]
+    for k in range(steps):
+        t, dt = grid[k], grid[k + 1] - grid[k]
+        f, g2 = S.sde_coefficients(schedule, t)
+        a, s = schedule.marginal_host(t)
+        eps = model_fn(x, np.full(x.shape[0], t))
+        x = x + dt * (f * x + (g2 / s) * eps)
+        if k + 1 < steps:
+            x = x + math.sqrt(g2 * abs(dt)) * rng.normal(x.shape, dtype="float64")
+    a, s = schedule.marginal_host(grid[-1])
+    return (x - s * model_fn(x, np.full(x.shape[0], grid[-1]))) / a
+
+
+def _identity_denoiser(x, t):
+    """x_0_hat = x_t: its output IS its input, the worst case for an in-place update."""
+    return x
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample"])
+def test_in_place_loops_equal_the_out_of_place_equations(prediction_type):
+    model = oracle(prediction_type=prediction_type) if prediction_type == "epsilon" else _identity_denoiser
+    x_T = to_numpy(Rng(1).normal((32, 2), dtype="float64"))
+    for eta in (0.0, 0.7):  # the same operations in the same order: bit for bit
+        want = _ref_ddim(model, LINEAR, x_T, 12, eta, Rng(2), prediction_type)
+        got = S.ddim_sample(model, LINEAR, Rng(2), None, num_inference_steps=12, eta=eta, x_T=x_T,
+                            prediction_type=prediction_type, dtype="float64")
+        np.testing.assert_array_equal(got, want)
+    want = _ref_dpm_solver_pp(model, LINEAR, x_T, 12, prediction_type)
+    got = S.dpm_solver_pp_sample(model, LINEAR, Rng(0), None, num_inference_steps=12, x_T=x_T,
+                                 prediction_type=prediction_type)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_in_place_euler_maruyama_equals_the_out_of_place_step():
+    # (1 + f dt) x + (g^2 dt / sigma) eps regroups x + dt (f x + g^2 eps / sigma): equal to rounding
+    x_T = to_numpy(Rng(1).normal((32, 2), dtype="float64"))
+    want = _ref_euler_maruyama(oracle(VP), VP, x_T, 20, Rng(2))
+    got = S.euler_maruyama_sample(oracle(VP), VP, Rng(2), None, num_inference_steps=20, x_T=x_T, dtype="float64")
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+IN_PLACE_RUNS = {
+    "ddpm": lambda m, x, cb, r: S.ddpm_sample(m, LINEAR, r, None, num_inference_steps=5, x_T=x, callback=cb),
+    "ddpm_learned": lambda m, x, cb, r: S.ddpm_sample(lambda z, t: _concat(m(z, t), z), LINEAR, r, None,
+                                                   num_inference_steps=5, variance_type="learned_range", x_T=x,
+                                                   callback=cb),
+    "ddim": lambda m, x, cb, r: S.ddim_sample(m, LINEAR, r, None, num_inference_steps=5, eta=0.5, x_T=x,
+                                           callback=cb),
+    "dpm": lambda m, x, cb, r: S.dpm_solver_pp_sample(m, LINEAR, r, None, num_inference_steps=5, x_T=x,
+                                                   callback=cb),
+    "heun": lambda m, x, cb, r: S.ode_sample(m, LINEAR, r, None, num_inference_steps=5, x_T=x, callback=cb),
+    "euler": lambda m, x, cb, r: S.ode_sample(m, LINEAR, r, None, num_inference_steps=5, method="euler",
+                                           x_T=x, callback=cb),
+    "em": lambda m, x, cb, r: S.euler_maruyama_sample(m, LINEAR, r, None, num_inference_steps=5, x_T=x,
+                                                   callback=cb),
+    "pc": lambda m, x, cb, r: S.predictor_corrector_sample(m, LINEAR, r, None, num_inference_steps=4, x_T=x,
+                                                        corrector_steps=2, callback=cb),
+    "langevin": lambda m, x, cb, r: S.annealed_langevin_sample(m, LINEAR, r, None, num_levels=2,
+                                                            steps_per_level=3, x_T=x, callback=cb),
+}
+
+
+@pytest.mark.parametrize("name", list(IN_PLACE_RUNS))
+def test_samplers_touch_neither_inputs_nor_model_outputs_and_callbacks_get_snapshots(name, backend):
+    o = oracle()
+    outputs = []
+
+    def model(x, t):  # records what it returns, to check the sampler never writes into it
+        out = o(x, t)
+        outputs.append((out, to_numpy(out).copy()))
+        return out
+
+    x_T = to_device(to_numpy(Rng(3).normal((8, 2), dtype="float32")), backend)
+    x_T_before = to_numpy(x_T).copy()
+    seen = []
+    result = IN_PLACE_RUNS[name](model, x_T, lambda step, t, x: seen.append((x, to_numpy(x).copy())),
+                                 Rng(0, backend))
+    np.testing.assert_array_equal(to_numpy(x_T), x_T_before)
+    assert outputs and all(np.array_equal(to_numpy(out), copy) for out, copy in outputs)
+    assert len(seen) >= 2 and all(np.array_equal(to_numpy(x), copy) for x, copy in seen)
+    assert all(x is not result for x, _ in seen)
+    assert_backend(result, backend)
+    assert "float32" in str(result.dtype)
+
+
+@pytest.mark.parametrize("name", list(IN_PLACE_RUNS))
+def test_sampling_loops_never_read_device_values_on_the_host(name, monkeypatch):
+    """No float(x), bool(x), .item() or host copy of a device array inside a loop (the schedules are host floats)."""
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("a sampling loop read a device array on the host")
+
+    x_T = to_device(to_numpy(Rng(3).normal((8, 2), dtype="float32")), "strict")
+    model = lambda x, t: 0.5 * x  # noqa: E731  (a linear eps model that itself stays on the device)
+    for method in ("__float__", "__bool__", "__int__", "__index__", "__array__", "__dlpack__"):
+        monkeypatch.setattr(type(x_T), method, refuse)
+    seen = []
+    x = IN_PLACE_RUNS[name](model, x_T, lambda step, t, x: seen.append(t), Rng(0, "strict"))
+    monkeypatch.undo()
+    assert seen and np.all(np.isfinite(to_numpy(x)))

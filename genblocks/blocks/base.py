@@ -27,6 +27,9 @@ def check_positive_int(value, name):
     return value
 
 
+_DTYPE_NAMES = {}  # (type(dtype), dtype) -> str(dtype), for check_array
+
+
 def check_array(x, name, *, ndim=None, min_ndim=None, last_dim=None, floating=True):
     """Raise a clear error when ``x`` is not an array of the expected rank, trailing size or kind."""
     shape = getattr(x, "shape", None)
@@ -39,7 +42,11 @@ def check_array(x, name, *, ndim=None, min_ndim=None, last_dim=None, floating=Tr
     if last_dim is not None and (len(shape) == 0 or shape[-1] != last_dim):
         raise ValueError(f"{name}: expected a last axis of size {last_dim}, got shape {tuple(shape)}")
     if floating:
-        kind = str(getattr(x, "dtype", ""))
+        dtype = getattr(x, "dtype", "")
+        key = (type(dtype), dtype)  # the type first: strict dtypes warn when compared with numpy ones
+        kind = _DTYPE_NAMES.get(key)
+        if kind is None:  # str(numpy dtype) runs Python code (~3 us): worth caching on hot paths
+            kind = _DTYPE_NAMES[key] = str(dtype)
         if "float" not in kind:
             raise TypeError(f"{name}: expected a floating array (float32 or float64), got dtype {kind}")
     return x

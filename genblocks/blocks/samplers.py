@@ -7,6 +7,12 @@ shape (batch,) holding ``schedule.model_time``. ``prediction_type`` is "epsilon"
 "v_prediction" (v = alpha eps - sigma x_0). Schedule coefficients are read as Python floats, so no loop
 waits on a device. On the numpy and strict backends the same seed gives the same samples.
 
+Buffers: each sampler copies x_T once (the caller's array is never modified) and then updates its state in
+place (``x *= a; x += b``, with work buffers allocated before the loop; the equation sits in a comment
+beside each update). It never writes into what ``model_fn`` returns, but the ``x`` it hands to ``model_fn``
+is that state, overwritten on the next step: a model_fn must not keep a reference to its input (copy it if
+it records inputs). ``callback(step, t, x)`` receives a snapshot that is not touched afterwards.
+
 - ``ddpm_sample``: ancestral sampling from p(x_{t-1} | x_t) (variance_type fixed_small / fixed_large /
   learned_range), on a schedule or any ``RespacedSchedule``.
 - ``ddim_sample`` (eta in [0, 1]) and ``ddim_invert`` (x_0 -> x_T, optionally with fixed-point refinement).
@@ -95,18 +101,21 @@ def threshold_sample(x0, *, clip_sample=False, clip_sample_range=1.0, thresholdi
 
 
 def _setup(rng, shape, dtype, x_T, scale=1.0):
-    """Starting noise x_T = scale z (or the given x_T), its namespace, and a t-array factory."""
+    """Starting noise x_T = scale z (or a copy of the given x_T), its namespace, and a t-array factory.
+
+    The returned x is the sampler's own array, free to be updated in place.
+    """
     if x_T is None:
         if isinstance(shape, int):
             shape = (shape,)
         shape = tuple(shape)
         if not shape:
             raise ValueError("shape: expected (batch, ...), got ()")
-        x = rng.normal(shape, dtype=dtype)
+        x = rng.normal(shape, dtype=dtype)  # a fresh draw: ours
         if scale != 1.0:
-            x = x * scale
+            x *= scale
     else:
-        x = x_T
+        x = namespace(x_T).asarray(x_T, copy=True)  # never write into the caller's array
     xp = namespace(x)
     n = x.shape[0]
 
@@ -119,6 +128,16 @@ def _setup(rng, shape, dtype, x_T, scale=1.0):
 def _check_callback(callback):
     if callback is not None and not callable(callback):
         raise TypeError(f"callback: expected a callable callback(step, t, x), got {type(callback).__name__}")
+
+
+def _buffer(xp, x):
+    """An uninitialised work array like x (same shape, dtype and device), allocated once per sampling run."""
+    return xp.empty(x.shape, dtype=x.dtype, device=xp.device_of(x))
+
+
+def _snapshot(xp, x):
+    """A copy of the in-place state for ``callback`` (the sampler keeps overwriting x)."""
+    return xp.asarray(x, copy=True)
 
 
 def _discrete(schedule, who):
@@ -151,6 +170,7 @@ def ddpm_sample(model_fn, schedule, rng, shape, *, prediction_type="epsilon", va
         schedule = schedule.respace(schedule.timesteps(num_inference_steps, timestep_spacing))
     cond = cond or {}
     x, xp, t_array = _setup(rng, shape, dtype, x_T)
+    buf = _buffer(xp, x)
     T = schedule.num_train_timesteps
     large = (schedule.posterior_variance[1] if T > 1 else schedule.betas[0],) + schedule.betas[1:]
     for step, i in enumerate(range(T - 1, -1, -1)):
@@ -165,20 +185,23 @@ def ddpm_sample(model_fn, schedule, rng, shape, *, prediction_type="epsilon", va
         x0 = threshold_sample(x0, clip_sample=clip_sample, clip_sample_range=clip_sample_range,
                               thresholding=thresholding, dynamic_thresholding_ratio=dynamic_thresholding_ratio,
                               sample_max_value=sample_max_value)
-        mean = schedule.posterior_mean_coef1[i] * x0 + schedule.posterior_mean_coef2[i] * x
-        if i == 0:
-            x = mean
-        else:
+        # mean = c1_t x0_hat + c2_t x_t, in place (x0_hat is read into buf before x changes: it may alias x)
+        buf[...] = x0
+        buf *= schedule.posterior_mean_coef1[i]
+        x *= schedule.posterior_mean_coef2[i]
+        x += buf
+        if i > 0:
+            # x_{t-1} = mean + sqrt(var_t) z, z ~ N(0, I) (a fresh draw, so it is scaled in place)
             z = rng.normal(x.shape, dtype=dtype)
             if variance_type == "learned_range":
                 lo, hi = schedule.posterior_log_variance_clipped[i], math.log(schedule.betas[i])
                 frac = 0.5 * (v + 1.0)
-                x = mean + xp.exp(0.5 * (frac * hi + (1.0 - frac) * lo)) * z
+                x += xp.exp(0.5 * (frac * hi + (1.0 - frac) * lo)) * z  # an array factor in x's dtype
             else:
-                var = schedule.posterior_variance[i] if variance_type == "fixed_small" else large[i]
-                x = mean + math.sqrt(var) * z
+                z *= math.sqrt(schedule.posterior_variance[i] if variance_type == "fixed_small" else large[i])
+                x += z
         if callback is not None:
-            callback(step, t_model, x)
+            callback(step, t_model, _snapshot(xp, x))
     return x
 
 
@@ -212,6 +235,7 @@ def ddim_sample(model_fn, schedule, rng, shape, *, num_inference_steps=50, eta=0
     cond = cond or {}
     grid = _ddim_grid(schedule, num_inference_steps, timestep_spacing)
     x, xp, t_array = _setup(rng, shape, dtype, x_T)
+    buf = _buffer(xp, x)
     for step, t in enumerate(grid):
         t_model = schedule.model_time(t)
         a, s = schedule.marginal_host(t)
@@ -225,11 +249,19 @@ def ddim_sample(model_fn, schedule, rng, shape, *, num_inference_steps=50, eta=0
         if eta > 0.0 and s_prev > 0.0:
             shrunk = a * s_prev / a_prev
             c = float(eta) * s_prev / s * math.sqrt(max(s * s - shrunk * shrunk, 0.0))
-        x = a_prev * x0 + math.sqrt(max(s_prev * s_prev - c * c, 0.0)) * eps
+        # x_s = alpha_s x0_hat + sqrt(sigma_s^2 - c^2) eps_hat (+ c z), in place: eps_hat goes to buf first
+        # (it may be x itself, e.g. an identity model), then x <- alpha_s x0_hat + buf
+        buf[...] = eps
+        buf *= math.sqrt(max(s_prev * s_prev - c * c, 0.0))
+        x[...] = x0
+        x *= a_prev
+        x += buf
         if c > 0.0:
-            x = x + c * rng.normal(x.shape, dtype=dtype)
+            z = rng.normal(x.shape, dtype=dtype)
+            z *= c
+            x += z
         if callback is not None:
-            callback(step, t_model, x)
+            callback(step, t_model, _snapshot(xp, x))
     return x
 
 
@@ -318,7 +350,8 @@ def dpm_solver_pp_sample(model_fn, schedule, rng, shape, *, num_inference_steps=
     cond = cond or {}
     grid = _ddim_grid(_LambdaClipped(schedule, lambda_min_clipped), num_inference_steps, timestep_spacing)
     x, xp, t_array = _setup(rng, shape, dtype, x_T)
-    x0_prev, h_prev = None, None
+    D, x0_prev = _buffer(xp, x), _buffer(xp, x)  # D, and a copy of the previous step's x0_hat
+    h_prev = None
     for step, t in enumerate(grid):
         t_model = schedule.model_time(t)
         a, s = schedule.marginal_host(t)
@@ -328,19 +361,25 @@ def dpm_solver_pp_sample(model_fn, schedule, rng, shape, *, num_inference_steps=
                               thresholding=thresholding, dynamic_thresholding_ratio=dynamic_thresholding_ratio,
                               sample_max_value=sample_max_value)
         if step + 1 == len(grid):
-            x = x0
+            x[...] = x0  # the last step lands on sigma = 0: x_0 = x0_hat
         else:
             a_next, s_next = schedule.marginal_host(grid[step + 1])
             h = math.log(a_next / s_next) - math.log(a / s)
-            if x0_prev is None:
-                D = x0
-            else:
+            # D = x0_hat (first step), else (1 + 1/(2r)) x0_hat - 1/(2r) x0_hat_prev with r = h_prev / h
+            D[...] = x0
+            if h_prev is not None:
                 r = h_prev / h
-                D = (1.0 + 0.5 / r) * x0 - (0.5 / r) * x0_prev
-            x = (s_next / s) * x - a_next * math.expm1(-h) * D
-            x0_prev, h_prev = x0, h
+                D *= 1.0 + 0.5 / r
+                x0_prev *= 0.5 / r
+                D -= x0_prev
+            x0_prev[...] = x0
+            # x_s = (sigma_s / sigma_t) x_t - alpha_s (e^{-h} - 1) D
+            D *= -(a_next * math.expm1(-h))
+            x *= s_next / s
+            x += D
+            h_prev = h
         if callback is not None:
-            callback(step, t_model, x)
+            callback(step, t_model, _snapshot(xp, x))
     return x
 
 
@@ -426,16 +465,24 @@ def ode_sample(model_fn, schedule, rng, shape, *, method="heun", num_inference_s
         xt = a * y
         return to_x0_eps(model_fn(xt, t_array(schedule.model_time_any(t)), **cond), xt, a, s, prediction_type)[1]
 
-    y = x / schedule.marginal_host(times[0])[0]
+    y = x  # our own array: y = x / alpha, updated in place from here on
+    y /= schedule.marginal_host(times[0])[0]
+    d, y_next = _buffer(xp, y), (_buffer(xp, y) if method == "heun" else None)
     for step, (sig, t) in enumerate(zip(sigmas, times)):
         last = step + 1 == len(sigmas)
         sig_next = 0.0 if last else sigmas[step + 1]
-        d = eps_at(y, t)
-        y_next = y + (sig_next - sig) * d
+        d[...] = eps_at(y, t)  # a copy: the model may reuse its output array on the next call
         if method == "heun" and not last:
-            d2 = eps_at(y_next, times[step + 1])
-            y_next = y + (sig_next - sig) * (0.5 * (d + d2))
-        y = y_next
+            # Euler predictor y_next = y + (sigma_next - sigma) d, then the trapezoid
+            # y <- y + (sigma_next - sigma) (d + d2) / 2 with d2 = eps_hat(y_next, t_next)
+            y_next[...] = d
+            y_next *= sig_next - sig
+            y_next += y
+            d += eps_at(y_next, times[step + 1])
+            d *= 0.5
+        # Euler: y <- y + (sigma_next - sigma) d  (d is the trapezoid's average after a Heun correction)
+        d *= sig_next - sig
+        y += d
         if callback is not None:
             a_next = 1.0 if last else schedule.marginal_host(times[step + 1])[0]
             callback(step, schedule.model_time_any(t), a_next * y)
@@ -506,12 +553,13 @@ def euler_maruyama_sample(model_fn, schedule, rng, shape, *, num_inference_steps
     cond = cond or {}
     grid = _sde_grid(schedule, num_inference_steps)
     x, xp, t_array = _setup(rng, shape, dtype, x_T, scale=schedule.marginal_host(schedule.t_max)[1])
+    buf = _buffer(xp, x)
     for step in range(num_inference_steps):
         t, t_next = grid[step], grid[step + 1]
-        x = _em_step(model_fn, schedule, rng, x, t, t_next, t_array, prediction_type, cond, dtype,
-                     noise=step + 1 < num_inference_steps)
+        _em_step(model_fn, schedule, rng, x, buf, t, t_next, t_array, prediction_type, cond, dtype,
+                 noise=step + 1 < num_inference_steps)
         if callback is not None:
-            callback(step, schedule.model_time_any(t), x)
+            callback(step, schedule.model_time_any(t), _snapshot(xp, x))
     if denoise_final:
         x = _denoise(model_fn, schedule, x, grid[-1], t_array, prediction_type, cond)
     return x
@@ -522,14 +570,22 @@ def _eps_hat(model_fn, schedule, x, t, t_array, prediction_type, cond):
     return to_x0_eps(model_fn(x, t_array(schedule.model_time_any(t)), **cond), x, a, s, prediction_type)
 
 
-def _em_step(model_fn, schedule, rng, x, t, t_next, t_array, prediction_type, cond, dtype, noise=True):
+def _em_step(model_fn, schedule, rng, x, buf, t, t_next, t_array, prediction_type, cond, dtype, noise=True):
+    """One reverse Euler-Maruyama step from t to t_next, written into x in place (buf: a work array like x)."""
     f, g2 = sde_coefficients(schedule, t)
     s = schedule.marginal_host(t)[1]
     eps = _eps_hat(model_fn, schedule, x, t, t_array, prediction_type, cond)[1]
     dt = t_next - t
-    x = x + dt * (f * x + (g2 / s) * eps)
+    # x <- x + (f x + g^2 eps_hat / sigma) dt = (1 + f dt) x + (g^2 dt / sigma) eps_hat
+    buf[...] = eps  # read before x changes (eps_hat may alias x)
+    buf *= g2 * dt / s
+    x *= 1.0 + f * dt
+    x += buf
     if noise:
-        x = x + math.sqrt(g2 * abs(dt)) * rng.normal(x.shape, dtype=dtype)
+        # x <- x + sqrt(g^2 |dt|) z
+        z = rng.normal(x.shape, dtype=dtype)
+        z *= math.sqrt(g2 * abs(dt))
+        x += z
     return x
 
 
@@ -537,18 +593,25 @@ def _denoise(model_fn, schedule, x, t, t_array, prediction_type, cond):
     return _eps_hat(model_fn, schedule, x, t, t_array, prediction_type, cond)[0]
 
 
-def _langevin(model_fn, schedule, rng, x, t, t_array, prediction_type, cond, dtype, snr, steps, xp):
-    """Langevin corrector at time t: x <- x + e score + sqrt(2 e) z, e = 2 (snr |z| / |score|)^2 (batch means)."""
+def _langevin(model_fn, schedule, rng, x, score, t, t_array, prediction_type, cond, dtype, snr, steps, xp):
+    """Langevin corrector at time t: x <- x + e score + sqrt(2 e) z, e = 2 (snr |z| / |score|)^2 (batch means).
+
+    Updates x in place; ``score`` is a work array like x. e stays on the device (no host sync).
+    """
     s = schedule.marginal_host(t)[1]
     n = x.shape[0]
     for _ in range(steps):
         eps = _eps_hat(model_fn, schedule, x, t, t_array, prediction_type, cond)[1]
-        score = eps * (-1.0 / s)
+        score[...] = eps  # score = -eps_hat / sigma
+        score *= -1.0 / s
         z = rng.normal(x.shape, dtype=dtype)
         score_norm = xp.mean(xp.vector_norm(xp.reshape(score, (n, -1)), axis=-1))
         noise_norm = xp.mean(xp.vector_norm(xp.reshape(z, (n, -1)), axis=-1))
         e = 2.0 * xp.square(snr * noise_norm / score_norm)
-        x = x + e * score + xp.sqrt(2.0 * e) * z
+        # x <- x + e score + sqrt(2 e) z
+        score *= e
+        x += score
+        x += xp.sqrt(2.0 * e) * z  # e has x's dtype, which the noise (``dtype``) may not
     return x
 
 
@@ -566,13 +629,14 @@ def predictor_corrector_sample(model_fn, schedule, rng, shape, *, num_inference_
     cond = cond or {}
     grid = _sde_grid(schedule, num_inference_steps)
     x, xp, t_array = _setup(rng, shape, dtype, x_T, scale=schedule.marginal_host(schedule.t_max)[1])
+    buf = _buffer(xp, x)
     for step in range(num_inference_steps):
         t, t_next = grid[step], grid[step + 1]
-        x = _langevin(model_fn, schedule, rng, x, t, t_array, prediction_type, cond, dtype, snr, corrector_steps, xp)
-        x = _em_step(model_fn, schedule, rng, x, t, t_next, t_array, prediction_type, cond, dtype,
-                     noise=step + 1 < num_inference_steps)
+        _langevin(model_fn, schedule, rng, x, buf, t, t_array, prediction_type, cond, dtype, snr, corrector_steps, xp)
+        _em_step(model_fn, schedule, rng, x, buf, t, t_next, t_array, prediction_type, cond, dtype,
+                 noise=step + 1 < num_inference_steps)
         if callback is not None:
-            callback(step, schedule.model_time_any(t), x)
+            callback(step, schedule.model_time_any(t), _snapshot(xp, x))
     if denoise_final:
         x = _denoise(model_fn, schedule, x, grid[-1], t_array, prediction_type, cond)
     return x
@@ -595,16 +659,25 @@ def annealed_langevin_sample(model_fn, schedule, rng, shape, *, num_levels=10, s
     hi, lo = s_hi / a_hi, s_lo / a_lo
     levels = [hi * (lo / hi) ** (i / max(num_levels - 1, 1)) for i in range(num_levels)]
     x, xp, t_array = _setup(rng, shape, dtype, x_T, scale=s_hi)
-    y = x / a_hi
+    y = x  # our own array: y = x / alpha, updated in place from here on
+    y /= a_hi
+    xt, buf = _buffer(xp, y), _buffer(xp, y)
     step = 0
     for sig in levels:
         t = schedule.t_from_sigma_ratio(sig)
         a, s = schedule.marginal_host(t)
         e = step_lr * (sig / levels[-1]) ** 2
         for _ in range(steps_per_level):
-            xt = a * y
+            xt[...] = y  # x_t = alpha y
+            xt *= a
             eps = to_x0_eps(model_fn(xt, t_array(schedule.model_time_any(t)), **cond), xt, a, s, prediction_type)[1]
-            y = y - (e / sig) * eps + math.sqrt(2.0 * e) * rng.normal(y.shape, dtype=dtype)
+            # y <- y + e score + sqrt(2 e) z with score = -eps_hat / sigma
+            buf[...] = eps
+            buf *= e / sig
+            y -= buf
+            z = rng.normal(y.shape, dtype=dtype)
+            z *= math.sqrt(2.0 * e)
+            y += z
             if callback is not None:
                 callback(step, schedule.model_time_any(t), a * y)
             step += 1

@@ -377,6 +377,28 @@ def test_spline_is_monotone_continuous_and_maps_the_interval_onto_itself():
     np.testing.assert_allclose(np.exp(left[[0, -1]]), 1.0, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_split_last_and_knots_match_slicing_and_cumulative_sums(backend, dtype):
+    gen = np.random.default_rng(1)
+    a = (gen.standard_normal((4, 3, 11)) * 10.0 ** gen.integers(-30, 30, (4, 3, 11))).astype(dtype)
+    xa = to_device(a, backend)
+    xp = namespace(xa)
+    parts = bj._split_last(xp, xa, (4, 4, 3))
+    assert_backend(parts, backend)
+    for part, want in zip(parts, (a[..., :4], a[..., 4:8], a[..., 8:])):  # selection by matmul is exact
+        assert to_numpy(part).dtype == np.dtype(dtype)
+        np.testing.assert_array_equal(to_numpy(part), want)
+    with pytest.raises(ValueError, match="sizes"):
+        bj._split_last(xp, xa, (4, 4))
+    raw = gen.standard_normal((5, 6)).astype(dtype)
+    knots = to_numpy(bj._knots(xp, to_device(raw, backend), 2.0, 1e-3))
+    sizes = 1e-3 + (1.0 - 6e-3) * np.exp(raw - np.log(np.sum(np.exp(raw), axis=-1, keepdims=True)))
+    np.testing.assert_array_equal(knots[:, [0, -1]], [[-2.0, 2.0]] * 5)  # the edges are exact
+    np.testing.assert_allclose(knots[:, 1:-1], -2.0 + 4.0 * np.cumsum(sizes[:, :-1], axis=-1),
+                               rtol=1e-5 if dtype == "float32" else 1e-12)
+    assert np.all(np.diff(knots, axis=-1) > 0) and knots.dtype == np.dtype(dtype)
+
+
 def test_spline_minimum_bin_size_and_derivative_hold_for_extreme_raw_parameters():
     K = 5
     w = np.array([50.0, -50.0, -50.0, -50.0, -50.0])

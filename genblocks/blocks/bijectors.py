@@ -15,6 +15,7 @@ Layers that take a conditioning ``context`` (..., context_dim) declare ``context
 ignores ``context``, so one context can be handed to a whole ``Chain``.
 """
 
+import functools
 import math
 
 from genblocks.backends import namespace, use_backend
@@ -97,6 +98,37 @@ def _bounded(xp, raw, bound):
 def _indices(xp, ref, idx):
     """A constant int64 index vector on ``ref``'s device."""
     return xp.asarray(list(idx), dtype=xp.int64, device=xp.device_of(ref))
+
+
+def _split_last(xp, a, sizes):
+    """Consecutive parts of a's last axis: sizes (2, 3) splits (..., 5) into (..., 2) and (..., 3).
+
+    Each part is a matmul with a constant 0/1 selection matrix: exact for finite values (an inf or NaN spreads
+    NaN to its row's other parts), and its gradient is another matmul (slicing's gradient on numpy is a
+    ufunc.at scatter, many times slower at these sizes).
+    """
+    n = a.shape[-1]
+    if sum(sizes) != n:
+        raise ValueError(f"sizes: expected parts adding up to the last axis {n}, got {tuple(sizes)}")
+    flat = xp.reshape(a, (-1, n))
+    parts, start = [], 0
+    for size in sizes:
+        select = xp.asarray(_selection(n, start, size), dtype=a.dtype, device=xp.device_of(a))
+        parts.append(xp.reshape(xp.matmul(flat, select), tuple(a.shape[:-1]) + (size,)))
+        start += size
+    return parts
+
+
+@functools.lru_cache(maxsize=256)
+def _selection(n, start, size):
+    """The (n, size) 0/1 matrix picking columns start..start+size-1, as nested tuples (host constant)."""
+    return tuple(tuple(1.0 if i == start + j else 0.0 for j in range(size)) for i in range(n))
+
+
+@functools.lru_cache(maxsize=64)
+def _strict_upper_ones(K):
+    """The (K, K - 1) 0/1 matrix T[i, j - 1] = [i < j]: row vector @ T = running sums s_0 + ... + s_{j-1}."""
+    return tuple(tuple(1.0 if i < j else 0.0 for j in range(1, K)) for i in range(K))
 
 
 def _takes_training(b):
@@ -482,9 +514,14 @@ def _knots(xp, raw, bound, min_size):
     """Knot positions -B = k_0 < ... < k_K = B from raw sizes (..., K) via softmax with a minimum bin size."""
     K = raw.shape[-1]
     sizes = min_size + (1.0 - min_size * K) * ops.softmax(raw, axis=-1)
-    inner = -bound + 2.0 * bound * xp.cumulative_sum(sizes[..., :-1], axis=-1)
-    edge = xp.full(tuple(inner.shape[:-1]) + (1,), bound, dtype=raw.dtype, device=xp.device_of(raw))
-    return xp.concat([-edge, inner, edge], axis=-1)
+    # interior knots k_j = -B + 2B (s_0 + ... + s_{j-1}), j = 1..K-1: the running sums as one matmul with a
+    # constant 0/1 triangle (a single BLAS call forward and backward; a cumulative sum along this short
+    # last axis is several times slower on numpy)
+    triangle = xp.asarray(_strict_upper_ones(K), dtype=raw.dtype, device=xp.device_of(raw))
+    batch = tuple(raw.shape[:-1])
+    running = xp.reshape(xp.matmul(xp.reshape(sizes, (-1, K)), triangle), batch + (K - 1,))
+    edge = xp.full(batch + (1,), bound, dtype=raw.dtype, device=xp.device_of(raw))
+    return xp.concat([-edge, -bound + 2.0 * bound * running, edge], axis=-1)
 
 
 def rational_quadratic_spline(x, widths, heights, derivatives, *, bound=3.0, inverse=False,
@@ -516,35 +553,33 @@ def rational_quadratic_spline(x, widths, heights, derivatives, *, bound=3.0, inv
 
     inside = xp.logical_and(x >= -bound, x <= bound)
     v = xp.clip(x, -bound, bound)  # keeps the unused branch finite (and its gradient)
-    # bin k = (number of knots <= v) - 1, clipped to the last bin; the knot values on either side of it
-    # are gathered with one-hot masks over the K + 1 knots (differentiable, no indexing in the graph)
-    search = ops.stop_gradient(yk if inverse else xk)
-    below = xp.sum(xp.astype(xp.expand_dims(ops.stop_gradient(v), axis=-1) >= search, xp.int64), axis=-1)
-    k = xp.expand_dims(xp.clip(below - 1, 0, K - 1), axis=-1)
-    knot = xp.arange(K + 1, device=xp.device_of(x))
-    left, right = xp.astype(k == knot, x.dtype), xp.astype(k + 1 == knot, x.dtype)
+    # bin k = number of interior knots k_1..k_{K-1} at or below v (a count, outside the gradient); the
+    # values at the knots either side of it are gathered with take_along_axis
+    search = ops.stop_gradient(yk if inverse else xk)[..., 1:K]
+    k = xp.sum(xp.astype(xp.expand_dims(ops.stop_gradient(v), axis=-1) >= search, xp.int32), axis=-1)
+    k = xp.expand_dims(xp.astype(k, xp.int64), axis=-1)
+    knots_shape = tuple(k.shape[:-1]) + (K + 1,)
 
-    def pick(a, onehot):
-        return xp.sum(onehot * a, axis=-1)
+    def at(a, index):
+        a = a if tuple(a.shape) == knots_shape else xp.broadcast_to(a, knots_shape)
+        return xp.squeeze(xp.take_along_axis(a, index, axis=-1), axis=-1)
 
-    x0, y0, d0 = pick(xk, left), pick(yk, left), pick(d, left)
-    w, h, d1 = pick(xk, right) - x0, pick(yk, right) - y0, pick(d, right)
+    x0, y0, d0 = at(xk, k), at(yk, k), at(d, k)
+    w, h, d1 = at(xk, k + 1) - x0, at(yk, k + 1) - y0, at(d, k + 1)
     s = h / w
     c = d0 + d1 - 2.0 * s
-    if inverse:
+    if inverse:  # solve the quadratic a theta^2 + b theta + q = 0 in its cancellation-free form
         dy = v - y0
         a = h * (s - d0) + dy * c
         b = h * d0 - dy * c
         q = -s * dy
         disc = xp.maximum(b * b - 4.0 * a * q, 0.0)
         theta = (2.0 * q) / (-b - xp.sqrt(disc))
-        out = theta * w + x0
     else:
         theta = (v - x0) / w
-        t1 = theta * (1.0 - theta)
-        out = y0 + h * (s * theta * theta + d0 * t1) / (s + c * t1)
     t1 = theta * (1.0 - theta)
     denom = s + c * t1
+    out = theta * w + x0 if inverse else y0 + h * (s * theta * theta + d0 * t1) / denom
     log_deriv = (2.0 * xp.log(s) + xp.log(d1 * theta * theta + 2.0 * s * t1 + d0 * (1.0 - theta) ** 2)
                  - 2.0 * xp.log(denom))
     if inverse:
@@ -555,7 +590,7 @@ def rational_quadratic_spline(x, widths, heights, derivatives, *, bound=3.0, inv
 
 def _split_spline_params(xp, raw, bins):
     """(..., 3K - 1) raw outputs -> widths (..., K), heights (..., K), derivatives (..., K - 1)."""
-    return raw[..., :bins], raw[..., bins:2 * bins], raw[..., 2 * bins:]
+    return _split_last(xp, raw, (bins, bins, bins - 1))
 
 
 class _SplineOptions:

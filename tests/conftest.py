@@ -75,5 +75,20 @@ def assert_same_tree(a, b, *, values="bits"):
             assert a.tobytes() == b.tobytes()
 
 
+def perturb_params(params, seed, scale):
+    """params + scale * N(0, 1) noise on every leaf, in float64: tests never run at an identity init."""
+    gen = np.random.default_rng(seed)
+
+    def go(p):
+        if isinstance(p, dict):
+            return {k: go(v) for k, v in p.items()}
+        if isinstance(p, list):
+            return [go(v) for v in p]
+        p = np.asarray(p, dtype=np.float64)
+        return p + scale * gen.standard_normal(p.shape)
+
+    return go(params)
+
+
 def assert_close_to_numpy(result, reference, rtol=1e-6, atol=1e-6):
     np.testing.assert_allclose(to_numpy(result), to_numpy(reference), rtol=rtol, atol=atol)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 from autograd.test_util import check_grads
+from conftest import perturb_params
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -30,18 +31,7 @@ CTX = 2  # context size of the conditional entries
 
 
 def randomize(params, seed, scale=0.5):
-    """params + scale * N(0, 1) noise on every leaf (float64), so no entry is tested at its identity init."""
-    gen = np.random.default_rng(seed)
-
-    def go(p):
-        if isinstance(p, dict):
-            return {k: go(v) for k, v in p.items()}
-        if isinstance(p, list):
-            return [go(v) for v in p]
-        p = np.asarray(p, dtype=np.float64)
-        return p + scale * gen.standard_normal(p.shape)
-
-    return go(params)
+    return perturb_params(params, seed, scale)
 
 
 def init64(b, seed=0, scale=0.5):

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 from autograd.test_util import check_grads
+from conftest import perturb_params
 
 from genblocks.backends import Rng, backend_of, to_device, to_numpy
 from genblocks.blocks import bijectors as bj
@@ -14,17 +15,7 @@ from genblocks.models import flow as F
 
 
 def randomize(params, seed, scale=0.1):
-    gen = np.random.default_rng(seed)
-
-    def go(p):
-        if isinstance(p, dict):
-            return {k: go(v) for k, v in p.items()}
-        if isinstance(p, list):
-            return [go(v) for v in p]
-        p = np.asarray(p, dtype=np.float64)
-        return p + scale * gen.standard_normal(p.shape)
-
-    return go(params)
+    return perturb_params(params, seed, scale)
 
 
 def random_params(flow, seed=0, scale=0.1):

@@ -477,9 +477,10 @@ def demo(rng, *, smoke=False):
     tol = 1e-2 if smoke else 1e-3
     # the data were scaled by 1/2: log p_x(x) = log p_z(x / 2) - 2 log 2
     nll = -to_numpy(model.log_prob(params, test, rtol=tol, atol=tol)) + 2.0 * math.log(2.0)
-    # deterministic DDIM over all 200 steps: on this small model it matches the data far better (MMD) than 50
-    samples = model.sample(params, r_sample, 1000 if not smoke else 64, sampler="ddim",
-                           num_inference_steps=200 if not smoke else 10)
-    return {"family": "diffusion", "model": "DDPM (MLP + FiLM, cosine T=200), DDIM samples", "data": "checkerboard",
+    # DPM-Solver++(2M), 20 steps, predictions of x_0 clipped to the data range [-2, 2]: unclipped, the
+    # first steps (SNR near 0 on the cosine schedule) amplify the eps error into streaks
+    samples = model.sample(params, r_sample, 1000 if not smoke else 64, sampler="dpm_solver_pp",
+                           num_inference_steps=20 if not smoke else 5, clip_sample=True, clip_sample_range=2.0)
+    return {"family": "diffusion", "model": "DDPM (MLP + FiLM, cosine T=200), DPM-Solver++ 20", "data": "checkerboard",
             "metric": "test NLL (nats, PF-ODE)", "value": float(nll.mean()),
             "seconds": time.perf_counter() - start, "samples": 2.0 * to_numpy(samples)}

@@ -547,22 +547,10 @@ def euler_maruyama_sample(model_fn, schedule, rng, shape, *, num_inference_steps
     x_{k+1} = x_k + (f x_k + g^2 eps_hat / sigma) dt + sqrt(g^2 |dt|) z (no noise on the last step); then
     x_0_hat at t_min (``denoise_final``, Tweedie). Any schedule (f, g^2 from ``sde_coefficients``).
     """
-    check_prediction_type(prediction_type)
-    check_positive_int(num_inference_steps, "num_inference_steps")
-    _check_callback(callback)
-    cond = cond or {}
-    grid = _sde_grid(schedule, num_inference_steps)
-    x, xp, t_array = _setup(rng, shape, dtype, x_T, scale=schedule.marginal_host(schedule.t_max)[1])
-    buf = _buffer(xp, x)
-    for step in range(num_inference_steps):
-        t, t_next = grid[step], grid[step + 1]
-        _em_step(model_fn, schedule, rng, x, buf, t, t_next, t_array, prediction_type, cond, dtype,
-                 noise=step + 1 < num_inference_steps)
-        if callback is not None:
-            callback(step, schedule.model_time_any(t), _snapshot(xp, x))
-    if denoise_final:
-        x = _denoise(model_fn, schedule, x, grid[-1], t_array, prediction_type, cond)
-    return x
+    # Euler-Maruyama is predictor-corrector with no corrector moves: one loop serves both
+    return predictor_corrector_sample(model_fn, schedule, rng, shape, num_inference_steps=num_inference_steps,
+                                      corrector_steps=0, prediction_type=prediction_type,
+                                      denoise_final=denoise_final, cond=cond, x_T=x_T, dtype=dtype, callback=callback)
 
 
 def _eps_hat(model_fn, schedule, x, t, t_array, prediction_type, cond):
@@ -621,8 +609,10 @@ def predictor_corrector_sample(model_fn, schedule, rng, shape, *, num_inference_
     """Predictor-corrector (Song et al. 2021): per t, ``corrector_steps`` Langevin moves then an Euler-Maruyama step.
 
     Langevin step size e = 2 (snr ||z|| / ||score||)^2 (norms averaged over the batch); x_0_hat at the end.
-    Any schedule. Returns x_0 of ``shape``.
+    Any schedule. Returns x_0 of ``shape``. ``corrector_steps=0`` is plain Euler-Maruyama.
     """
+    if isinstance(corrector_steps, bool) or not isinstance(corrector_steps, int) or corrector_steps < 0:
+        raise ValueError(f"corrector_steps: expected a non-negative int, got {corrector_steps!r}")
     check_prediction_type(prediction_type)
     check_positive_int(num_inference_steps, "num_inference_steps")
     _check_callback(callback)
@@ -632,7 +622,9 @@ def predictor_corrector_sample(model_fn, schedule, rng, shape, *, num_inference_
     buf = _buffer(xp, x)
     for step in range(num_inference_steps):
         t, t_next = grid[step], grid[step + 1]
-        _langevin(model_fn, schedule, rng, x, buf, t, t_array, prediction_type, cond, dtype, snr, corrector_steps, xp)
+        if corrector_steps:
+            _langevin(model_fn, schedule, rng, x, buf, t, t_array, prediction_type, cond, dtype, snr, corrector_steps,
+                      xp)
         _em_step(model_fn, schedule, rng, x, buf, t, t_next, t_array, prediction_type, cond, dtype,
                  noise=step + 1 < num_inference_steps)
         if callback is not None:

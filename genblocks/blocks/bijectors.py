@@ -214,16 +214,24 @@ class Affine(Bijector):
         return {"shift": _zeros(rng, (self.dim,), dtype), "log_scale": _zeros(rng, (self.dim,), dtype)}
 
     def forward(self, params, x, context=None):
-        xp = namespace(x, params)
-        _check_dim(x, "x", self.dim)
-        s = params["log_scale"]
-        return x * xp.exp(s) + params["shift"], _batch_zeros(xp, x) + xp.sum(s)
+        return _affine_forward(x, params["shift"], params["log_scale"], self.dim)
 
     def inverse(self, params, y, context=None):
-        xp = namespace(y, params)
-        _check_dim(y, "y", self.dim)
-        s = params["log_scale"]
-        return (y - params["shift"]) * xp.exp(-s), _batch_zeros(xp, y) - xp.sum(s)
+        return _affine_inverse(y, params["shift"], params["log_scale"], self.dim)
+
+
+def _affine_forward(x, shift, log_scale, dim):
+    """y = x exp(s) + shift, log_det = sum(s) per example (shared by Affine and ActNorm)."""
+    xp = namespace(x, shift, log_scale)
+    _check_dim(x, "x", dim)
+    return x * xp.exp(log_scale) + shift, _batch_zeros(xp, x) + xp.sum(log_scale)
+
+
+def _affine_inverse(y, shift, log_scale, dim):
+    """x = (y - shift) exp(-s), log_det = -sum(s) per example."""
+    xp = namespace(y, shift, log_scale)
+    _check_dim(y, "y", dim)
+    return (y - shift) * xp.exp(-log_scale), _batch_zeros(xp, y) - xp.sum(log_scale)
 
 
 class Exp(Bijector):
@@ -427,16 +435,10 @@ class ActNorm(Bijector):
         return {**params, "loc": xp.astype(loc, dtype), "log_scale": xp.astype(log_scale, dtype)}
 
     def forward(self, params, x, context=None):
-        xp = namespace(x, params)
-        _check_dim(x, "x", self.dim)
-        s = params["log_scale"]
-        return x * xp.exp(s) + params["loc"], _batch_zeros(xp, x) + xp.sum(s)
+        return _affine_forward(x, params["loc"], params["log_scale"], self.dim)
 
     def inverse(self, params, y, context=None):
-        xp = namespace(y, params)
-        _check_dim(y, "y", self.dim)
-        s = params["log_scale"]
-        return (y - params["loc"]) * xp.exp(-s), _batch_zeros(xp, y) - xp.sum(s)
+        return _affine_inverse(y, params["loc"], params["log_scale"], self.dim)
 
 
 class BatchNormFlow(Bijector):

@@ -76,12 +76,13 @@ def quality(name, model, params, test_x, nll_points, vlb_offset, nll_offset):
 # the PyTorch twin of MLPScoreNet (same weights) and its sampling loops
 
 
-def torch_twin(params, net):
+def torch_twin(params, net, device="cpu"):
     import torch
 
-    T = lambda a: torch.from_numpy(np.ascontiguousarray(a))
+    params = to_numpy(params)
+    T = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)
     half = net.time_embedding.frequency_dim // 2
-    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * (-math.log(10000.0) / half))
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=device) * (-math.log(10000.0) / half))
     P = {"fc1": params["cond"]["time"]["fc1"], "fc2": params["cond"]["time"]["fc2"]}
     silu = torch.nn.functional.silu
 
@@ -110,7 +111,7 @@ def torch_ddim(model, sched, x, steps, eta=0.0):
         for k, t in enumerate(grid):
             a, s = sched.marginal_host(t)
             a_prev, s_prev = sched.marginal_host(grid[k + 1]) if k + 1 < len(grid) else (1.0, 0.0)
-            eps = model(x, torch.full((x.shape[0],), float(t)))
+            eps = model(x, torch.full((x.shape[0],), float(t), device=x.device))
             x0 = (x - s * eps) / a
             c = 0.0
             if eta > 0 and s_prev > 0:
@@ -129,7 +130,7 @@ def torch_dpm_solver_pp(model, sched, x, grid, clip):
     with torch.inference_mode():
         for k, t in enumerate(grid):
             a, s = sched.marginal_host(t)
-            x0 = ((x - s * model(x, torch.full((x.shape[0],), float(t)))) / a).clamp(-clip, clip)
+            x0 = ((x - s * model(x, torch.full((x.shape[0],), float(t), device=x.device))) / a).clamp(-clip, clip)
             if k + 1 == len(grid):
                 return x0
             a_next, s_next = sched.marginal_host(grid[k + 1])

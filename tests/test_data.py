@@ -24,7 +24,7 @@ NAMES = sorted(D.TOY_DENSITIES)
 @pytest.mark.parametrize("name", NAMES)
 def test_toy_shape_dtype_backend_and_numpy_equality(name, backend):
     for dtype in ("float32", "float64"):
-        x = D.toy(name, Rng(3, backend), 257, dtype=dtype)
+        x = D.toy(name, Rng(3, backend, host_draws=True), 257, dtype=dtype)
         assert tuple(x.shape) == (257, 2)
         assert str(x.dtype).endswith(dtype)
         assert_backend(x, backend)
@@ -344,7 +344,7 @@ def test_dequantize_round_trip_and_range(num_bins, backend):
     host = np.random.default_rng(num_bins).integers(0, num_bins, size=(300, 7)).astype(np.float64)
     for dtype in ("float32", "float64"):
         x = to_device(host, backend, dtype=dtype)
-        y = D.uniform_dequantize(x, Rng(0, backend), num_bins=num_bins)
+        y = D.uniform_dequantize(x, Rng(0, backend, host_draws=True), num_bins=num_bins)
         assert_backend(y, backend)
         assert tuple(y.shape) == (300, 7) and str(y.dtype).endswith(dtype)
         yn = to_numpy(y)
@@ -422,7 +422,7 @@ def test_dequantize_bad_inputs():
 def test_split_sizes_alignment_and_determinism(backend):
     x = np.arange(40.0).reshape(20, 2)
     y = np.arange(20)
-    parts = D.train_valid_test_split(to_device((x, y), backend), Rng(0, backend), (12, 5, 3))
+    parts = D.train_valid_test_split(to_device((x, y), backend), Rng(0, backend, host_draws=True), (12, 5, 3))
     assert [tuple(p[0].shape) for p in parts] == [(12, 2), (5, 2), (3, 2)]
     assert all(isinstance(p, tuple) for p in parts)
     assert_backend(parts, backend)

@@ -224,7 +224,7 @@ def test_training_learns_the_mixture_and_samples_on_every_backend(backend):
     losses = res.history["loss"]
     assert np.mean(losses[-30:]) < 0.8 * np.mean(losses[:10])
     params = to_device(res.params, backend)
-    samples = model.sample(params, Rng(2, backend), 1000, sampler="ddim", num_inference_steps=25)
+    samples = model.sample(params, Rng(2, backend, host_draws=True), 1000, sampler="ddim", num_inference_steps=25)
     assert_backend(samples, backend)
     h = to_numpy(samples)
     assert np.abs(h.mean(0) - o.mean).max() < 0.3
@@ -327,7 +327,7 @@ def test_guided_sampling_same_on_every_backend(sampler, backend):
     y = np.array([0, 1, 2, 0])
     kw = dict(sampler=sampler, guidance_weight=1.5, guidance_rescale=0.5, num_inference_steps=5)
     ref = model.sample(p, Rng(1), 4, y=y, **kw)
-    got = model.sample(to_device(p, backend), Rng(1, backend), 4, y=to_device(y, backend), **kw)
+    got = model.sample(to_device(p, backend), Rng(1, backend, host_draws=True), 4, y=to_device(y, backend), **kw)
     assert_backend(got, backend)
     np.testing.assert_allclose(to_numpy(got), ref, rtol=1e-5, atol=1e-5)
 
@@ -338,6 +338,7 @@ def test_unet_model_samples_unconditionally_on_every_backend(backend):
     model = Diffusion(UNet(1, base_channels=4, num_classes=2), DiscreteSchedule("linear", 20), data_shape=(8, 8, 1))
     p = model.init(Rng(0))
     ref = model.sample(p, Rng(0), 2, sampler="ddim", num_inference_steps=3)
-    got = model.sample(to_device(p, backend), Rng(0, backend), 2, sampler="ddim", num_inference_steps=3)
+    got = model.sample(to_device(p, backend), Rng(0, backend, host_draws=True), 2, sampler="ddim",
+                       num_inference_steps=3)
     assert got.shape == (2, 8, 8, 1)
     np.testing.assert_allclose(to_numpy(got), ref, rtol=1e-5, atol=1e-5)

@@ -74,7 +74,9 @@ def test_backends_agree(backend):
     x32 = X.astype(np.float32)
     for name in ["softplus", "log_sigmoid", "silu", "gelu", "sigmoid"]:
         got = getattr(ops, name)(to_device(x32, backend))
-        np.testing.assert_allclose(to_numpy(got), getattr(ops, name)(x32), rtol=1e-6)
+        # the GPU's float32 exp/log may differ from the CPU's in the last bits
+        tol = dict(rtol=1e-5, atol=2e-7) if backend == "cupy" else dict(rtol=1e-6)
+        np.testing.assert_allclose(to_numpy(got), getattr(ops, name)(x32), **tol)
 
 
 def test_get_activation():

@@ -23,6 +23,38 @@ def test_same_seed_same_numbers_and_backend_equality(backend):
     if backend == "strict":  # the strict stand-in draws exactly the numpy numbers
         for x, y in zip(a, _draws(Rng(123, "numpy"))):
             np.testing.assert_array_equal(to_numpy(x), to_numpy(y))
+    # host draws: numpy's numbers on every backend, children included
+    host = Rng(123, backend, host_draws=True)
+    for x, y in zip(_draws(host) + _draws(host.split(2)[1]), _draws(Rng(123)) + _draws(Rng(123).split(2)[1])):
+        assert backend_of(x) == backend
+        np.testing.assert_array_equal(to_numpy(x), to_numpy(y))
+
+
+def test_draws_have_the_right_distribution(backend):
+    """Each backend's own generator (cupy's on the GPU) draws from the distribution it names."""
+    rng, n = Rng(5, backend), 200_000
+    z = to_numpy(rng.normal((n,), "float64", loc=1.0, scale=2.0))
+    assert abs(z.mean() - 1.0) < 0.02 and abs(z.std() - 2.0) < 0.02
+    u = to_numpy(rng.uniform((n,), "float32", low=-1.0, high=3.0))
+    assert u.dtype == np.float32 and u.min() >= -1.0 and u.max() < 3.0 and abs(u.mean() - 1.0) < 0.02
+    k = to_numpy(rng.integers(2, 7, (n,)))
+    assert k.dtype == np.int64 and set(np.unique(k).tolist()) == {2, 3, 4, 5, 6}
+    assert abs(to_numpy(rng.bernoulli(0.3, (n,))).mean() - 0.3) < 0.01
+    c = to_numpy(rng.categorical(np.log(np.array([0.2, 0.3, 0.5])), (n,)))
+    np.testing.assert_allclose(np.bincount(c, minlength=3) / n, [0.2, 0.3, 0.5], atol=0.01)
+    perm = to_numpy(rng.permutation(1000))
+    assert perm.dtype == np.int64 and sorted(perm.tolist()) == list(range(1000)) and perm.tolist() != list(range(1000))
+
+
+def test_host_draws_state_and_arguments():
+    rng = Rng(3, host_draws=True)
+    assert "host_draws=True" in repr(rng) and "host_draws" not in repr(Rng(3))
+    rng.normal(4)
+    again = Rng.from_state(rng.state())
+    assert again.host_draws
+    np.testing.assert_array_equal(again.normal(5), rng.normal(5))
+    with pytest.raises(TypeError, match="host_draws"):
+        Rng(0, host_draws="yes")
 
 
 def test_different_seeds_and_children_differ():

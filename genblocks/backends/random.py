@@ -35,9 +35,15 @@ class Rng:
     ``seed`` is a non-negative int (or a numpy ``SeedSequence``); ``backend`` defaults to the current
     default backend. ``split(n)`` returns ``n`` independent children, so code can hand one to each
     consumer without sharing a stream.
+
+    On cupy the numbers come from cupy's own generator on the GPU, so they differ from numpy's for the
+    same seed. ``host_draws=True`` draws them on the host with numpy's PCG64 instead and copies each
+    draw to the GPU: the same numbers as ``Rng(seed, "numpy")`` (to reproduce a CPU run on the GPU, or to
+    test that GPU code computes what CPU code computes), at the price of a host-to-device copy per draw.
+    On numpy and strict the host generator is the only one, and ``host_draws`` changes nothing.
     """
 
-    def __init__(self, seed, backend=None):
+    def __init__(self, seed, backend=None, *, host_draws=False):
         from . import _check_backend_name, get_backend
 
         if isinstance(seed, onp.random.SeedSequence):
@@ -47,16 +53,20 @@ class Rng:
                 raise ValueError(f"seed: expected a non-negative int, got {seed!r}")
             self._seq = onp.random.SeedSequence(int(seed))
         self.backend = _check_backend_name(get_backend() if backend is None else backend)
+        if not isinstance(host_draws, bool):
+            raise TypeError(f"host_draws: expected True or False, got {host_draws!r}")
+        self.host_draws = host_draws
         self._host = onp.random.Generator(onp.random.PCG64(self._seq))
         self._device = None
-        if self.backend == "cupy":
+        if self.backend == "cupy" and not host_draws:
             from .cupy_backend import load_cupy
 
             cupy = load_cupy()
             self._device = cupy.random.default_rng(int(self._seq.generate_state(1, onp.uint64)[0]))
 
     def __repr__(self):
-        return f"Rng(entropy={self._seq.entropy}, spawn_key={self._seq.spawn_key}, backend={self.backend!r})"
+        extra = ", host_draws=True" if self.host_draws else ""
+        return f"Rng(entropy={self._seq.entropy}, spawn_key={self._seq.spawn_key}, backend={self.backend!r}{extra})"
 
     @property
     def xp(self):
@@ -78,15 +88,17 @@ class Rng:
         """``n`` independent child generators on the same backend."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n: expected a positive int, got {n!r}")
-        return [Rng(s, self.backend) for s in self._seq.spawn(n)]
+        return [Rng(s, self.backend, host_draws=self.host_draws) for s in self._seq.spawn(n)]
 
     def state(self):
-        """A JSON-serialisable snapshot of the host generator (numpy and strict backends)."""
+        """A JSON-serialisable snapshot of the host generator (numpy, strict, and cupy with host_draws)."""
         if self._device is not None:
-            raise NotImplementedError("state: cupy generators cannot be snapshotted; keep the seed instead")
+            raise NotImplementedError("state: cupy generators cannot be snapshotted; keep the seed instead, "
+                                      "or use Rng(seed, 'cupy', host_draws=True)")
         st = self._host.bit_generator.state
         return {
             "backend": self.backend,
+            "host_draws": self.host_draws,
             "entropy": str(self._seq.entropy),
             "spawn_key": list(self._seq.spawn_key),
             "n_children_spawned": self._seq.n_children_spawned,
@@ -104,7 +116,7 @@ class Rng:
                 int(state["entropy"]), spawn_key=tuple(state["spawn_key"]),
                 n_children_spawned=int(state["n_children_spawned"]),
             )
-            rng = cls(seq, state["backend"])
+            rng = cls(seq, state["backend"], host_draws=bool(state.get("host_draws", False)))
             rng._host.bit_generator.state = {
                 "bit_generator": "PCG64",
                 "state": {"state": int(state["state"]), "inc": int(state["inc"])},
@@ -148,23 +160,34 @@ class Rng:
         return self._out(self._host.integers(low, high, size=shape, dtype=onp.int64))
 
     def bernoulli(self, p, shape=None, dtype="float32"):
-        """1.0 with probability ``p`` else 0.0; ``p`` a float or a host array, broadcast to ``shape``."""
-        p = onp.asarray(p, dtype=onp.float64) if self._device is None else p
-        if self._device is None and (onp.any(p < 0) or onp.any(p > 1)):
-            raise ValueError(f"p: expected probabilities in [0, 1], got values in [{p.min()}, {p.max()}]")
+        """1.0 with probability ``p`` else 0.0; ``p`` a float, a host array or (on cupy) a device array,
+        broadcast to ``shape``."""
+        from . import backend_of
+
+        on_device = self._device is not None and backend_of(p) == "cupy"
+        if not on_device:  # host probabilities are checked (a device array would need a sync)
+            p = onp.asarray(p, dtype=onp.float64)
+            if onp.any(p < 0) or onp.any(p > 1):
+                raise ValueError(f"p: expected probabilities in [0, 1], got values in [{p.min()}, {p.max()}]")
         shape = onp.shape(p) if shape is None else _check_shape(shape)
         u = self._gen().random(shape)
-        out = (u < p).astype(dtype)
-        return out if self._device is not None else self._out(out)
+        if self._device is None:
+            return self._out((u < p).astype(dtype))
+        if not on_device:
+            p = float(p) if p.ndim == 0 else self._out(p)
+        return (u < p).astype(dtype)
 
     def categorical(self, logits, shape=None):
         """Class indices drawn with probabilities softmax(logits) over the last axis (Gumbel-max).
 
         ``logits`` (..., K) -> int64 indices of shape ``shape`` (default ``logits.shape[:-1]``).
         """
-        from . import to_numpy
+        from . import backend_of, to_numpy
 
-        lg = onp.asarray(to_numpy(logits), dtype=onp.float64) if self._device is None else logits
+        if self._device is None:
+            lg = onp.asarray(to_numpy(logits), dtype=onp.float64)
+        else:
+            lg = self._out(logits if backend_of(logits) is not None else onp.asarray(logits, dtype=onp.float64))
         if lg.ndim == 0:
             raise ValueError("logits: expected at least one axis of classes, got a scalar")
         batch = lg.shape[:-1] if shape is None else _check_shape(shape)
@@ -186,6 +209,6 @@ class Rng:
         """A random permutation of range(n): int64 array of shape (n,)."""
         if isinstance(n, bool) or not isinstance(n, (int, onp.integer)) or n < 0:
             raise ValueError(f"n: expected a non-negative int, got {n!r}")
-        if self._device is not None:
-            return self._device.permutation(int(n))
+        if self._device is not None:  # cupy's Generator has no permutation: sort n uniform keys
+            return self._device.random((int(n),)).argsort().astype("int64")
         return self._out(self._host.permutation(int(n)).astype(onp.int64))

@@ -91,12 +91,13 @@ def torch_twin(params, net, device="cpu"):
 
     @torch.inference_mode()  # the fastest no-autograd mode: a fair twin of an untraced numpy forward
     def model(x, t):
-        args = t[:, None] * freqs
+        args = t[:1, None] * freqs  # one shared time per call, embedded once (as Diffusion.sample does)
         e = lin(silu(lin(torch.cat([torch.cos(args), torch.sin(args)], dim=-1), P["fc1"])), P["fc2"])
         e = silu(e)
         h = x
         for p, f in zip(params["layers"], params["films"]):
-            h = silu(lin(h, p)) * (1.0 + lin(e, f["scale"])) + lin(e, f["shift"])
+            gamma, beta = lin(e, f).chunk(2, dim=-1)  # FiLM: one matmul for both halves, as in MLPScoreNet
+            h = silu(lin(h, p)) * gamma + beta
         return lin(h, params["out"])
 
     return model
@@ -195,7 +196,7 @@ def sampling_table(model, params, quick, threads=None):
             line += f"   torch {tt:7.3f} s   ratio {g / tt:5.2f}x"
         print(line)
     # the network alone: each loop above is one forward per step plus a few vector updates
-    fn = model.model_fn(params)
+    fn = model.model_fn(params, shared_time=True)
     x_np = np.random.default_rng(0).normal(size=(n, 2)).astype(np.float32)
     t_np = np.full((n,), 500.0, dtype=np.float32)
     twin_fwd = None

@@ -342,3 +342,76 @@ def test_unet_model_samples_unconditionally_on_every_backend(backend):
                        num_inference_steps=3)
     assert got.shape == (2, 8, 8, 1)
     np.testing.assert_allclose(to_numpy(got), ref, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# one shared time per call: the samplers' promise that lets Diffusion embed t once
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_every_sampler_passes_one_time_per_call(sampler):
+    seen = []
+    inner = Diffusion(MLPScoreNet(2, (8,)), DiscreteSchedule("linear", 20)).model_fn(
+        perturbed_init(Diffusion(MLPScoreNet(2, (8,)), DiscreteSchedule("linear", 20))))
+
+    def model_fn(x, t):
+        seen.append(np.asarray(t))
+        return inner(x, t)
+
+    kw = {"annealed_langevin": dict(num_levels=2, steps_per_level=2)}.get(sampler, dict(num_inference_steps=4))
+    SAMPLERS[sampler](model_fn, DiscreteSchedule("linear", 20), Rng(0), (5, 2), **kw)
+    S.ode_log_likelihood(model_fn, DiscreteSchedule("linear", 20), np.zeros((5, 2)), rtol=1e-2, atol=1e-2)
+    assert seen and all(t.shape == (5,) and np.all(t == t[0]) for t in seen)
+
+
+def perturbed_init(model, seed=0):
+    p = model.init(Rng(seed), "float64")
+    gen = np.random.default_rng(seed)
+    walk = lambda v: {k: walk(w) for k, w in v.items()} if isinstance(v, dict) else (
+        [walk(w) for w in v] if isinstance(v, list) else v + 0.3 * gen.standard_normal(v.shape))
+    return walk(p)
+
+
+@pytest.mark.parametrize("num_classes", [None, 3])
+def test_shared_time_gives_the_per_example_result(num_classes):
+    model = Diffusion(MLPScoreNet(2, (16, 16), num_classes=num_classes), DiscreteSchedule("linear", 50))
+    p = perturbed_init(model)
+    x = np.random.default_rng(1).normal(size=(6, 2))
+    t = np.full(6, 17.0)
+    y = None if num_classes is None else np.array([0, 1, 2, 3, 0, 1])
+    full = model.model_fn(p)(x, t, y)
+    shared = model.model_fn(p, shared_time=True)(x, t, y)
+    assert shared.shape == (6, 2)
+    np.testing.assert_allclose(shared, full, rtol=1e-12, atol=1e-12)
+    # and the network takes a (1,) time directly; other lengths are refused
+    np.testing.assert_allclose(model.network.apply(p, x, t[:1], y), full, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="one shared time"):
+        model.network.apply(p, x, t[:3], y)
+
+
+def test_unet_shared_time_gives_the_per_example_result():
+    from genblocks.blocks.score_nets import UNet
+
+    net = UNet(1, base_channels=4, num_classes=2)
+    p = perturbed_init(Diffusion(net, DiscreteSchedule("linear", 20), data_shape=(8, 8, 1)))
+    x = np.random.default_rng(2).normal(size=(3, 8, 8, 1))
+    t = np.full(3, 7.0)
+    np.testing.assert_allclose(net.apply(p, x, t[:1]), net.apply(p, x, t), rtol=1e-10, atol=1e-12)
+    y = np.array([0, 1, 2])
+    np.testing.assert_allclose(net.apply(p, x, t[:1], y), net.apply(p, x, t, y), rtol=1e-10, atol=1e-12)
+
+
+def test_networks_without_shared_time_support_get_every_time():
+    seen = []
+
+    class PerExample(Block):
+        def init(self, rng, dtype="float32"):
+            return {}
+
+        def apply(self, params, x, t):
+            seen.append(t.shape)
+            return x * 0.0
+
+    model = Diffusion(PerExample(), DiscreteSchedule("linear", 10), data_shape=(2,))
+    model.sample({}, Rng(0), 3, sampler="ddim", num_inference_steps=2)
+    assert seen == [(3,), (3,)]

@@ -6,7 +6,8 @@ from autograd.test_util import check_grads
 from conftest import assert_backend
 
 from genblocks.backends import Rng, to_device, to_numpy
-from genblocks.blocks.score_nets import ClassEmbedding, MLPScoreNet, TimeEmbedding, UNet, upsample_nearest
+from genblocks.blocks.ops import silu
+from genblocks.blocks.score_nets import ClassEmbedding, FiLM, MLPScoreNet, TimeEmbedding, UNet, upsample_nearest
 from genblocks.train.tree import tree_map
 
 
@@ -42,6 +43,21 @@ def test_time_and_class_conditioning_change_the_output():
     assert np.abs(net.apply(p, x, t + 50.0, y) - out).max() > 1e-3
 
 
+def test_film_is_the_identity_at_init_and_h_gamma_plus_beta():
+    film = FiLM(3, 4)
+    p = film.init(Rng(0), "float64")
+    assert p["W"].shape == (3, 8) and p["b"].tolist() == [1.0] * 4 + [0.0] * 4
+    h, e = np.random.default_rng(1).normal(size=(5, 4)), np.random.default_rng(2).normal(size=(5, 3))
+    np.testing.assert_array_equal(film.apply(p, h, e), h)
+    q = perturbed(p)
+    gb = e @ q["W"] + q["b"]
+    np.testing.assert_allclose(film.apply(q, h, e), h * gb[:, :4] + gb[:, 4:], rtol=1e-12)
+    images = np.random.default_rng(3).normal(size=(5, 2, 2, 4))  # (n, H, W, c): one (gamma, beta) per example
+    np.testing.assert_allclose(film.apply(q, images, e), images * gb[:, None, None, :4] + gb[:, None, None, 4:],
+                               rtol=1e-12)
+    assert film.init(Rng(0), "float32")["b"].dtype == np.float32
+
+
 def test_embeddings():
     te = TimeEmbedding(8, time_scale=1000.0)
     p = te.init(Rng(0), "float64")
@@ -49,6 +65,12 @@ def test_embeddings():
     assert e.shape == (2, 8)
     e2 = TimeEmbedding(8).apply(p, np.array([0.0, 500.0]))
     np.testing.assert_allclose(e, e2, rtol=1e-12)
+    # silu fused into the last layer is silu of the output, untraced and under autograd alike
+    np.testing.assert_allclose(te.apply(p, np.array([0.0, 0.5]), activation="silu"), silu(e), rtol=1e-12)
+    check_grads(lambda q: te.apply(q, np.array([0.1, 0.7]), activation="silu"), modes=["rev"], order=1)(
+        perturbed(p))
+    with pytest.raises(ValueError, match="activation"):
+        te.apply(p, np.array([0.0]), activation="relu")
     ce = ClassEmbedding(4, 6)
     table = ce.init(Rng(0))["table"]
     assert table.shape == (5, 6)

@@ -6,8 +6,21 @@ an ImportError that says what to install or what is missing.
 
 import types
 
-from .fused import make_dense, make_im2col
+from .fused import _GELU_A, _GELU_C, LEAKY_SLOPE, make_dense, make_im2col
 from .vocab import ARRAY_API, LINALG
+
+# activation(z + b) as one CUDA elementwise kernel each (T is float or double); the same formulas as
+# fused.apply_activation, written so that no finite input gives inf * 0 or inf - inf
+_EPILOGUE_CODE = {
+    "identity": "y = z + b",
+    "relu": "T v = z + b; y = v > (T)0 ? v : (T)0",
+    "leaky_relu": f"T v = z + b; y = v > (T)0 ? v : (T){LEAKY_SLOPE!r} * v",
+    "silu": "T v = z + b; y = v / ((T)1 + exp(-v))",
+    "gelu": f"T v = z + b; y = (T)0.5 * v * ((T)1 + tanh((T){_GELU_C!r} * (v + (T){_GELU_A!r} * v * v * v)))",
+    "tanh": "y = tanh(z + b)",
+    "softplus": "T v = z + b; y = fmax(v, (T)0) + log1p(exp(-fabs(v)))",
+    "sigmoid": "T v = z + b; y = (T)0.5 * ((T)1 + tanh((T)0.5 * v))",
+}
 
 INSTALL_HINT = 'pip install "genblocks[gpu]"'
 
@@ -43,7 +56,17 @@ def build_namespace():
     ns.linalg = linalg
     ns.vector_norm = cxp.linalg.vector_norm
     ns.device_of = lambda x: x.device
-    ns.dense = make_dense(ns, fused=False)
+    kernels = {}
+
+    def epilogue(z, b, name):
+        """activation(z + b) in place in z (the matmul's fresh output): one kernel instead of several."""
+        kernel = kernels.get(name)
+        if kernel is None:
+            kernel = kernels[name] = cupy.ElementwiseKernel("T z, T b", "T y", _EPILOGUE_CODE[name],
+                                                            f"genblocks_dense_{name}")
+        return kernel(z, b if b is not None else z.dtype.type(0), z)
+
+    ns.dense = make_dense(ns, fused=False, epilogue=epilogue)
     ns.im2col = make_im2col(ns, fused=False)
     ns.backend_name = "cupy"
     ns._cupy = cupy

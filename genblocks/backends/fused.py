@@ -73,7 +73,15 @@ def apply_activation(xp, z, name):
 
 
 def _activate_inplace(z, name):
-    """activation(z) for the names that do not need z afterwards, overwriting z (z is our own buffer)."""
+    """activation(z) overwriting z (z is our own buffer and nobody needs it afterwards)."""
+    if name == "silu":  # h + h tanh(h) with h = z / 2: four passes, one temporary
+        z *= 0.5
+        t = onp.tanh(z)
+        t *= z
+        z += t
+        return z
+    if name == "gelu":
+        return _activate_keeping_z(z, name)
     if name == "relu":
         return onp.maximum(z, 0.0, out=z)
     if name == "leaky_relu":
@@ -97,8 +105,9 @@ def _activate_inplace(z, name):
     raise ValueError(name)
 
 
-def _forward(x, W, b, name):
-    """(y, z) with z = x @ W + b and y = activation(z); z is None when the VJP will not need it."""
+def _forward(x, W, b, name, keep_z=True):
+    """(y, z) with z = x @ W + b and y = activation(z); z is None when the VJP will not need it (or
+    ``keep_z`` is False: a call that will not be differentiated)."""
     z = onp.matmul(x, W)
     if b is not None:
         if onp.result_type(z, b) == z.dtype:
@@ -107,7 +116,7 @@ def _forward(x, W, b, name):
             z = z + b
     if name == "identity":
         return z, None
-    if name in _NEEDS_Z:
+    if keep_z and name in _NEEDS_Z:
         return _activate_keeping_z(z, name), z
     return _activate_inplace(z, name), None
 
@@ -289,10 +298,12 @@ def _is_traced(*arrays):
     return any(isinstance(a, Box) for a in arrays)
 
 
-def make_dense(xp, fused):
+def make_dense(xp, fused, epilogue=None):
     """Build ``dense(x, W, b=None, activation=None)`` for the namespace ``xp``.
 
     Math: y = activation(x @ W + b); x (..., d_in), W (d_in, d_out), b (d_out,) -> y (..., d_out).
+    ``epilogue(z, b, name)``, where a backend has one (cupy: one fused GPU kernel), computes
+    activation(z + b) in place of the composed array-API calls, for a bias of shape (d_out,) or None.
     """
 
     def check(x, W, b, activation):
@@ -315,7 +326,10 @@ def make_dense(xp, fused):
     if not fused:
 
         def dense(x, W, b=None, activation=None):
-            return generic(x, W, b, check(x, W, b, activation))
+            name = check(x, W, b, activation)
+            if epilogue is not None and (b is None or (len(b.shape) == 1 and b.dtype == x.dtype == W.dtype)):
+                return epilogue(xp.matmul(x, W), b, name)
+            return generic(x, W, b, name)
 
         return dense
 
@@ -324,7 +338,7 @@ def make_dense(xp, fused):
         if b is not None and len(b.shape) != 1:
             return generic(x, W, b, name)  # a batched bias: the VJP below sums b's gradient over rows only
         if not _is_traced(x, W, b):
-            return _forward(x, W, b, name)[0]  # nothing to differentiate: skip the primitive (and the z slot)
+            return _forward(x, W, b, name, keep_z=False)[0]  # nothing to differentiate: skip the primitive
         return _dense_numpy(x, W, b, name)
 
     return dense

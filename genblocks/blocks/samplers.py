@@ -28,7 +28,7 @@ import math
 
 from genblocks.backends import grad, namespace, to_device, to_numpy
 from genblocks.blocks.base import check_positive_int
-from genblocks.blocks.schedules import DiscreteSchedule, karras_sigmas
+from genblocks.blocks.schedules import karras_sigmas, spaced_timesteps
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range")
@@ -321,9 +321,8 @@ class _LambdaClipped:
         if self.t_max == self.schedule.t_max:
             return self.schedule.timesteps(n, spacing)
         if self.is_discrete:  # the same spacing rules on the steps 0..t_max
-            sub = DiscreteSchedule(trained_betas=self.schedule.betas[:int(self.t_max) + 1],
-                                   num_train_timesteps=int(self.t_max) + 1)
-            return sub.timesteps(min(n, sub.num_train_timesteps), spacing)
+            T = int(self.t_max) + 1
+            return spaced_timesteps(T, min(n, T), spacing)
         return [self.t_max + (self.schedule.t_min - self.t_max) * k / max(n - 1, 1) for k in range(n)]
 
 

@@ -135,6 +135,36 @@ def space_timesteps(num_timesteps, section_counts):
     return sorted(kept)
 
 
+def spaced_timesteps(num_train_timesteps, num_inference_steps=None, timestep_spacing="leading", steps_offset=0):
+    """The descending integer steps of 0..T-1 that a sampler visits (diffusers' ``set_timesteps``).
+
+    linspace: round(linspace(0, T-1, n)); leading: arange(n) * (T // n) + steps_offset; trailing:
+    round(arange(T, 0, -T / n)) - 1. ``None`` means every step. Returns a list of ints, descending.
+    """
+    T = check_positive_int(num_train_timesteps, "num_train_timesteps")
+    if num_inference_steps is None:
+        return list(range(T - 1, -1, -1))
+    check_positive_int(num_inference_steps, "num_inference_steps")
+    if num_inference_steps > T:
+        raise ValueError(f"num_inference_steps: expected at most num_train_timesteps={T}, "
+                         f"got {num_inference_steps}")
+    n = num_inference_steps
+    if timestep_spacing == "linspace":
+        steps = [int(round(v)) for v in _linspace(0.0, T - 1.0, n)]
+    elif timestep_spacing == "leading":
+        ratio = T // n
+        steps = [i * ratio + int(steps_offset) for i in range(n)]
+    elif timestep_spacing == "trailing":
+        ratio = T / n
+        steps = [int(round(T - i * ratio)) - 1 for i in range(n)]
+        steps.reverse()
+    else:
+        raise ValueError(f"timestep_spacing: expected one of {TIMESTEP_SPACINGS}, got {timestep_spacing!r}")
+    if any(not 0 <= s < T for s in steps):
+        raise ValueError(f"steps_offset: steps fall outside [0, {T - 1}] with steps_offset={steps_offset}")
+    return sorted(set(steps), reverse=True)
+
+
 # ---------------------------------------------------------------------------------------------------
 # discrete (DDPM) schedules
 
@@ -229,28 +259,7 @@ class _Discrete:
         linspace: round(linspace(0, T-1, n)); leading: arange(n) * (T // n) + steps_offset; trailing:
         round(arange(T, 0, -T / n)) - 1. ``None`` means every step. Returns a list of ints, descending.
         """
-        T = self.num_train_timesteps
-        if num_inference_steps is None:
-            return list(range(T - 1, -1, -1))
-        check_positive_int(num_inference_steps, "num_inference_steps")
-        if num_inference_steps > T:
-            raise ValueError(f"num_inference_steps: expected at most num_train_timesteps={T}, "
-                             f"got {num_inference_steps}")
-        n = num_inference_steps
-        if timestep_spacing == "linspace":
-            steps = [int(round(v)) for v in _linspace(0.0, T - 1.0, n)]
-        elif timestep_spacing == "leading":
-            ratio = T // n
-            steps = [i * ratio + int(steps_offset) for i in range(n)]
-        elif timestep_spacing == "trailing":
-            ratio = T / n
-            steps = [int(round(T - i * ratio)) - 1 for i in range(n)]
-            steps.reverse()
-        else:
-            raise ValueError(f"timestep_spacing: expected one of {TIMESTEP_SPACINGS}, got {timestep_spacing!r}")
-        if any(not 0 <= s < T for s in steps):
-            raise ValueError(f"steps_offset: steps fall outside [0, {T - 1}] with steps_offset={steps_offset}")
-        return sorted(set(steps), reverse=True)
+        return spaced_timesteps(self.num_train_timesteps, num_inference_steps, timestep_spacing, steps_offset)
 
     def respace(self, use_timesteps):
         """A ``RespacedSchedule`` keeping the steps in ``use_timesteps`` (ints, or a ``space_timesteps`` spec)."""

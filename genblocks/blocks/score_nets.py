@@ -4,7 +4,7 @@
 - ``ClassEmbedding``: a (num_classes + 1, dim) table; row ``num_classes`` is the null token used for
   classifier-free guidance (and for y=None).
 - ``MLPScoreNet``: an MLP on flat data whose hidden layers are modulated by FiLM,
-  h <- h (1 + gamma(e)) + beta(e), with e = silu(e_time(t) + e_class(y)).
+  h <- h gamma(e) + beta(e) (gamma starts at 1, beta at 0), with e = silu(e_time(t) + e_class(y)).
 - ``UNet``: a small U-Net on NHWC images (conv residual blocks with FiLM, stride-2 down-sampling,
   nearest up-sampling, skip connections) for 8x8 and 28x28 inputs.
 
@@ -12,18 +12,20 @@ Every network has ``apply(params, x, t, y=None)``; ``out_channels = 2 * channels
 outputs a ``variance_type="learned_range"`` model needs.
 """
 
-from genblocks.backends import namespace
+from genblocks.backends import namespace, resolve_dtype
 from genblocks.blocks.base import Block, check_array, check_dtype, check_positive_int
 from genblocks.blocks.nn import Conv2d, Dense, LayerNorm, SinusoidalEmbedding
-from genblocks.blocks.ops import get_activation
+from genblocks.blocks.ops import get_activation, silu
 
 __all__ = ["TimeEmbedding", "ClassEmbedding", "FiLM", "MLPScoreNet", "UNet", "ResBlock", "upsample_nearest"]
 
 
 def _check_times(t, n):
+    """t (n,): one time per example, or (1,): one time shared by the whole batch (computed once)."""
     check_array(t, "t", ndim=1)
-    if t.shape[0] != n:
-        raise ValueError(f"t: expected one time per example ({n},), got shape {tuple(t.shape)}")
+    if t.shape[0] not in (n, 1):
+        raise ValueError(f"t: expected one time per example ({n},) or one shared time (1,), got shape "
+                         f"{tuple(t.shape)}")
     return t
 
 
@@ -40,14 +42,19 @@ class TimeEmbedding(Block):
         self.sinusoid = SinusoidalEmbedding(self.frequency_dim)
         self.fc1 = Dense(self.frequency_dim, dim, activation="silu")
         self.fc2 = Dense(dim, dim)
+        self._fc2_silu = Dense(dim, dim, activation="silu")  # fc2's params with silu fused in
 
     def init(self, rng, dtype="float32"):
         r1, r2 = rng.split(2)
         return {"fc1": self.fc1.init(r1, dtype), "fc2": self.fc2.init(r2, dtype)}
 
-    def apply(self, params, t):
+    def apply(self, params, t, activation=None):
+        """e(t) (n, dim); ``activation="silu"`` returns silu(e(t)) from the same fused call."""
         e = self.sinusoid.apply({}, t * self.time_scale if self.time_scale != 1.0 else t)
-        return self.fc2.apply(params["fc2"], self.fc1.apply(params["fc1"], e))
+        if activation not in (None, "silu"):
+            raise ValueError(f"activation: expected None or 'silu', got {activation!r}")
+        fc2 = self.fc2 if activation is None else self._fc2_silu
+        return fc2.apply(params["fc2"], self.fc1.apply(params["fc1"], e))
 
 
 class ClassEmbedding(Block):
@@ -79,38 +86,45 @@ class ClassEmbedding(Block):
 
 
 class FiLM(Block):
-    """(gamma, beta) = (W_g e + b_g, W_b e + b_b), zero-initialised so the modulation starts as the identity.
+    """h gamma + beta with (gamma, beta) = split(W e + b): one matmul gives both halves.
 
-    e (n, embed_dim) -> two (n, channels) arrays; ``apply(params, h, e)`` returns h (1 + gamma) + beta.
+    W (embed_dim, 2 channels) starts at zero and b at (1, ..., 1, 0, ..., 0), so the modulation starts as
+    the identity. e (n, embed_dim); ``apply(params, h, e)`` modulates h (n, ..., channels), same shape out.
     """
 
     def __init__(self, embed_dim, channels):
         self.embed_dim = check_positive_int(embed_dim, "embed_dim")
         self.channels = check_positive_int(channels, "channels")
-        self.scale = Dense(embed_dim, channels, init="zeros")
-        self.shift = Dense(embed_dim, channels, init="zeros")
+        self.proj = Dense(embed_dim, 2 * channels, init="zeros")
 
     def init(self, rng, dtype="float32"):
-        r1, r2 = rng.split(2)
-        return {"scale": self.scale.init(r1, dtype), "shift": self.shift.init(r2, dtype)}
+        p = self.proj.init(rng, dtype)
+        xp, c = rng.xp, self.channels
+        dt = resolve_dtype(xp, dtype)
+        p["b"] = xp.concat([xp.ones((c,), dtype=dt), xp.zeros((c,), dtype=dt)])
+        return p
 
     def apply(self, params, h, e):
-        xp = namespace(h, params)
-        return _film(xp, h, self.scale.apply(params["scale"], e), self.shift.apply(params["shift"], e))
+        xp = namespace(h)
+        gb = self.proj.apply(params, e)
+        c = self.channels
+        return _film(xp, h, gb[:, :c], gb[:, c:])
 
 
 def _film(xp, h, gamma, beta):
-    """h (1 + gamma) + beta with gamma, beta (n, c) broadcast over h's middle axes."""
+    """h gamma + beta with gamma, beta (n, c) or (1, c) broadcast over h's other axes."""
     c = h.shape[-1]
     extra = h.ndim - 2
     if extra:
-        shape = (h.shape[0],) + (1,) * extra + (c,)
+        shape = (gamma.shape[0],) + (1,) * extra + (c,)
         gamma, beta = xp.reshape(gamma, shape), xp.reshape(beta, shape)
-    return h * (1.0 + gamma) + beta
+    return h * gamma + beta
 
 
 class _Conditioning(Block):
     """e = silu(time_embedding(t) + class_embedding(y)) shared by the networks below."""
+
+    accepts_shared_time = True  # apply() takes t (1,) as one time for the whole batch
 
     def _setup_conditioning(self, embed_dim, num_classes, time_scale):
         self.embed_dim = check_positive_int(embed_dim, "time_embed_dim")
@@ -127,19 +141,21 @@ class _Conditioning(Block):
         return p
 
     def _embed(self, params, t, y, n):
-        xp = namespace(t, params)
-        e = self.time_embedding.apply(params["time"], t)
-        if self.class_embedding is not None:
-            e = e + self.class_embedding.apply(params["class"], y, n)
-        elif y is not None:
-            raise ValueError("y: this network has no class embedding (num_classes=None), got labels")
-        return 0.5 * e * (1.0 + xp.tanh(0.5 * e))  # silu
+        """e (n, E), or (1, E) when t is one shared time (1,) and y is None: FiLM broadcasts it."""
+        if y is None:
+            n = t.shape[0]
+        if self.class_embedding is None:
+            if y is not None:
+                raise ValueError("y: this network has no class embedding (num_classes=None), got labels")
+            return self.time_embedding.apply(params["time"], t, activation="silu")
+        e = self.time_embedding.apply(params["time"], t) + self.class_embedding.apply(params["class"], y, n)
+        return silu(e)
 
 
 class MLPScoreNet(_Conditioning):
     """eps_theta(x, t, y) = W_out h_L + b_out, h_k = FiLM_k(act(W_k h_{k-1} + b_k), e(t, y)), h_0 = x.
 
-    x (n, dim), t (n,), y int (n,) or None -> (n, out_dim) (default out_dim = dim).
+    x (n, dim), t (n,) or (1,) (one time for all), y int (n,) or None -> (n, out_dim) (default out_dim = dim).
     """
 
     def __init__(self, dim, hidden=(128, 128, 128), *, time_embed_dim=64, num_classes=None, out_dim=None,
@@ -229,7 +245,7 @@ def upsample_nearest(x):
 class UNet(_Conditioning):
     """A small U-Net eps_theta(x, t, y) on NHWC images: levels of ResBlocks, stride-2 down, nearest up, skips.
 
-    x (n, H, W, channels), t (n,), y int (n,) or None -> (n, H, W, out_channels). H and W must be divisible
+    x (n, H, W, channels), t (n,) or (1,), y int (n,) or None -> (n, H, W, out_channels). H and W must be divisible
     by 2^(len(channel_mults) - 1) (8x8 with 2 or 3 levels, 28x28 with 2 or 3 levels).
     """
 

@@ -201,10 +201,18 @@ class Diffusion(Block):
             raise ValueError(f"network: learned_range needs 2 x {c} output channels, got {out.shape[-1]}")
         return out[..., :c], out[..., c:]
 
-    def model_fn(self, params, *, full=False):
-        """model_fn(x, t, y=None) -> prediction (with ``full``, the learned-range outputs too) for the samplers."""
+    def model_fn(self, params, *, full=False, shared_time=False):
+        """model_fn(x, t, y=None) -> prediction (with ``full``, the learned-range outputs too) for the samplers.
+
+        ``shared_time=True`` promises that every call passes one time for the whole batch (every sampler in
+        ``genblocks.blocks.samplers`` does). A network that says it can use that (``accepts_shared_time``:
+        ``MLPScoreNet``, ``UNet``) then gets t[:1], embeds it once and broadcasts it, instead of embedding the
+        same time n times (for ``MLPScoreNet`` over half of the forward's arithmetic); others get t as it is.
+        """
+        shared = shared_time and getattr(self.network, "accepts_shared_time", False)
+
         def fn(x, t, y=None):
-            out = self._apply(params, x, t, y)
+            out = self._apply(params, x, t[:1] if shared else t, y)
             return out if full else self._split(out, x)[0]
 
         return fn
@@ -361,7 +369,8 @@ class Diffusion(Block):
     def log_prob(self, params, x, *, y=None, trace="exact", rng=None, **kw):
         """log p(x) (nats, (n,)) through the probability-flow ODE (``samplers.ode_log_likelihood``); numpy only."""
         cond = {} if y is None else {"y": y}
-        return S.ode_log_likelihood(self.model_fn(params), self.schedule, x, prediction_type=self.prediction_type,
+        fn = self.model_fn(params, shared_time=True)  # the ODE solver passes one time per call
+        return S.ode_log_likelihood(fn, self.schedule, x, prediction_type=self.prediction_type,
                                     trace=trace, rng=rng, cond=cond, **kw)
 
     def sample(self, params, rng, n, *, sampler="ddpm", y=None, guidance_weight=None, guidance_rescale=0.0,
@@ -377,7 +386,7 @@ class Diffusion(Block):
         if shape is None:
             raise ValueError("data_shape: unknown for this network; pass data_shape=(H, W, C) or similar")
         learned = self.variance_type == "learned_range" and sampler == "ddpm"
-        model_fn = self.model_fn(params, full=learned)
+        model_fn = self.model_fn(params, full=learned, shared_time=True)  # samplers pass one time per call
         cond = {}
         if y is not None:
             cond["y"] = y

@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from genblocks.backends import Rng, to_numpy, value_and_grad  # noqa: E402
+from genblocks.backends.allocator import keep_freed_memory  # noqa: E402
 from genblocks.blocks.schedules import DiscreteSchedule  # noqa: E402
 from genblocks.blocks.score_nets import MLPScoreNet  # noqa: E402
 from genblocks.data import checkerboard, load_digits  # noqa: E402
@@ -220,6 +221,8 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="BLAS and torch threads (default: theirs)")
     parser.add_argument("--sampling-only", action="store_true", help="skip the quality figures")
+    parser.add_argument("--allocator", choices=["default", "keep", "both"], default="both",
+                        help="time sampling with the default allocator, after keep_freed_memory(), or both")
     args = parser.parse_args()
     steps_cb, steps_dg, T = (50, 30, 100) if args.quick else (2000, 1500, 1000)
 
@@ -231,7 +234,7 @@ def main():
     params, ms = train(model, board, steps_cb)
     print(f"checkerboard: {steps_cb} steps in {time.perf_counter() - t0:.1f} s ({ms:.1f} ms/step at batch 256)")
     if args.sampling_only:
-        return sampling_table(model, params, args.quick, args.threads)
+        return sampling_tables(model, params, args)
     # the network sees the board divided by 2: densities of the original data lose 2 log 2 nats
     quality("checkerboard", model, params, held, 50 if args.quick else 200, 2 * math.log(2.0), 2 * math.log(2.0))
 
@@ -247,7 +250,19 @@ def main():
     # width 2/16 (density x bin volume, a rough conversion) to put both in bits of the 17-level data
     quality("digits", dmodel, dparams, tx, 20 if args.quick else 100, 0.0, 64 * math.log(2.0 / 16.0))
 
-    sampling_table(model, params, args.quick, args.threads)
+    sampling_tables(model, params, args)
+
+
+def sampling_tables(model, params, args):
+    """The sampling table with glibc's default allocator and/or after keep_freed_memory() (process-wide:
+    genblocks and torch run under the same setting; torch keeps its own CPU caching either way)."""
+    if args.allocator in ("default", "both"):
+        print("\nallocator: default")
+        sampling_table(model, params, args.quick, args.threads)
+    if args.allocator in ("keep", "both"):
+        applied = keep_freed_memory()
+        print(f"\nallocator: keep_freed_memory() {'applied' if applied else 'unavailable (not glibc)'}")
+        sampling_table(model, params, args.quick, args.threads)
 
 
 if __name__ == "__main__":

@@ -225,3 +225,18 @@ def test_reductions_preserve_dtype(n, m, dtype):
     for fn in (xnp.mean, xnp.var, xnp.std, xnp.sum, xnp.max):
         assert fn(x, axis=0).dtype == np.dtype(dtype)
     assert BACKENDS == ("numpy", "cupy", "strict")
+
+
+def test_clip_on_every_backend(backend):
+    """xp.clip: scalar, one-sided and array bounds; dtype kept (cupy has its own one-kernel clip)."""
+    host = np.linspace(-3.0, 3.0, 13).astype(np.float32).reshape(13, 1)
+    x = to_device(host, backend)
+    xp = namespace(x)
+    lo = to_device(np.full((1, 1), -0.5, np.float32), backend)
+    cases = [(dict(min=-1.0, max=2.0), np.clip(host, -1.0, 2.0)), (dict(min=0.5), np.maximum(host, 0.5)),
+             (dict(max=-0.25), np.minimum(host, -0.25)), (dict(min=lo, max=1.0), np.clip(host, -0.5, 1.0)),
+             (dict(), host)]
+    for kw, want in cases:
+        got = xp.clip(x, **kw)
+        assert str(got.dtype).endswith("float32") and tuple(got.shape) == (13, 1)
+        np.testing.assert_array_equal(to_numpy(got), want)

@@ -387,6 +387,12 @@ def test_shared_time_gives_the_per_example_result(num_classes):
     np.testing.assert_allclose(model.network.apply(p, x, t[:1], y), full, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="one shared time"):
         model.network.apply(p, x, t[:3], y)
+    # float32: the shared FiLM is folded into the next layer's weights, equal up to rounding
+    p32 = {k: v for k, v in to_device({"p": p}, "numpy", dtype="float32")["p"].items()}
+    x32, t32 = x.astype(np.float32), t.astype(np.float32)
+    got = model.model_fn(p32, shared_time=True)(x32, t32, y)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, model.model_fn(p32)(x32, t32, y), rtol=1e-4, atol=1e-5)
 
 
 def test_unet_shared_time_gives_the_per_example_result():

@@ -105,23 +105,55 @@ def _leaves(tree):
         yield tree
 
 
+_CONTAINERS = (dict, list, tuple)
+_type_backend = {}  # leaf type -> backend name or None: backend_of's answer depends on the type alone
+
+
 def namespace(*trees):
     """The array namespace ``xp`` of the arrays in ``trees`` (arrays, dicts, lists, tuples).
 
     With no arrays, the default backend's namespace. Arrays of two backends raise TypeError.
+    (Called at the top of every block method, so it walks the trees with a plain loop and a per-type
+    cache rather than a recursive generator.)
     """
-    found = {}
-    for leaf in _leaves(trees):
-        name = backend_of(leaf)
-        if name is not None and name not in found:
-            found[name] = type(leaf).__name__
-    if len(found) > 1:
+    first = None
+    mixed = False
+    stack = list(reversed(trees))
+    while stack:
+        leaf = stack.pop()
+        cls = type(leaf)
+        if cls is dict:
+            stack.extend(reversed(list(leaf.values())))
+            continue
+        if cls is list or cls is tuple:
+            stack.extend(reversed(leaf))
+            continue
+        try:
+            name = _type_backend[cls]
+        except KeyError:
+            if isinstance(leaf, _CONTAINERS):  # subclasses of dict, list, tuple
+                stack.extend(reversed(list(leaf.values() if isinstance(leaf, dict) else leaf)))
+                continue
+            name = _type_backend[cls] = backend_of(leaf)
+        if name is None:
+            continue
+        if first is None:
+            first = name
+        elif name != first:
+            mixed = True
+            break
+    if mixed:
+        found = {}
+        for leaf in _leaves(trees):
+            name = backend_of(leaf)
+            if name is not None and name not in found:
+                found[name] = type(leaf).__name__
         kinds = ", ".join(f"{k} ({v})" for k, v in found.items())
         raise TypeError(
             f"arrays from several backends in one call: {kinds}; "
             "move them to one backend first with genblocks.backends.to_device(tree, name)"
         )
-    return _get_namespace(next(iter(found)) if found else get_backend())
+    return _get_namespace(first if first is not None else get_backend())
 
 
 def resolve_dtype(xp, dtype):

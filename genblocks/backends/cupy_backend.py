@@ -54,6 +54,21 @@ def build_namespace():
     for name in LINALG:
         setattr(linalg, name, getattr(cxp.linalg, name))
     ns.linalg = linalg
+
+    def clip(x, /, min=None, max=None):
+        """The array API's clip as one cupy kernel: array_api_compat's generic version assigns through
+        boolean masks, and every masked assignment waits for the GPU (a host sync per call)."""
+        if min is None and max is None:
+            return x.copy()
+        if max is None:
+            out = cupy.maximum(x, min)
+        elif min is None:
+            out = cupy.minimum(x, max)
+        else:
+            out = cupy.clip(x, min, max)
+        return out.astype(x.dtype, copy=False)
+
+    ns.clip = clip
     ns.vector_norm = cxp.linalg.vector_norm
     ns.device_of = lambda x: x.device
     kernels = {}

@@ -539,6 +539,8 @@ class SinusoidalEmbedding(Block):
         if not (isinstance(max_period, (int, float)) and max_period > 1):
             raise ValueError(f"max_period: expected a float > 1, got {max_period!r}")
         self.max_period = float(max_period)
+        half = self.dim // 2
+        self._freqs = _ConstantCache([math.exp(-math.log(self.max_period) * k / max(half, 1)) for k in range(half)])
 
     def init(self, rng, dtype="float32"):
         check_dtype(dtype)
@@ -550,9 +552,7 @@ class SinusoidalEmbedding(Block):
         xp = namespace(t, params)
         if not xp.isdtype(t.dtype, "real floating"):
             t = xp.astype(t, xp.float32)
-        half = self.dim // 2
-        k = xp.arange(half, dtype=t.dtype, device=xp.device_of(t))
-        freqs = xp.exp(k * (-math.log(self.max_period) / max(half, 1)))
+        freqs = self._freqs.on(xp, t)  # computed once on the host, converted once per backend and dtype
         args = xp.expand_dims(t, axis=-1) * freqs
         parts = [xp.cos(args), xp.sin(args)]
         if self.dim % 2:

@@ -104,11 +104,14 @@ class FiLM(Block):
         p["b"] = xp.concat([xp.ones((c,), dtype=dt), xp.zeros((c,), dtype=dt)])
         return p
 
-    def apply(self, params, h, e):
-        xp = namespace(h)
+    def modulation(self, params, e):
+        """(gamma, beta), each (n, channels), or (1, channels) for a one-row e."""
         gb = self.proj.apply(params, e)
         c = self.channels
-        return _film(xp, h, gb[:, :c], gb[:, c:])
+        return gb[:, :c], gb[:, c:]
+
+    def apply(self, params, h, e):
+        return _film(namespace(h), h, *self.modulation(params, e))
 
 
 def _film(xp, h, gamma, beta):
@@ -194,10 +197,30 @@ class MLPScoreNet(_Conditioning):
         n = x.shape[0]
         _check_times(t, n)
         e = self._embed(params["cond"], t, y, n)
-        h = x
+        xp = namespace(x)
+        h, pending = x, None
         for layer, film, p, pf in zip(self.layers, self.films, params["layers"], params["films"]):
-            h = film.apply(pf, layer.apply(p, h), e)
-        return self.out.apply(params["out"], h)
+            h = layer.apply(_fold_film(xp, p, pending), h)
+            gamma, beta = film.modulation(pf, e)
+            if gamma.shape[0] == 1 and n > 1:
+                # one (gamma, beta) for the whole batch (a shared time, no labels): fold it into the next
+                # layer, (h gamma + beta) W + b = h (gamma^T * W) + (beta W + b), instead of two passes over h
+                pending = (gamma, beta)
+            else:
+                h, pending = _film(xp, h, gamma, beta), None
+        return self.out.apply(_fold_film(xp, params["out"], pending), h)
+
+
+def _fold_film(xp, p, pending):
+    """Dense params {"W", "b"} with a pending FiLM (gamma, beta), each (1, d_in), folded in (or p as it is)."""
+    if pending is None:
+        return p
+    gamma, beta = pending
+    W = p["W"]
+    b = xp.matmul(beta, W)[0, :]
+    if p.get("b") is not None:
+        b = b + p["b"]
+    return {"W": xp.reshape(gamma, (-1, 1)) * W, "b": b}
 
 
 class ResBlock(Block):

@@ -7,6 +7,13 @@ network (same weights, float32, inference mode, the same thread count with --thr
 DDIM and DPM-Solver++ loops run in PyTorch CPU and the table shows the ratio genblocks / torch (target
 <= 1.0), then the network forward alone (each loop is one forward per step plus a few vector updates).
 
+What each side computes: a sampler passes one time for the whole batch, and both sides embed it once
+(genblocks: ``Diffusion.sample`` hands the network t[:1]; the twin slices t[:1] too), so neither pays
+for n identical time embeddings. genblocks then folds that shared FiLM (h gamma + beta) into the next
+layer's weights; the twin applies FiLM as written, the way a PyTorch user writes the network. The sampling
+table is printed with glibc's default allocator and again after ``keep_freed_memory()`` (process-wide, so
+torch runs under it too); see ``genblocks.backends.allocator``.
+
     python benchmarks/bench_diffusion.py            # about two minutes on 2 quiet cores
     python benchmarks/bench_diffusion.py --quick    # a smoke run (seconds, numbers meaningless)
     python benchmarks/bench_diffusion.py --threads 1   # single-threaded BLAS and torch (a like-for-like loop)

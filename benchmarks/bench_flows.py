@@ -42,10 +42,10 @@ from genblocks.train.optim import adam, cosine_decay  # noqa: E402
 
 TOY = {"checkerboard": checkerboard, "eight_gaussians": eight_gaussians}
 DIGIT_LEVELS = 17
-# RealNVP couplings per spline layer: an affine coupling only shifts and scales each conditional, so it needs
-# depth where a spline has bins. At 3000 steps on eight Gaussians, 12 couplings left +0.207 nats and 24 left
-# +0.085; a 24-coupling step costs about as much as a 6-layer spline step.
-REALNVP_DEPTH = 4
+# An affine coupling only shifts and scales each conditional, so RealNVP needs depth and steps where a spline
+# has bins: its own coupling count and 2-D step count (see the module docstring for what each setting left).
+REALNVP_COUPLINGS = 32
+REALNVP_STEPS = 24000
 
 
 def set_blas_threads(n):
@@ -69,7 +69,7 @@ def make_flow(model, dim, args, data_side=()):
     if model == "nsf":
         flow = neural_spline_flow(dim, layers=args.layers, bins=args.bins, bound=args.bound, hidden=args.hidden)
     else:
-        flow = real_nvp(dim, layers=REALNVP_DEPTH * args.layers, hidden=args.hidden)
+        flow = real_nvp(dim, layers=args.realnvp_couplings, hidden=args.hidden)
     if data_side:
         flow = Flow(dim, bj.Chain([*flow.bijector.bijectors, *data_side]))
     return flow
@@ -111,10 +111,11 @@ def bench_toy(model, dataset, args, rng):
     train_x = to_numpy(TOY[dataset](r_train, args.n_train))  # float32
     test_x = to_numpy(TOY[dataset](r_test, args.n_test))
     flow = make_flow(model, 2, args)
-    params, seconds = train(flow, train_x, args, r_fit, args.steps)
+    steps = args.realnvp_steps if model == "realnvp" else args.steps
+    params, seconds = train(flow, train_x, args, r_fit, steps)
     nll = float(flow.loss(params, test_x, training=False))
     return {
-        "model": model, "data": dataset, "steps": args.steps, "test_nll": nll,
+        "model": model, "data": dataset, "steps": steps, "test_nll": nll,
         "entropy": TRUE_ENTROPY[dataset], "gap": nll - TRUE_ENTROPY[dataset],
         "train_s": seconds, "ms_step": step_time_ms(flow, params, train_x[:args.batch_size], args.repeats),
         "samples_s": samples_per_second(flow, params, args.n_sample),
@@ -169,7 +170,7 @@ def torch_realnvp_ms(dim, args):
     except ImportError:
         return None
     torch.manual_seed(0)
-    layers = REALNVP_DEPTH * args.layers
+    layers = args.realnvp_couplings
     masks = [torch.tensor(bj.coupling_mask(dim, flip=i % 2 == 1), dtype=torch.bool) for i in range(layers)]
 
     def mlp(n_in, n_out):
@@ -226,7 +227,9 @@ def main():
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--hidden", type=int, nargs="+", default=[128, 128])
     parser.add_argument("--layers", type=int, default=6,
-                        help=f"spline layers (RealNVP gets {REALNVP_DEPTH}x as many couplings)")
+                        help="spline layers of the neural spline flow")
+    parser.add_argument("--realnvp-couplings", type=int, default=REALNVP_COUPLINGS, help="RealNVP's couplings")
+    parser.add_argument("--realnvp-steps", type=int, default=REALNVP_STEPS, help="RealNVP's steps on the 2-D data")
     parser.add_argument("--bins", type=int, default=16)
     parser.add_argument("--bound", type=float, default=4.0)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -244,11 +247,13 @@ def main():
     blas = set_blas_threads(args.threads)
     if args.quick:
         args.steps, args.digits_steps, args.hidden, args.layers = 600, 300, [64, 64], 4
+        args.realnvp_couplings, args.realnvp_steps = 16, 600
         args.bins, args.batch_size, args.n_train, args.n_test, args.n_sample = 8, 256, 20000, 10000, 5000
         args.repeats = 10
     args.hidden = tuple(args.hidden)
     print(f"settings: steps={args.steps} digits_steps={args.digits_steps} batch={args.batch_size} "
-          f"hidden={args.hidden} layers={args.layers} (RealNVP {REALNVP_DEPTH * args.layers}) bins={args.bins} "
+          f"hidden={args.hidden} layers={args.layers} (RealNVP {args.realnvp_couplings} couplings, "
+          f"{args.realnvp_steps} steps) bins={args.bins} "
           f"bound={args.bound} lr={args.lr} blas_threads={blas}")
 
     rows = []
@@ -283,7 +288,7 @@ def main():
         params = flow.init_from_data(flow.init(Rng(args.seed)), batch)
         ours = min(step_time_ms(flow, params, batch, args.repeats) for _ in range(2))
         theirs = min(theirs, torch_realnvp_ms(dim, args))  # each side: the better of two timed runs
-        couplings = REALNVP_DEPTH * args.layers
+        couplings = args.realnvp_couplings
         print(f"RealNVP ({couplings} couplings, hidden {args.hidden}, batch {args.batch_size}) {data} training "
               f"step: genblocks {ours:.1f} ms, PyTorch {theirs:.1f} ms, ratio {ours / theirs:.2f}x")
 

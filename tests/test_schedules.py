@@ -19,6 +19,7 @@ from genblocks.blocks.schedules import (
     get_schedule,
     karras_sigmas,
     space_timesteps,
+    spaced_timesteps,
     subVPSDE,
 )
 
@@ -106,6 +107,7 @@ def test_spacing_arrays_match_diffusers():
 def test_spacing_properties(T, n, spacing):
     n = min(n, T)
     ts = DiscreteSchedule("linear", T).timesteps(n, spacing)
+    assert ts == spaced_timesteps(T, n, spacing)  # the schedule method is the module function on its T
     assert ts == sorted(ts, reverse=True) and len(set(ts)) == len(ts)
     assert all(0 <= t < T for t in ts)
     assert len(ts) == n

@@ -26,7 +26,8 @@ TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
 __all__ = [
     "BETA_SCHEDULES", "TIMESTEP_SPACINGS", "DiscreteSchedule", "RespacedSchedule", "VPSDE", "subVPSDE", "VESDE",
-    "karras_sigmas", "space_timesteps", "cosine_alpha_bar", "rescale_zero_terminal_snr", "get_schedule",
+    "karras_sigmas", "space_timesteps", "spaced_timesteps", "cosine_alpha_bar", "rescale_zero_terminal_snr",
+    "get_schedule",
 ]
 
 

@@ -97,11 +97,11 @@ def samples_per_second(flow, params, n):
     return n / (time.perf_counter() - start)
 
 
-def train(flow, train_x, args, rng, steps):
+def train(flow, train_x, args, rng, steps, lr):
     r_init, r_fit = rng.split(2)
     params = flow.init_from_data(flow.init(r_init), train_x[:4096])
     start = time.perf_counter()
-    result = fit(flow.loss, params, train_x, r_fit, adam(cosine_decay(args.lr, steps)), steps,
+    result = fit(flow.loss, params, train_x, r_fit, adam(cosine_decay(lr, steps)), steps,
                  batch_size=args.batch_size, progress=args.progress, clip_norm=args.clip_norm)
     return result.params, time.perf_counter() - start
 
@@ -112,7 +112,8 @@ def bench_toy(model, dataset, args, rng):
     test_x = to_numpy(TOY[dataset](r_test, args.n_test))
     flow = make_flow(model, 2, args)
     steps = args.realnvp_steps if model == "realnvp" else args.steps
-    params, seconds = train(flow, train_x, args, r_fit, steps)
+    lr = args.realnvp_lr if model == "realnvp" else args.lr
+    params, seconds = train(flow, train_x, args, r_fit, steps, lr)
     nll = float(flow.loss(params, test_x, training=False))
     return {
         "model": model, "data": dataset, "steps": steps, "test_nll": nll,
@@ -233,6 +234,7 @@ def main():
     parser.add_argument("--bins", type=int, default=16)
     parser.add_argument("--bound", type=float, default=4.0)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--realnvp-lr", type=float, default=None, help="RealNVP's 2-D learning rate (default --lr)")
     parser.add_argument("--eval-points", type=int, default=10, help="digits: valid-set checks for early stopping")
     parser.add_argument("--clip-norm", type=float, default=10.0)
     parser.add_argument("--n-train", type=int, default=100000)
@@ -251,10 +253,11 @@ def main():
         args.bins, args.batch_size, args.n_train, args.n_test, args.n_sample = 8, 256, 20000, 10000, 5000
         args.repeats = 10
     args.hidden = tuple(args.hidden)
+    args.realnvp_lr = args.lr if args.realnvp_lr is None else args.realnvp_lr
     print(f"settings: steps={args.steps} digits_steps={args.digits_steps} batch={args.batch_size} "
           f"hidden={args.hidden} layers={args.layers} (RealNVP {args.realnvp_couplings} couplings, "
           f"{args.realnvp_steps} steps) bins={args.bins} "
-          f"bound={args.bound} lr={args.lr} blas_threads={blas}")
+          f"bound={args.bound} lr={args.lr} (RealNVP {args.realnvp_lr}) blas_threads={blas}")
 
     rows = []
     rngs = iter(Rng(args.seed).split(len(args.models) * len(args.datasets)))

@@ -440,11 +440,12 @@ def load_fashion_mnist(directory=None, *, split="train", binarize=False, flatten
 
 
 def uniform_dequantize(x, rng, *, num_bins):
-    """y = (x + u) / K with u ~ U[0, 1): integer levels x in {0..K-1} to y in [0, 1), K = ``num_bins``.
+    """y = (x + u) / K with u ~ U[0, 1): integer levels x in {0..K-1} to y in (0, 1), K = ``num_bins``.
 
     x: float array of any shape holding integers in [0, K), on ``rng``'s backend -> y of the same shape,
     dtype and backend. ``quantize(y, num_bins=K)`` returns x exactly: the rare draws (probability about
-    K * eps of the dtype) that float rounding would carry into the next bin are put at the bin's midpoint.
+    K * eps of the dtype) that float rounding would carry into the next bin are put at the bin's midpoint,
+    and so is y = 0 (x = 0 and u = 0, probability 2^-24 in float32), so that a logit of y is always finite.
     Pair with ``dequantization_log_det(K, D)`` to turn log p(y) into a bound on log P(x).
     """
     num_bins = _check_num_bins(num_bins)
@@ -463,7 +464,8 @@ def uniform_dequantize(x, rng, *, num_bins):
         raise ValueError(f"x: expected integer values in [0, {num_bins - 1}] (num_bins={num_bins})")
     u = rng.uniform(tuple(shape), dtype=str(x.dtype).rsplit(".", 1)[-1])
     y = (x + u) / float(num_bins)
-    stays = xp.equal(xp.floor(y * float(num_bins)), x)  # unclipped, so it also rejects y == 1
+    # unclipped, so it also rejects y == 1; y == 0 goes too (the sigmoid data side of a flow takes its logit)
+    stays = xp.logical_and(xp.equal(xp.floor(y * float(num_bins)), x), y > 0.0)
     return xp.where(stays, y, (x + 0.5) / float(num_bins))
 
 

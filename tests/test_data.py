@@ -348,7 +348,7 @@ def test_dequantize_round_trip_and_range(num_bins, backend):
         assert_backend(y, backend)
         assert tuple(y.shape) == (300, 7) and str(y.dtype).endswith(dtype)
         yn = to_numpy(y)
-        assert yn.min() >= 0.0 and yn.max() < 1.0
+        assert yn.min() > 0.0 and yn.max() < 1.0
         np.testing.assert_array_equal(to_numpy(D.quantize(y, num_bins=num_bins)), host)
         ref = D.uniform_dequantize(host.astype(dtype), Rng(0, "numpy"), num_bins=num_bins)
         np.testing.assert_allclose(yn, ref, rtol=1e-6)
@@ -383,6 +383,24 @@ def test_dequantize_never_rounds_into_the_next_bin():
     np.testing.assert_array_equal(D.quantize(y, num_bins=256), x)
     assert y.max() < 1.0
     assert np.any(y == (x + 0.5) / 256)  # float32 x + u rounds up for large x: put at the midpoint
+
+
+class _ZeroRng(Rng):
+    """Draws u = 0 exactly (numpy's float32 uniform does, with probability 2^-24 per number)."""
+
+    def uniform(self, shape=(), dtype="float32", low=0.0, high=1.0):
+        return np.zeros(shape, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_dequantize_never_returns_zero(dtype):
+    """y = 0 would make the flow's sigmoid data side take logit(0) = -inf (a NaN loss after ~1,800 digits steps)."""
+    x = np.array([0.0, 1.0, 16.0], dtype=dtype)
+    y = D.uniform_dequantize(x, _ZeroRng(0, "numpy"), num_bins=17)
+    assert y.dtype == np.dtype(dtype) and y.min() > 0.0
+    assert y[0] == np.asarray(0.5, dtype) / np.asarray(17.0, dtype)  # x = 0, u = 0: the bin's midpoint
+    np.testing.assert_array_equal(y[1:], x[1:] / 17)
+    np.testing.assert_array_equal(D.quantize(y, num_bins=17), x)
 
 
 @given(st.integers(1, 300), st.integers(1, 4096))

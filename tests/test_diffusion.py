@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 from autograd.test_util import check_grads
-from conftest import assert_backend
+from conftest import assert_backend, perturb_params
 from scipy import integrate
 from scipy.stats import norm
 
@@ -351,8 +351,8 @@ def test_unet_model_samples_unconditionally_on_every_backend(backend):
 @pytest.mark.parametrize("sampler", list(SAMPLERS))
 def test_every_sampler_passes_one_time_per_call(sampler):
     seen = []
-    inner = Diffusion(MLPScoreNet(2, (8,)), DiscreteSchedule("linear", 20)).model_fn(
-        perturbed_init(Diffusion(MLPScoreNet(2, (8,)), DiscreteSchedule("linear", 20))))
+    model = Diffusion(MLPScoreNet(2, (8,)), DiscreteSchedule("linear", 20))
+    inner = model.model_fn(perturbed_init(model))
 
     def model_fn(x, t):
         seen.append(np.asarray(t))
@@ -365,11 +365,7 @@ def test_every_sampler_passes_one_time_per_call(sampler):
 
 
 def perturbed_init(model, seed=0):
-    p = model.init(Rng(seed), "float64")
-    gen = np.random.default_rng(seed)
-    walk = lambda v: {k: walk(w) for k, w in v.items()} if isinstance(v, dict) else (
-        [walk(w) for w in v] if isinstance(v, list) else v + 0.3 * gen.standard_normal(v.shape))
-    return walk(p)
+    return perturb_params(model.init(Rng(seed), "float64"), seed, 0.3)
 
 
 @pytest.mark.parametrize("num_classes", [None, 3])

@@ -116,8 +116,7 @@ def namespace(*trees):
     (Called at the top of every block method, so it walks the trees with a plain loop and a per-type
     cache rather than a recursive generator.)
     """
-    first = None
-    mixed = False
+    found = {}  # backend name -> the type name of its first array, for the error message
     stack = list(reversed(trees))
     while stack:
         leaf = stack.pop()
@@ -135,25 +134,15 @@ def namespace(*trees):
                 stack.extend(reversed(list(leaf.values() if isinstance(leaf, dict) else leaf)))
                 continue
             name = _type_backend[cls] = backend_of(leaf)
-        if name is None:
-            continue
-        if first is None:
-            first = name
-        elif name != first:
-            mixed = True
-            break
-    if mixed:
-        found = {}
-        for leaf in _leaves(trees):
-            name = backend_of(leaf)
-            if name is not None and name not in found:
-                found[name] = type(leaf).__name__
+        if name is not None and name not in found:
+            found[name] = cls.__name__
+    if len(found) > 1:
         kinds = ", ".join(f"{k} ({v})" for k, v in found.items())
         raise TypeError(
             f"arrays from several backends in one call: {kinds}; "
             "move them to one backend first with genblocks.backends.to_device(tree, name)"
         )
-    return _get_namespace(first if first is not None else get_backend())
+    return _get_namespace(next(iter(found)) if found else get_backend())
 
 
 def resolve_dtype(xp, dtype):

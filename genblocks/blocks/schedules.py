@@ -255,11 +255,7 @@ class _Discrete:
         return xp.astype(t, getattr(xp, dtype))
 
     def timesteps(self, num_inference_steps=None, timestep_spacing="leading", steps_offset=0):
-        """The descending integer steps a sampler visits (diffusers' ``set_timesteps``).
-
-        linspace: round(linspace(0, T-1, n)); leading: arange(n) * (T // n) + steps_offset; trailing:
-        round(arange(T, 0, -T / n)) - 1. ``None`` means every step. Returns a list of ints, descending.
-        """
+        """The descending integer steps a sampler visits: ``spaced_timesteps`` on this schedule's T."""
         return spaced_timesteps(self.num_train_timesteps, num_inference_steps, timestep_spacing, steps_offset)
 
     def respace(self, use_timesteps):

@@ -75,6 +75,11 @@ def _check_samples(x, name, min_rows=2, dim=None):
         raise ValueError(f"{name}: expected at least {min_rows} rows, got shape {tuple(shape)}")
     if dim is not None and shape[1] != dim:
         raise ValueError(f"{name}: expected {dim} features like the first argument, got shape {tuple(shape)}")
+    # a NaN would vanish in the distance clamp and a broken sampler could score well: refuse it
+    xp = namespace(x)
+    bad = int(to_numpy(xp.sum(xp.astype(xp.logical_not(xp.isfinite(x)), xp.int64))))
+    if bad:
+        raise ValueError(f"{name}: expected finite values, got {bad} NaN/inf entries")
     return x
 
 

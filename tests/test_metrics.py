@@ -249,3 +249,25 @@ def test_frechet_errors():
         M.frechet_distance(a[:1], a)
     with pytest.raises(TypeError, match="feat_a: expected a float32/float64 array, got dtype int64"):
         M.frechet_distance(np.zeros((4, 3), dtype=np.int64), a)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_every_metric_refuses_non_finite_samples(backend, bad):
+    """Old code: mmd of samples with a NaN was finite on numpy (the distance clamp ate it)."""
+    rng = np.random.default_rng(0)
+    good = rng.normal(size=(20, 2))
+    broken = good.copy()
+    broken[3, 1] = bad
+    g, b = to_device((good, broken), backend)
+    calls = {
+        "x": lambda: M.mmd(b, g), "y": lambda: M.mmd(g, b),
+        "z": lambda: M.median_bandwidth(b),
+        "samples": lambda: M.mode_coverage(b, g, radius=1.0), "centers": lambda: M.mode_coverage(g, b, radius=1.0),
+        "feat_a": lambda: M.frechet_distance(b, g), "feat_b": lambda: M.frechet_distance(g, b),
+    }
+    for arg, call in calls.items():
+        with pytest.raises(ValueError, match=f"{arg}: expected finite values, got 1 NaN/inf"):
+            call()
+    for arg, bad_args in {"x": (b, g), "y": (g, b)}.items():
+        with pytest.raises(ValueError, match=f"{arg}: expected finite values"):
+            M.mmd_permutation_test(*bad_args, Rng(0, backend), 9)

@@ -4,6 +4,7 @@ from genblocks.backends import (
     Rng,
     get_backend,
     namespace,
+    namespace_of,
     set_backend,
     to_device,
     to_numpy,
@@ -13,5 +14,5 @@ from genblocks.backends import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "Rng", "get_backend", "namespace", "set_backend", "to_device", "to_numpy", "use_backend", "__version__",
+    "Rng", "get_backend", "namespace", "namespace_of", "set_backend", "to_device", "to_numpy", "use_backend", "__version__",
 ]

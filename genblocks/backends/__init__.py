@@ -14,37 +14,30 @@ variable ``GENBLOCKS_BACKEND``.
 """
 
 import contextlib
-import os
 
 import numpy as onp
 from autograd import jacobian
-from autograd.tracer import Box
 
+from . import registry as _registry
 from .random import Rng, float_dtype_name
+from .registry import BACKENDS, Backend, backend_of, get_backend, is_traced, namespace_of, record, stop_gradient
 from .treegrad import grad, value_and_grad  # autograd's, minus its per-leaf container copies
 from .vocab import VOCAB
 
 __all__ = [
     "BACKENDS", "VOCAB", "Rng", "namespace", "get_backend", "set_backend", "use_backend", "to_device",
     "to_numpy", "backend_of", "resolve_dtype", "float_dtype_name", "grad", "value_and_grad", "jacobian",
+    "namespace_of", "Backend", "record", "is_traced", "stop_gradient",
 ]
 
-BACKENDS = ("numpy", "cupy", "strict")
-_namespaces = {}
 
 
 def _check_backend_name(name):
-    if name not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {name!r}")
+    record(name)
     return name
 
 
-_default = [_check_backend_name(os.environ.get("GENBLOCKS_BACKEND", "numpy") or "numpy")]
-
-
-def get_backend():
-    """The default backend's name (used when a call has no arrays to look at)."""
-    return _default[0]
+_default = _registry._default  # one list, shared: set_backend writes what get_backend reads
 
 
 def set_backend(name):
@@ -66,32 +59,7 @@ def use_backend(name):
         _default[0] = previous
 
 
-def _get_namespace(name):
-    ns = _namespaces.get(name)
-    if ns is None:
-        _check_backend_name(name)
-        if name == "numpy":
-            from .numpy_backend import build_namespace
-        elif name == "strict":
-            from .strict_backend import build_namespace
-        else:
-            from .cupy_backend import build_namespace
-        ns = _namespaces[name] = build_namespace()
-    return ns
-
-
-def backend_of(x):
-    """The backend an array belongs to, by its type alone (nothing is imported); None for non-arrays."""
-    if isinstance(x, (onp.ndarray, Box)):
-        return "numpy"
-    module = type(x).__module__
-    if module.startswith("cupy"):
-        return "cupy"
-    if module.startswith("array_api_strict"):
-        return "strict"
-    if isinstance(x, onp.generic):
-        return "numpy"
-    return None
+_get_namespace = namespace_of
 
 
 def _leaves(tree):
@@ -162,15 +130,7 @@ def _map(tree, fn):
 
 def _leaf_to_numpy(x):
     name = backend_of(x)
-    if name == "numpy":
-        return onp.asarray(getattr(x, "_value", x))
-    if name == "strict":
-        from .strict_backend import to_numpy
-
-        return to_numpy(x)
-    if name == "cupy":
-        return x.get()
-    return x
+    return x if name is None else record(name).to_host(x)
 
 
 def to_numpy(tree):
@@ -183,7 +143,8 @@ def to_device(tree, name, dtype=None):
     _check_backend_name(name)
     if dtype is not None:
         dtype = onp.dtype(resolve_dtype(onp, dtype))
-    ns = _get_namespace(name)
+    namespace_of(name)  # fail now, with the install hint, rather than at the first leaf
+    from_host = record(name).from_host
 
     def move(x):
         if backend_of(x) is None:
@@ -193,12 +154,6 @@ def to_device(tree, name, dtype=None):
         host = _leaf_to_numpy(x)
         if dtype is not None and onp.issubdtype(host.dtype, onp.floating):
             host = host.astype(dtype)
-        if name == "numpy":
-            return host
-        if name == "strict":
-            from .strict_backend import from_numpy
-
-            return from_numpy(host)
-        return ns._cupy.asarray(host)
+        return from_host(host)
 
     return _map(tree, move)

@@ -8,6 +8,8 @@ Same seed, same backend, same sequence of calls: same numbers.
 
 import numpy as onp
 
+from .registry import backend_of, get_backend, namespace_of, record
+
 
 def _check_shape(shape, name="shape"):
     if isinstance(shape, int):
@@ -44,15 +46,13 @@ class Rng:
     """
 
     def __init__(self, seed, backend=None, *, host_draws=False):
-        from . import _check_backend_name, get_backend
-
         if isinstance(seed, onp.random.SeedSequence):
             self._seq = seed
         else:
             if isinstance(seed, bool) or not isinstance(seed, (int, onp.integer)) or seed < 0:
                 raise ValueError(f"seed: expected a non-negative int, got {seed!r}")
             self._seq = onp.random.SeedSequence(int(seed))
-        self.backend = _check_backend_name(get_backend() if backend is None else backend)
+        self.backend = record(get_backend() if backend is None else backend).name
         if not isinstance(host_draws, bool):
             raise TypeError(f"host_draws: expected True or False, got {host_draws!r}")
         self.host_draws = host_draws
@@ -71,15 +71,14 @@ class Rng:
     @property
     def xp(self):
         """The array namespace of this generator's backend (for creating parameters in ``init``)."""
-        from . import _get_namespace
-
-        return _get_namespace(self.backend)
+        return namespace_of(self.backend)
 
     # -- plumbing ------------------------------------------------------------------------------
     def _out(self, a):
-        from . import to_device
-
-        return to_device(a, self.backend)
+        name = backend_of(a)
+        if name == self.backend:
+            return a
+        return record(self.backend).from_host(onp.asarray(a) if name is None else record(name).to_host(a))
 
     def _gen(self):
         return self._device if self._device is not None else self._host
@@ -162,8 +161,6 @@ class Rng:
     def bernoulli(self, p, shape=None, dtype="float32"):
         """1.0 with probability ``p`` else 0.0; ``p`` a float, a host array or (on cupy) a device array,
         broadcast to ``shape``."""
-        from . import backend_of
-
         on_device = self._device is not None and backend_of(p) == "cupy"
         if not on_device:  # host probabilities are checked (a device array would need a sync)
             p = onp.asarray(p, dtype=onp.float64)
@@ -182,10 +179,8 @@ class Rng:
 
         ``logits`` (..., K) -> int64 indices of shape ``shape`` (default ``logits.shape[:-1]``).
         """
-        from . import backend_of, to_numpy
-
         if self._device is None:
-            lg = onp.asarray(to_numpy(logits), dtype=onp.float64)
+            lg = onp.asarray(_to_host(logits), dtype=onp.float64)
         else:
             lg = self._out(logits if backend_of(logits) is not None else onp.asarray(logits, dtype=onp.float64))
         if lg.ndim == 0:
@@ -212,3 +207,8 @@ class Rng:
         if self._device is not None:  # cupy's Generator has no permutation: sort n uniform keys
             return self._device.random((int(n),)).argsort().astype("int64")
         return self._out(self._host.permutation(int(n)).astype(onp.int64))
+
+
+def _to_host(x):
+    name = backend_of(x)
+    return x if name is None else record(name).to_host(x)

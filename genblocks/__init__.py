@@ -14,5 +14,6 @@ from genblocks.backends import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "Rng", "get_backend", "namespace", "namespace_of", "set_backend", "to_device", "to_numpy", "use_backend", "__version__",
+    "Rng", "get_backend", "namespace", "namespace_of", "set_backend", "to_device", "to_numpy", "use_backend",
+    "__version__",
 ]

@@ -18,7 +18,7 @@ ignores ``context``, so one context can be handed to a whole ``Chain``.
 import functools
 import math
 
-from genblocks.backends import namespace, use_backend
+from genblocks.backends import namespace, namespace_of
 from genblocks.blocks import ops
 from genblocks.blocks.base import Bijector, check_array, check_dtype, check_positive_int
 from genblocks.blocks.nn import MADE, MLP
@@ -36,14 +36,8 @@ __all__ = [
 # Helpers
 
 
-def _xp_for(rng):
-    """The namespace of ``rng``'s backend (where ``init`` creates parameters)."""
-    with use_backend(rng.backend) as xp:
-        return xp
-
-
 def _zeros(rng, shape, dtype):
-    xp = _xp_for(rng)
+    xp = namespace_of(rng.backend)
     return xp.zeros(tuple(shape), dtype=getattr(xp, check_dtype(dtype)))
 
 

@@ -22,7 +22,7 @@ pairs (add more with ``@register_kl(P, Q)``); ``kl_mc(p, q, rng, n)`` is the Mon
 
 import math
 
-from genblocks.backends import backend_of, namespace, to_numpy
+from genblocks.backends import backend_of, is_traced, namespace, to_numpy
 from genblocks.blocks.base import Distribution, dtype_name
 from genblocks.blocks.ops import log1mexp, log_softmax, logsumexp, stop_gradient
 
@@ -38,9 +38,7 @@ __all__ = [
 # Shapes, parameters and checks
 
 
-def _is_traced(x):
-    """True for autograd's traced boxes (their value must not be read by validation)."""
-    return hasattr(x, "_value")
+_is_traced = is_traced  # traced values must not be read by validation
 
 
 def _concrete(params):

@@ -10,7 +10,7 @@ Initialisers are functions ``(rng, shape, dtype) -> array``: ``glorot``, ``he`` 
 
 import math
 
-from genblocks.backends import namespace, to_numpy, use_backend
+from genblocks.backends import namespace, namespace_of, to_numpy
 from genblocks.backends.fused import ACTIVATIONS, check_activation
 from genblocks.blocks.base import Block, check_array, check_dtype, check_positive_int
 
@@ -48,7 +48,7 @@ def he(rng, shape, dtype="float32"):
 
 def zeros(rng, shape, dtype="float32"):
     """W = 0 on ``rng``'s backend; array of ``shape`` (``rng`` only picks the backend)."""
-    xp = _backend_xp(rng.backend)
+    xp = namespace_of(rng.backend)
     dtype = check_dtype(dtype)
     return xp.zeros(tuple(shape), dtype=getattr(xp, dtype))
 
@@ -65,21 +65,9 @@ def get_init(init):
     return INITS[init]
 
 
-_NAMESPACES = {}
-
-
-def _backend_xp(name):
-    """The namespace of backend ``name`` (looked up once: use_backend briefly switches the global default)."""
-    xp = _NAMESPACES.get(name)
-    if xp is None:
-        with use_backend(name) as xp:
-            _NAMESPACES[name] = xp
-    return xp
-
-
 def _host_xp():
     """The numpy-backend namespace, used to build host constants (masks, degrees)."""
-    return _backend_xp("numpy")
+    return namespace_of("numpy")
 
 
 def _check_activation_arg(activation, name="activation"):

@@ -7,6 +7,7 @@ logsumexp(x) = m + log(sum(exp(x - m))) with m = max(x); sigmoid/silu through ta
 import math
 
 from genblocks.backends import namespace
+from genblocks.backends import stop_gradient as _stop_gradient
 from genblocks.backends.fused import apply_activation, check_activation
 
 LOG_2PI = math.log(2.0 * math.pi)
@@ -92,10 +93,7 @@ def log1mexp(x):
 
 def stop_gradient(x):
     """x with no gradient flowing through it (identity on forward-only backends)."""
-    value = x
-    while hasattr(value, "_value"):
-        value = value._value
-    return value
+    return _stop_gradient(x)
 
 
 ACTIVATIONS = {

@@ -21,7 +21,7 @@ example and bits per dimension.
 
 import math
 
-from genblocks.backends import namespace, to_numpy, use_backend
+from genblocks.backends import namespace, namespace_of, to_numpy
 from genblocks.blocks import bijectors as bj
 from genblocks.blocks.base import Block, Distribution, check_array, check_dtype, check_positive_int, dtype_name
 from genblocks.blocks.distributions import Independent, Normal
@@ -30,11 +30,6 @@ __all__ = [
     "StandardNormal", "Flow", "real_nvp", "glow", "maf", "iaf", "neural_spline_flow", "dequantized_loss",
     "dequantized_nll", "demo",
 ]
-
-
-def _xp_for(rng):
-    with use_backend(rng.backend) as xp:
-        return xp
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -61,7 +56,7 @@ class StandardNormal(Block):
         return self._dist(xp, z.dtype, xp.device_of(z), (self.dim,)).log_prob(z)
 
     def sample(self, params, rng, n, context=None, dtype="float32"):
-        xp = _xp_for(rng)
+        xp = namespace_of(rng.backend)
         dist = self._dist(xp, getattr(xp, check_dtype(dtype)), None, (self.dim,))
         return dist.sample(rng, (n,))
 

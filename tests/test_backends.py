@@ -268,3 +268,37 @@ def test_maximum_minimum_gradients_follow_the_returned_operand(name):
     ret_a = (getattr(np, name)(a, b) == a) | np.isnan(a)
     np.testing.assert_array_equal(ga, ret_a.astype("float32"))
     np.testing.assert_array_equal(gb, (~ret_a).astype("float32"))
+
+
+def test_registry_records_and_namespace_of(backend):
+    """namespace_of(name) is the namespace() of that backend's arrays and leaves the default alone (the old
+    private copies flipped the global default through use_backend to get it)."""
+    from genblocks.backends import namespace_of, record
+
+    before = get_backend()
+    xp = namespace_of(backend)
+    assert get_backend() == before and xp is namespace(to_device(np.zeros(2), backend))
+    rec = record(backend)
+    assert rec.name == backend and rec.differentiable == (backend == "numpy")
+    host = np.arange(3.0)
+    x = rec.from_host(host)
+    assert backend_of(x) == backend
+    np.testing.assert_array_equal(rec.to_host(x), host)
+    assert not rec.is_traced(x) and rec.stop_gradient(x) is x
+    with pytest.raises(ValueError, match=r"backend: expected one of \('numpy', 'cupy', 'strict'\), got 'jax'"):
+        namespace_of("jax")
+
+
+def test_is_traced_and_stop_gradient_under_autograd():
+    from genblocks.backends import is_traced, stop_gradient
+
+    seen = []
+
+    def f(x):
+        seen.append((is_traced(x), is_traced(stop_gradient(x))))
+        return namespace(x).sum(x * stop_gradient(x))
+
+    g = grad(f)(np.array([1.0, 2.0]))
+    np.testing.assert_array_equal(g, [1.0, 2.0])  # d/dx sum(x * c) with c = x held constant
+    assert seen == [(True, False)]
+    assert not is_traced(np.ones(2)) and not is_traced(1.0) and stop_gradient(1.0) == 1.0

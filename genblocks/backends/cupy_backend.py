@@ -6,7 +6,10 @@ an ImportError that says what to install or what is missing.
 
 import types
 
-from .fused import _GELU_A, _GELU_C, LEAKY_SLOPE, make_dense, make_im2col
+from .activations import GELU_A as _GELU_A
+from .activations import GELU_C as _GELU_C
+from .activations import LEAKY_SLOPE
+from .fused import make_dense, make_im2col
 from .vocab import ARRAY_API, LINALG
 
 # activation(z + b) as one CUDA elementwise kernel each (T is float or double); the same formulas as

@@ -14,6 +14,7 @@ import autograd.numpy.linalg as alinalg
 import numpy as onp
 from autograd.extend import defvjp, primitive
 
+from .differentiable import astype
 from .fused import make_dense, make_im2col
 from .vocab import ARRAY_API, EXTRAS, LINALG
 
@@ -132,12 +133,6 @@ def std(x, /, *, axis=None, correction=0.0, keepdims=False):
     return anp.sqrt(var(x, axis=axis, correction=correction, keepdims=keepdims))
 
 
-@primitive
-def astype(x, dtype, /, *, copy=True):
-    return onp.asarray(x).astype(dtype, copy=copy)
-
-
-defvjp(astype, lambda ans, x, dtype, copy=True: lambda g: onp.asarray(g).astype(onp.result_type(x)))
 
 
 def _extremum(reduce):

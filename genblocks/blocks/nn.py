@@ -11,7 +11,7 @@ Initialisers are functions ``(rng, shape, dtype) -> array``: ``glorot``, ``he`` 
 import math
 
 from genblocks.backends import namespace, namespace_of, to_numpy
-from genblocks.backends.fused import ACTIVATIONS, check_activation
+from genblocks.backends.activations import ACTIVATIONS, check_activation
 from genblocks.blocks.base import Block, check_array, check_dtype, check_positive_int
 
 __all__ = [

@@ -8,7 +8,7 @@ import math
 
 from genblocks.backends import namespace
 from genblocks.backends import stop_gradient as _stop_gradient
-from genblocks.backends.fused import apply_activation, check_activation
+from genblocks.backends.activations import apply_activation, check_activation
 
 LOG_2PI = math.log(2.0 * math.pi)
 LOG_2 = math.log(2.0)

@@ -373,7 +373,7 @@ def _find_file(directory, names):
 
 
 def _read_idx_checked(path):
-    from genblocks.backends.host import read_idx
+    from genblocks.io import read_idx
 
     try:
         return read_idx(path)

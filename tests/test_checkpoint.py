@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from genblocks.backends import Rng, to_device
-from genblocks.backends import host as host_io
+from genblocks.backends import npz as host_io  # numpy.savez is called there
 from genblocks.train import adam, checkpoint
 
 

@@ -8,7 +8,7 @@ File layout (format ``genblocks-checkpoint``, version 1):
   each tree (dict / list / tuple / None nodes; leaves with their name, shape and dtype), ``step``, the
   ``Rng`` state, the model ``config`` and ``extra`` (the caller's own JSON bookkeeping).
 
-Writes go through :func:`genblocks.backends.host.save_npz_atomic` (temporary file, fsync, rename), so
+Writes go through :func:`genblocks.io.save_npz_atomic` (temporary file, fsync, rename), so
 an interrupted save never leaves a half-written file under ``path``. Loading reads with
 ``allow_pickle=False`` and checks every name, shape and dtype against the header: a truncated, foreign
 or tampered file raises ``ValueError`` naming the path and the problem, and never returns half a tree.
@@ -18,7 +18,7 @@ import json
 import os
 
 from genblocks.backends import Rng, backend_of, to_numpy
-from genblocks.backends.host import load_npz, save_npz_atomic
+from genblocks.io import load_npz, save_npz_atomic
 
 __all__ = ["save", "load", "check_compatible", "FORMAT", "VERSION"]
 

@@ -1,4 +1,5 @@
-"""Host file I/O, the one place outside the array code that touches numpy files directly.
+"""File I/O: the one place that opens, writes and renames files of arrays (the byte formats are in
+``genblocks.backends.npz``, since only ``backends/`` imports numpy).
 
 - ``save_npz_atomic(path, arrays)``: write a ``.npz`` to a temporary file in the same folder, fsync, then
   rename into place, so a failed or interrupted write never leaves a half file under ``path``.
@@ -9,13 +10,12 @@
 
 import gzip
 import os
-import struct
 import tempfile
 import zipfile
 
-import numpy as onp
+from genblocks.backends.npz import idx_array, read_npz, write_npz
 
-_IDX_TYPES = {0x08: onp.uint8, 0x09: onp.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+__all__ = ["save_npz_atomic", "load_npz", "read_idx"]
 
 
 def save_npz_atomic(path, arrays):
@@ -26,7 +26,7 @@ def save_npz_atomic(path, arrays):
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            onp.savez(f, **{k: onp.asarray(v) for k, v in arrays.items()})
+            write_npz(f, arrays)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -43,11 +43,8 @@ def load_npz(path):
     if not os.path.exists(path):
         raise FileNotFoundError(f"path: no file at {path!r}")
     try:
-        data = onp.load(path, allow_pickle=False)
-        if not isinstance(data, onp.lib.npyio.NpzFile):  # a plain .npy loads as an array, not an archive
-            raise ValueError("not an .npz archive")
-        with data:
-            return {k: onp.array(data[k]) for k in data.files}
+        with open(path, "rb") as f:
+            return read_npz(f)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as err:
         raise ValueError(f"path: {path!r} is not a readable genblocks .npz file ({err})") from err
 
@@ -58,15 +55,4 @@ def read_idx(path):
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rb") as f:
         raw = f.read()
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
-        raise ValueError(f"path: {path!r} is not an IDX file (bad magic number {raw[:4]!r})")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise ValueError(f"path: {path!r} is truncated (header needs {header} bytes, file has {len(raw)})")
-    shape = struct.unpack(f">{ndim}I", raw[4:header])
-    dtype = onp.dtype(_IDX_TYPES[raw[2]])
-    need = int(onp.prod(shape, dtype=onp.int64)) * dtype.itemsize
-    if len(raw) - header != need:
-        raise ValueError(f"path: {path!r} holds {len(raw) - header} data bytes, its header promises {need}")
-    return onp.frombuffer(raw, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+    return idx_array(raw, path)

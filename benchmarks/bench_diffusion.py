@@ -12,7 +12,7 @@ What each side computes: a sampler passes one time for the whole batch, and both
 for n identical time embeddings. genblocks then folds that shared FiLM (h gamma + beta) into the next
 layer's weights; the twin applies FiLM as written, the way a PyTorch user writes the network. The sampling
 table is printed with glibc's default allocator and again after ``keep_freed_memory()`` (process-wide, so
-torch runs under it too); see ``genblocks.backends.allocator``.
+torch runs under it too); see ``benchmarks/allocator.py``.
 
     python benchmarks/bench_diffusion.py            # about two minutes on 2 quiet cores
     python benchmarks/bench_diffusion.py --quick    # a smoke run (seconds, numbers meaningless)
@@ -37,8 +37,9 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from allocator import keep_freed_memory  # noqa: E402 (benchmarks/allocator.py, next to this script)
+
 from genblocks.backends import Rng, to_numpy, value_and_grad  # noqa: E402
-from genblocks.backends.allocator import keep_freed_memory  # noqa: E402
 from genblocks.blocks.schedules import DiscreteSchedule  # noqa: E402
 from genblocks.blocks.score_nets import MLPScoreNet  # noqa: E402
 from genblocks.data import checkerboard, load_digits  # noqa: E402

@@ -10,7 +10,7 @@ this process with the same number of BLAS threads, and the table shows genblocks
     python benchmarks/bench_train_step.py --threads 1      # single-threaded BLAS and torch
 
 The table is printed twice: with the default allocator, then after
-``genblocks.backends.allocator.keep_freed_memory()`` (opt-in, process-wide: freed blocks are reused
+``keep_freed_memory()`` of ``benchmarks/allocator.py`` (opt-in, process-wide: freed blocks are reused
 instead of being mapped and faulted in again every step; torch runs under the same setting).
 
 Figures are indicative: they move with the machine's load, the BLAS build and OPENBLAS_CORETYPE.
@@ -27,8 +27,9 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from allocator import keep_freed_memory  # noqa: E402 (benchmarks/allocator.py, next to this script)
+
 from genblocks.backends import Rng, namespace, value_and_grad  # noqa: E402
-from genblocks.backends.allocator import keep_freed_memory  # noqa: E402
 from genblocks.blocks.nn import MLP  # noqa: E402
 
 CONFIGS = [((64, 512, 512, 64), 256), ((64, 128, 128, 64), 64)]

@@ -1,4 +1,4 @@
-"""genblocks.backends.allocator: the opt-in malloc setting (run in a subprocess: it is process-wide)."""
+"""benchmarks/allocator.py: the opt-in malloc setting the benchmarks use (run in a subprocess: it is process-wide)."""
 
 import pathlib
 import subprocess
@@ -6,11 +6,13 @@ import sys
 
 import pytest
 
-from genblocks.backends.allocator import keep_freed_memory
+BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+from allocator import keep_freed_memory  # noqa: E402
 
 SCRIPT = """
 import resource, numpy as np
-from genblocks.backends.allocator import keep_freed_memory
+from allocator import keep_freed_memory
 
 def faults_per_step(steps=20):
     # a pure Adam-like update of an MLP's weights: fresh moments and parameters every step
@@ -33,8 +35,7 @@ print(applied, default, faults_per_step())
 
 
 def test_freed_memory_is_reused_without_page_faults():
-    root = pathlib.Path(__file__).resolve().parents[1]  # so the child imports this checkout's genblocks
-    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, check=True, cwd=root)
+    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, check=True, cwd=BENCHMARKS)
     out = out.stdout.split()
     applied, default, tuned = out[0] == "True", float(out[1]), float(out[2])
     assert applied  # glibc on every machine we test on

@@ -1,5 +1,7 @@
 """Opt-in allocator setting for numpy-heavy training loops: reuse freed memory instead of faulting it in.
 
+A benchmark helper, not part of the package: scripts next to this file ``from allocator import ...``.
+
 glibc serves allocations above ``M_MMAP_THRESHOLD`` (128 KiB to start, raised dynamically up to 32 MiB)
 with fresh ``mmap`` pages and gives freed heap tops back to the OS above ``M_TRIM_THRESHOLD``. A pure
 training step allocates new parameter, moment and gradient arrays every step, so each step can pay a
@@ -8,8 +10,8 @@ update of a 64-512-512-64 MLP in float32, against 33 faults and 1.3 ms with the 
 
 ``keep_freed_memory()`` raises both thresholds so that freed blocks stay in the heap and are reused. It
 is process-wide (it changes malloc for every library in the process), so genblocks never calls it on
-its own: a training script or benchmark opts in. The cost is a resident set that stays near its peak.
-On anything but glibc it does nothing and returns False.
+its own: a training script or benchmark opts in (copy this file next to your own script). The cost is
+a resident set that stays near its peak. On anything but glibc it does nothing and returns False.
 """
 
 import ctypes

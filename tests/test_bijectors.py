@@ -544,3 +544,22 @@ def test_check_bijector_catches_a_wrong_log_det():
         check_bijector(Mixing(), {}, np.ones((2, 3)))
     with pytest.raises(ValueError, match="x: expected an array"):
         check_bijector(bj.Tanh(), {}, np.ones(3))
+
+
+def test_spline_gradient_at_bound_agrees_with_log_det():
+    """At, just inside and just outside +-bound, autograd's slope equals exp(log_det) (old clip gave 0 at bound)."""
+    import autograd
+    import numpy as onp
+
+    from genblocks.blocks.bijectors import rational_quadratic_spline
+
+    rng = onp.random.default_rng(0)
+    K = 5
+    w, h, d = rng.normal(size=K), rng.normal(size=K), rng.normal(size=K - 1)
+    for x0 in (3.0, -3.0, 3.0 - 1e-9, -3.0 + 1e-9, 3.0 + 1e-9, -3.0 - 1e-9):
+        def f(x):
+            return rational_quadratic_spline(x, w, h, d, bound=3.0)[0]
+        y, ld = rational_quadratic_spline(onp.array(x0), w, h, d, bound=3.0)
+        slope = autograd.grad(f)(onp.array(x0))
+        assert abs(slope - onp.exp(ld)) < 1e-6, (x0, slope, onp.exp(ld))
+        assert abs(y - x0) < 1e-6

@@ -544,3 +544,52 @@ def test_check_bijector_catches_a_wrong_log_det():
         check_bijector(Mixing(), {}, np.ones((2, 3)))
     with pytest.raises(ValueError, match="x: expected an array"):
         check_bijector(bj.Tanh(), {}, np.ones(3))
+
+
+def test_spline_gradient_at_bound_agrees_with_log_det():
+    """At, just inside and just outside +-bound, autograd's slope equals exp(log_det) (old clip gave 0 at bound)."""
+    import autograd
+    import numpy as onp
+
+    from genblocks.blocks.bijectors import rational_quadratic_spline
+
+    rng = onp.random.default_rng(0)
+    K = 5
+    w, h, d = rng.normal(size=K), rng.normal(size=K), rng.normal(size=K - 1)
+    for x0 in (3.0, -3.0, 3.0 - 1e-9, -3.0 + 1e-9, 3.0 + 1e-9, -3.0 - 1e-9):
+        def f(x):
+            return rational_quadratic_spline(x, w, h, d, bound=3.0)[0]
+        y, ld = rational_quadratic_spline(onp.array(x0), w, h, d, bound=3.0)
+        slope = autograd.grad(f)(onp.array(x0))
+        assert abs(slope - onp.exp(ld)) < 1e-6, (x0, slope, onp.exp(ld))
+        assert abs(y - x0) < 1e-6
+
+
+def test_check_bijector_tells_ill_conditioning_from_a_defect():
+    """A defective inverse is flagged without a conditioning note; a correct but ill-conditioned flow is
+    reported with its Jacobian condition number (old check_bijector reported neither)."""
+    import numpy as onp
+    import pytest as _pytest
+    from conftest import perturb_params
+
+    from genblocks.backends import Rng
+    from genblocks.checks import check_bijector
+    from genblocks.models.flow import neural_spline_flow
+
+    class Defective:
+        def forward(self, params, x, context=None):
+            return 2.0 * x, onp.full(x.shape[:-1], x.shape[-1] * onp.log(2.0))
+
+        def inverse(self, params, y, context=None):
+            return 0.5 * y + 1e-3, onp.full(y.shape[:-1], -y.shape[-1] * onp.log(2.0))
+
+    x = onp.random.default_rng(0).uniform(-2, 2, size=(6, 3))
+    with _pytest.raises(AssertionError) as bad:
+        check_bijector(Defective(), {}, x)
+    assert "roundtrip" in str(bad.value) and "ill-conditioning" not in str(bad.value)
+
+    m = neural_spline_flow(3)
+    p = perturb_params(m.init(Rng(0), dtype="float64")["bijector"], 1, 0.3)
+    with _pytest.raises(AssertionError) as ill:
+        check_bijector(m.bijector, p, x)
+    assert "ill-conditioning" in str(ill.value), str(ill.value)

@@ -548,7 +548,9 @@ def rational_quadratic_spline(x, widths, heights, derivatives, *, bound=3.0, inv
     d = xp.concat([ones, d_inner, ones], axis=-1)
 
     inside = xp.logical_and(x >= -bound, x <= bound)
-    v = xp.clip(x, -bound, bound)  # keeps the unused branch finite (and its gradient)
+    # clip keeps the unused branch finite; where(inside, x, .) keeps d v/dx = 1 at exactly +-bound,
+    # where clip's own gradient is 0 (the spline's edge slope is 1, so value, log-det and gradient agree)
+    v = xp.where(inside, x, xp.clip(x, -bound, bound))
     # bin k = number of interior knots k_1..k_{K-1} at or below v (a count, outside the gradient); the
     # values at the knots either side of it are gathered with take_along_axis
     search = ops.stop_gradient(yk if inverse else xk)[..., 1:K]

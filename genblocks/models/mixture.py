@@ -1,4 +1,4 @@
-"""Gaussian mixture model fit by gradient descent: the flow-free baseline (its `genblocks demo` row is in genblocks/demo.py).
+"""Gaussian mixture model fit by gradient descent: the flow-free baseline of `genblocks demo` (row in demo.py).
 
     log p(x) = logsumexp_k [ log pi_k + sum_d log N(x_d; mu_kd, sigma_kd) ],   pi = softmax(logits)
 

@@ -98,3 +98,15 @@ def test_layering_models_import_blocks_only_and_blocks_import_no_models():
     assert not bad, bad
     assert not any(hasattr(__import__(f"genblocks.models.{m}", fromlist=["_"]), "demo")
                    for m in ("mixture", "flow", "diffusion"))
+
+
+def test_flow_drives_bijectors_through_public_call_bijector():
+    # the old flow.py reached into bijectors' private _call
+    import pathlib
+
+    import genblocks.blocks.bijectors as bj
+
+    text = (pathlib.Path(genblocks.__file__).parent / "models" / "flow.py").read_text()
+    assert "._call(" not in text and "call_bijector" in text
+    with pytest.raises(ValueError, match="direction"):
+        bj.call_bijector(bj.Identity(), "sideways", {}, None)

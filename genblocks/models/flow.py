@@ -142,7 +142,7 @@ class Flow(Block):
     def log_prob(self, params, x, context=None, *, training=False):
         """log p(x | context): x (..., dim) -> (...,). ``training=True`` lets BatchNormFlow use batch stats."""
         self._check_x(x)
-        z, log_det = bj._call(self.bijector, "inverse", params["bijector"], x, context, training)
+        z, log_det = bj.call_bijector(self.bijector, "inverse", params["bijector"], x, context, training)
         return self.base.log_prob(params["base"], z, context) + log_det
 
     def loss(self, params, batch, rng=None, *, training=True):
@@ -166,7 +166,7 @@ class Flow(Block):
         if isinstance(self.bijector, bj.Chain):
             z, terms = self.bijector.inverse_terms(params["bijector"], x, context, training=training)
         else:
-            z, ld = bj._call(self.bijector, "inverse", params["bijector"], x, context, training)
+            z, ld = bj.call_bijector(self.bijector, "inverse", params["bijector"], x, context, training)
             terms = [ld]
         base = xp.mean(self.base.log_prob(params["base"], z, context))
         layer = [xp.mean(t) for t in terms]

@@ -1,7 +1,6 @@
 """Command line: ``genblocks demo`` trains one small model per family and writes a table and a picture."""
 
 import argparse
-import importlib
 import json
 import os
 import sys
@@ -9,13 +8,7 @@ import tempfile
 import time
 
 import genblocks
-
-# (family, module): each module has ``demo(rng, *, smoke=False) -> dict`` (see models/mixture.py).
-DEMO_FAMILIES = (
-    ("baseline", "genblocks.models.mixture"),
-    ("flow", "genblocks.models.flow"),
-    ("diffusion", "genblocks.models.diffusion"),
-)
+from genblocks.demo import FAMILIES as DEMO_FAMILIES  # (family, row) pairs
 
 
 def _atomic_write(path, write):
@@ -74,11 +67,11 @@ def run_demo(out, *, seed=0, smoke=False, families=None, stream=None):
     os.makedirs(out, exist_ok=True)
     rng = genblocks.Rng(seed, "numpy")
     rows = []
-    for (family, module), child in zip(DEMO_FAMILIES, rng.split(len(DEMO_FAMILIES))):
+    for (family, row), child in zip(DEMO_FAMILIES, rng.split(len(DEMO_FAMILIES))):
         if family not in chosen:
             continue
         print(f"[demo] {family} ...", file=stream, flush=True)
-        rows.append(importlib.import_module(module).demo(child, smoke=smoke))
+        rows.append(row(child, smoke=smoke))
     table = format_table(rows)
     print(table, file=stream)
     _atomic_write(os.path.join(out, "demo.md"), lambda f: f.write((table + "\n").encode()))

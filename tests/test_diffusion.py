@@ -21,7 +21,6 @@ from genblocks.models.diffusion import (
     Diffusion,
     LossSecondMomentSampler,
     NoisyClassifier,
-    demo,
     discretized_gaussian_log_likelihood,
     normal_kl,
     train_noisy_classifier,
@@ -274,7 +273,9 @@ def test_noisy_classifier_and_classifier_guidance():
 
 
 def test_demo_smoke():
-    out = demo(Rng(0), smoke=True)
+    from genblocks.demo import diffusion_row
+
+    out = diffusion_row(Rng(0), smoke=True)
     assert set(out) >= {"family", "model", "metric", "value", "seconds", "samples"}
     assert out["family"] == "diffusion" and np.isfinite(out["value"])
     assert isinstance(out["samples"], np.ndarray) and out["samples"].shape[1] == 2

@@ -271,7 +271,9 @@ def test_repr_names_the_parts():
 
 
 def test_demo_smoke_returns_a_row():
-    row = F.demo(Rng(0), smoke=True)
+    from genblocks.demo import flow_row
+
+    row = flow_row(Rng(0), smoke=True)
     assert row["family"] == "flow" and math.isfinite(row["value"])
     assert row["samples"].shape == (1000, 2) and isinstance(row["samples"], np.ndarray)
     assert row["seconds"] > 0 and "NLL" in row["metric"]

@@ -86,3 +86,17 @@ def test_get_activation():
     assert ops.get_activation(f) is f
     with pytest.raises(ValueError, match="activation"):
         ops.get_activation("swish")
+
+
+def test_log_sigmoid_float32_gradient_stays_float32_and_is_exact():
+    # the old ops.log_sigmoid went through maximum, whose autograd VJP returns float64 for float32 inputs
+    import autograd
+    import numpy as np
+
+    from genblocks.blocks.ops import log_sigmoid
+
+    x = np.array([-50.0, -1.0, 0.0, 2.0, 40.0], dtype=np.float32)
+    g = autograd.grad(lambda v: log_sigmoid(v).sum())(x)
+    assert g.dtype == np.float32
+    np.testing.assert_allclose(g, 1.0 / (1.0 + np.exp(x.astype(np.float64))), rtol=1e-6)
+    np.testing.assert_allclose(log_sigmoid(np.array([-800.0, 800.0])), [-800.0, 0.0])

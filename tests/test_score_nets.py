@@ -6,8 +6,9 @@ from autograd.test_util import check_grads
 from conftest import assert_backend
 
 from genblocks.backends import Rng, to_device, to_numpy
+from genblocks.blocks.nn import upsample_nearest
 from genblocks.blocks.ops import silu
-from genblocks.blocks.score_nets import ClassEmbedding, FiLM, MLPScoreNet, TimeEmbedding, UNet, upsample_nearest
+from genblocks.blocks.score_nets import ClassEmbedding, FiLM, MLPScoreNet, TimeEmbedding, UNet
 from genblocks.train.tree import tree_map
 
 

@@ -129,12 +129,18 @@ def _takes_training(b):
     return getattr(b, "takes_training", False)
 
 
-def _call(b, direction, params, x, context, training):
-    """b.forward / b.inverse, passing ``training`` only to layers that take it (BatchNormFlow, Chain)."""
+def call_bijector(b, direction, params, x, context=None, training=False):
+    """(y, log_det) = b.forward or b.inverse ("forward" / "inverse"), passing ``training`` only to layers that
+    take it (BatchNormFlow, Chain): how a model drives any bijector in training or evaluation mode."""
+    if direction not in ("forward", "inverse"):
+        raise ValueError(f"direction: expected 'forward' or 'inverse', got {direction!r}")
     fn = getattr(b, direction)
     if training and _takes_training(b):
         return fn(params, x, context, training=True)
     return fn(params, x, context)
+
+
+_call = call_bijector
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import math
 
 from genblocks.backends import backend_of, is_traced, namespace, to_numpy
 from genblocks.blocks.base import Distribution, dtype_name
-from genblocks.blocks.ops import log1mexp, log_softmax, logsumexp, stop_gradient
+from genblocks.blocks.ops import log1mexp, log_sigmoid, log_softmax, logsumexp, stop_gradient
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -77,16 +77,9 @@ def _broadcast_shapes(named_shapes):
     return out
 
 
-def _log_sigmoid(x):
-    """log sigmoid(x) = min(x, 0) - log1p(exp(-|x|)) (as ops.log_sigmoid, with min written through where:
-    autograd's maximum/minimum VJPs return float64 for float32 inputs)."""
-    xp = namespace(x)
-    return xp.where(x < 0.0, x, 0.0) - xp.log1p(xp.exp(-xp.abs(x)))
-
-
 def _sigmoid(x):
     """exp(log sigmoid(x)): full relative precision in both tails (1 + tanh(x/2) cancels for x << 0)."""
-    return namespace(x).exp(_log_sigmoid(x))
+    return namespace(x).exp(log_sigmoid(x))
 
 
 def _safe_log(xp, p):
@@ -439,7 +432,7 @@ class Bernoulli(_Base):
         """log sigmoid(l) where x = 1, log sigmoid(-l) where x = 0, -inf elsewhere."""
         x = self._x(x)
         xp = self._xp
-        lp = xp.where(x == 1, _log_sigmoid(self.logits), _log_sigmoid(-self.logits))
+        lp = xp.where(x == 1, log_sigmoid(self.logits), log_sigmoid(-self.logits))
         return self._support(x, lp, xp.logical_or(x == 0, x == 1))
 
     def sample(self, rng, sample_shape=()):
@@ -458,7 +451,7 @@ class Bernoulli(_Base):
 
     def entropy(self):
         """-p log p - (1 - p) log(1 - p) with log p = log sigmoid(l), log(1 - p) = log sigmoid(-l); 0 log 0 = 0."""
-        return -(_safe_plogp(_log_sigmoid(self.logits)) + _safe_plogp(_log_sigmoid(-self.logits)))
+        return -(_safe_plogp(log_sigmoid(self.logits)) + _safe_plogp(log_sigmoid(-self.logits)))
 
 
 def _safe_plogp(logp, logq=None):
@@ -590,9 +583,9 @@ class DiscretizedLogisticMixture(_Base):
         inv_s = xp.exp(-self.log_scale)
         a = (y + half - self.loc) * inv_s  # upper edge
         b = (y - half - self.loc) * inv_s  # lower edge
-        middle = _log_sigmoid(a) + _log_sigmoid(-b) + log1mexp((-2.0 * half) * inv_s)  # b - a, without cancellation
-        first = _log_sigmoid(a)
-        last = _log_sigmoid(-b)
+        middle = log_sigmoid(a) + log_sigmoid(-b) + log1mexp((-2.0 * half) * inv_s)  # b - a, without cancellation
+        first = log_sigmoid(a)
+        last = log_sigmoid(-b)
         return xp.where(y <= -1.0 + 0.5 * half, first, xp.where(y >= 1.0 - 0.5 * half, last, middle))
 
     def log_prob(self, x):
@@ -997,7 +990,7 @@ def _kl_independent(p, q):
 def _kl_bernoulli(p, q):
     """p (log p - log q) + (1 - p)(log(1 - p) - log(1 - q)), all through log sigmoid."""
     a, b = p.logits, q.logits
-    return _safe_plogp(_log_sigmoid(a), _log_sigmoid(b)) + _safe_plogp(_log_sigmoid(-a), _log_sigmoid(-b))
+    return _safe_plogp(log_sigmoid(a), log_sigmoid(b)) + _safe_plogp(log_sigmoid(-a), log_sigmoid(-b))
 
 
 @register_kl(Categorical, Categorical)

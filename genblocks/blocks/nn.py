@@ -573,3 +573,11 @@ class ResidualMLPBlock(Block):
     def apply(self, params, x):
         check_array(x, "x", min_ndim=1, last_dim=self.dim)
         return x + self.mlp.apply(params["mlp"], self.norm.apply(params["norm"], x))
+
+
+def upsample_nearest(x):
+    """Nearest-neighbour x2 up-sampling of NHWC images: (n, H, W, c) -> (n, 2H, 2W, c)."""
+    xp = namespace(x)
+    n, H, W, c = x.shape
+    y = xp.broadcast_to(xp.reshape(x, (n, H, 1, W, 1, c)), (n, H, 2, W, 2, c))
+    return xp.reshape(y, (n, 2 * H, 2 * W, c))

@@ -21,8 +21,14 @@ def softplus(x):
 
 
 def log_sigmoid(x):
-    """log sigmoid(x) = -softplus(-x)."""
-    return -softplus(-x)
+    """log sigmoid(x) = min(x, 0) - log1p(exp(-|x|)).
+
+    min and -|x| are written through ``where``: autograd's maximum/minimum VJPs return float64 for float32
+    inputs, and abs has slope 0 at 0, which would give gradient 0 instead of 1/2 at x = 0.
+    """
+    xp = namespace(x)
+    neg = x < 0.0
+    return xp.where(neg, x, 0.0) - xp.log1p(xp.exp(xp.where(neg, x, -x)))
 
 
 def sigmoid(x):

@@ -14,7 +14,7 @@ outputs a ``variance_type="learned_range"`` model needs.
 
 from genblocks.backends import namespace, resolve_dtype
 from genblocks.blocks.base import Block, check_array, check_dtype, check_positive_int
-from genblocks.blocks.nn import Conv2d, Dense, LayerNorm, SinusoidalEmbedding
+from genblocks.blocks.nn import Conv2d, Dense, LayerNorm, SinusoidalEmbedding, upsample_nearest
 from genblocks.blocks.ops import get_activation, silu
 
 __all__ = ["TimeEmbedding", "ClassEmbedding", "FiLM", "MLPScoreNet", "UNet", "ResBlock", "upsample_nearest"]
@@ -255,14 +255,6 @@ class ResBlock(Block):
         h = self.conv2.apply(params["conv2"], silu(self.norm2.apply(params["norm2"], h)))
         skip = x if self.skip is None else self.skip.apply(params["skip"], x)
         return skip + h
-
-
-def upsample_nearest(x):
-    """Nearest-neighbour x2 up-sampling of NHWC images: (n, H, W, c) -> (n, 2H, 2W, c)."""
-    xp = namespace(x)
-    n, H, W, c = x.shape
-    y = xp.broadcast_to(xp.reshape(x, (n, H, 1, W, 1, c)), (n, H, 2, W, 2, c))
-    return xp.reshape(y, (n, 2 * H, 2 * W, c))
 
 
 class UNet(_Conditioning):

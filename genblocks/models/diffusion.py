@@ -15,17 +15,15 @@ v = alpha_t eps - sigma_t x_0 (``prediction_type``) from (x_t, t[, y]). Read thi
 """
 
 import math
-import time
 from collections import deque
 
 from genblocks.backends import namespace, to_numpy
 from genblocks.blocks import samplers as S
 from genblocks.blocks.base import Block, check_array
 from genblocks.blocks.ops import log_softmax, stop_gradient
-from genblocks.blocks.schedules import DiscreteSchedule
 
 __all__ = ["Diffusion", "LossSecondMomentSampler", "NoisyClassifier", "train_noisy_classifier", "normal_kl",
-           "discretized_gaussian_log_likelihood", "demo", "SAMPLERS"]
+           "discretized_gaussian_log_likelihood", "SAMPLERS"]
 
 SAMPLERS = {
     "ddpm": S.ddpm_sample,
@@ -457,39 +455,3 @@ def train_noisy_classifier(classifier, schedule, x, y, rng, *, steps=500, batch_
         return -xp.mean(classifier.log_prob(p, x_t, t, yb))
 
     return fit(loss, params, (x, y), r_fit, adam(lr), steps, batch_size=batch_size, progress=progress).params
-
-
-# ---------------------------------------------------------------------------------------------------
-# the `genblocks demo` row
-
-
-def demo(rng, *, smoke=False):
-    """Train a small DDPM on the checkerboard; report the PF-ODE test NLL (nats) and DDIM samples.
-
-    ``rng``: a numpy-backend Rng (training uses autograd). Returns the dict ``genblocks demo`` shows.
-    """
-    from genblocks.blocks.score_nets import MLPScoreNet
-    from genblocks.data import checkerboard
-    from genblocks.train.loop import fit
-    from genblocks.train.optim import adam, cosine_decay
-
-    start = time.perf_counter()
-    r_data, r_test, r_init, r_fit, r_sample = rng.split(5)
-    n_train, steps, width, n_test = (256, 30, 16, 8) if smoke else (20000, 3000, 64, 64)
-    data = to_numpy(checkerboard(r_data, n_train)) / 2.0
-    test = to_numpy(checkerboard(r_test, n_test)) / 2.0
-    net = MLPScoreNet(2, (width, width, width), time_embed_dim=32)
-    model = Diffusion(net, DiscreteSchedule("squaredcos_cap_v2", 200))
-    params = model.init(r_init)
-    params = fit(model.loss, params, data, r_fit, adam(cosine_decay(3e-3, steps, 1e-4)), steps, batch_size=256,
-                 progress=False).params
-    tol = 1e-2 if smoke else 1e-3
-    # the data were scaled by 1/2: log p_x(x) = log p_z(x / 2) - 2 log 2
-    nll = -to_numpy(model.log_prob(params, test, rtol=tol, atol=tol)) + 2.0 * math.log(2.0)
-    # DPM-Solver++(2M), 20 steps, predictions of x_0 clipped to the data range [-2, 2]: unclipped, the
-    # first steps (SNR near 0 on the cosine schedule) amplify the eps error into streaks
-    samples = model.sample(params, r_sample, 1000 if not smoke else 64, sampler="dpm_solver_pp",
-                           num_inference_steps=20 if not smoke else 5, clip_sample=True, clip_sample_range=2.0)
-    return {"family": "diffusion", "model": "DDPM (MLP + FiLM, cosine T=200), DPM-Solver++ 20", "data": "checkerboard",
-            "metric": "test NLL (nats, PF-ODE)", "value": float(nll.mean()),
-            "seconds": time.perf_counter() - start, "samples": 2.0 * to_numpy(samples)}

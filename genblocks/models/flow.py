@@ -19,7 +19,6 @@ fresh noise every step, ``dequantized_nll`` reports the resulting bound on the d
 example and bits per dimension.
 """
 
-import math
 
 from genblocks.backends import namespace, namespace_of, to_numpy
 from genblocks.blocks import bijectors as bj
@@ -28,7 +27,7 @@ from genblocks.blocks.distributions import Independent, Normal
 
 __all__ = [
     "StandardNormal", "Flow", "real_nvp", "glow", "maf", "iaf", "neural_spline_flow", "dequantized_loss",
-    "dequantized_nll", "demo",
+    "dequantized_nll",
 ]
 
 
@@ -138,7 +137,7 @@ class Flow(Block):
     def log_prob(self, params, x, context=None, *, training=False):
         """log p(x | context): x (..., dim) -> (...,). ``training=True`` lets BatchNormFlow use batch stats."""
         self._check_x(x)
-        z, log_det = bj._call(self.bijector, "inverse", params["bijector"], x, context, training)
+        z, log_det = bj.call_bijector(self.bijector, "inverse", params["bijector"], x, context, training)
         return self.base.log_prob(params["base"], z, context) + log_det
 
     def loss(self, params, batch, rng=None, *, training=True):
@@ -162,7 +161,7 @@ class Flow(Block):
         if isinstance(self.bijector, bj.Chain):
             z, terms = self.bijector.inverse_terms(params["bijector"], x, context, training=training)
         else:
-            z, ld = bj._call(self.bijector, "inverse", params["bijector"], x, context, training)
+            z, ld = bj.call_bijector(self.bijector, "inverse", params["bijector"], x, context, training)
             terms = [ld]
         base = xp.mean(self.base.log_prob(params["base"], z, context))
         layer = [xp.mean(t) for t in terms]
@@ -370,33 +369,3 @@ def dequantized_nll(flow, params, x, rng, *, num_bins, samples=1, context=None):
     dim = x.shape[-1]
     nats = -(total / samples + dequantization_log_det(num_bins, dim))
     return {"nats": nats, "bits_per_dim": float(nats_to_bits_per_dim(nats, dim))}
-
-
-# ---------------------------------------------------------------------------------------------------
-# genblocks demo
-
-
-def demo(rng, *, smoke=False):
-    """Train a small neural spline flow on the checkerboard; report held-out NLL (true entropy log 32)."""
-    import time
-
-    from genblocks.data import checkerboard
-    from genblocks.train.loop import fit
-    from genblocks.train.optim import adam, cosine_decay
-
-    start = time.perf_counter()
-    data_rng, test_rng, init_rng, fit_rng, sample_rng = rng.split(5)
-    train = checkerboard(data_rng, 512 if smoke else 20000)
-    test = checkerboard(test_rng, 512 if smoke else 5000)
-    flow = neural_spline_flow(2, layers=2 if smoke else 4, bins=8, bound=3.0,
-                              hidden=(16,) if smoke else (32, 32))
-    params = flow.init_from_data(flow.init(init_rng), train)
-    steps = 30 if smoke else 1000
-    result = fit(flow.loss, params, train, fit_rng, adam(cosine_decay(3e-3, steps)), steps, batch_size=256,
-                 progress=False)
-    nll = float(to_numpy(flow.loss(result.params, test)))
-    return {
-        "family": "flow", "model": "neural spline flow (coupling)", "data": "checkerboard",
-        "metric": f"test NLL (nats; optimum {math.log(32.0):.3f})", "value": nll,
-        "seconds": time.perf_counter() - start, "samples": to_numpy(flow.sample(result.params, sample_rng, 1000)),
-    }

@@ -1,4 +1,4 @@
-"""Gaussian mixture model fit by gradient descent: the flow-free baseline of ``genblocks demo``.
+"""Gaussian mixture model fit by gradient descent: the flow-free baseline of `genblocks demo` (row in demo.py).
 
     log p(x) = logsumexp_k [ log pi_k + sum_d log N(x_d; mu_kd, sigma_kd) ],   pi = softmax(logits)
 
@@ -76,28 +76,3 @@ class GaussianMixture(Block):
         loc = xp.take(params["loc"], k, axis=0)
         scale = xp.exp(xp.take(params["log_scale"], k, axis=0))
         return loc + scale * rng.normal((n, self.dim), dtype=params["loc"].dtype)
-
-
-def demo(rng, *, smoke=False):
-    """Fit an 8-component mixture to two moons; report held-out NLL in nats (the demo's baseline row)."""
-    import time
-
-    from genblocks.backends import to_numpy
-    from genblocks.data import moons
-    from genblocks.train.loop import fit
-    from genblocks.train.optim import adam
-
-    start = time.perf_counter()
-    data_rng, init_rng, fit_rng, test_rng, sample_rng = rng.split(5)
-    train = moons(data_rng, 512 if smoke else 4096)
-    test = moons(test_rng, 512 if smoke else 2048)
-    model = GaussianMixture(2, 8)
-    params = model.init(init_rng)
-    result = fit(model.loss, params, train, fit_rng, adam(0.05), 60 if smoke else 600, batch_size=256,
-                 progress=False)
-    nll = float(to_numpy(model.loss(result.params, test)))
-    return {
-        "family": "baseline", "model": "Gaussian mixture (K=8)", "data": "two moons",
-        "metric": "test NLL (nats)", "value": nll, "seconds": time.perf_counter() - start,
-        "samples": to_numpy(model.sample(result.params, sample_rng, 1000)),
-    }

@@ -28,7 +28,7 @@ import math
 
 from genblocks.backends import grad, namespace, to_device, to_numpy
 from genblocks.blocks.base import check_positive_int
-from genblocks.blocks.schedules import karras_sigmas, spaced_timesteps
+from genblocks.blocks.schedules import karras_sigmas, multistep_timesteps
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range")
@@ -318,11 +318,11 @@ class _LambdaClipped:
         self.t_max = t_max
 
     def timesteps(self, n, spacing):
+        if self.is_discrete:  # the multistep grid (no model call at t = 0) on the steps 0..t_max
+            T = int(self.t_max) + 1
+            return [float(t) for t in multistep_timesteps(T, min(n, T), spacing)]
         if self.t_max == self.schedule.t_max:
             return self.schedule.timesteps(n, spacing)
-        if self.is_discrete:  # the same spacing rules on the steps 0..t_max
-            T = int(self.t_max) + 1
-            return spaced_timesteps(T, min(n, T), spacing)
         return [self.t_max + (self.schedule.t_min - self.t_max) * k / max(n - 1, 1) for k in range(n)]
 
 
@@ -340,6 +340,8 @@ def dpm_solver_pp_sample(model_fn, schedule, rng, shape, *, num_inference_steps=
     lambda = log(alpha / sigma).
     D = x_0_hat on the first step, (1 + 1/(2r)) x_0_hat_t - 1/(2r) x_0_hat_prev with r = h_prev / h after
     it; the last step goes to sigma = 0 (first order: x_0 = x_0_hat). Any schedule. Returns x_0 of ``shape``.
+    On a discrete schedule the grid is ``schedules.multistep_timesteps`` (diffusers' DPMSolverMultistep grid:
+    n + 1 points spaced, the last, t = 0, dropped), so no model call is spent at t = 0.
     Sampling starts at the last time with lambda >= ``lambda_min_clipped`` (diffusers' option; its default
     is -inf, ours -5.1): at lower lambda an x_0 prediction divides model errors by alpha ~ 0, which the
     second-order term then carries forward (cosine schedules reach lambda = -9.7). -inf disables it.
@@ -347,7 +349,7 @@ def dpm_solver_pp_sample(model_fn, schedule, rng, shape, *, num_inference_steps=
     check_prediction_type(prediction_type)
     _check_callback(callback)
     cond = cond or {}
-    grid = _ddim_grid(_LambdaClipped(schedule, lambda_min_clipped), num_inference_steps, timestep_spacing)
+    grid = _LambdaClipped(schedule, lambda_min_clipped).timesteps(num_inference_steps, timestep_spacing)
     x, xp, t_array = _setup(rng, shape, dtype, x_T)
     D, x0_prev = _buffer(xp, x), _buffer(xp, x)  # D, and a copy of the previous step's x0_hat
     h_prev = None

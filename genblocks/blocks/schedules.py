@@ -26,7 +26,8 @@ TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
 __all__ = [
     "BETA_SCHEDULES", "TIMESTEP_SPACINGS", "DiscreteSchedule", "RespacedSchedule", "VPSDE", "subVPSDE", "VESDE",
-    "karras_sigmas", "space_timesteps", "spaced_timesteps", "cosine_alpha_bar", "rescale_zero_terminal_snr",
+    "karras_sigmas", "space_timesteps", "spaced_timesteps", "multistep_timesteps", "cosine_alpha_bar",
+    "rescale_zero_terminal_snr",
     "get_schedule",
 ]
 
@@ -159,6 +160,33 @@ def spaced_timesteps(num_train_timesteps, num_inference_steps=None, timestep_spa
         ratio = T / n
         steps = [int(round(T - i * ratio)) - 1 for i in range(n)]
         steps.reverse()
+    else:
+        raise ValueError(f"timestep_spacing: expected one of {TIMESTEP_SPACINGS}, got {timestep_spacing!r}")
+    if any(not 0 <= s < T for s in steps):
+        raise ValueError(f"steps_offset: steps fall outside [0, {T - 1}] with steps_offset={steps_offset}")
+    return sorted(set(steps), reverse=True)
+
+
+def multistep_timesteps(num_train_timesteps, num_inference_steps, timestep_spacing="linspace", steps_offset=0):
+    """The n descending steps a multistep solver visits before its last step to sigma = 0 (DPM-Solver++).
+
+    Unlike ``spaced_timesteps`` no model call is spent at t = 0: n + 1 points are spaced and the last (0) is
+    dropped, then the solver steps from the lowest point straight to the clean sample. linspace:
+    round(linspace(0, T-1, n+1)) without 0; leading: arange(n+1) * (T // (n+1)) + steps_offset without the
+    lowest; trailing: round(arange(T, 0, -T/n)) - 1 (as ``spaced_timesteps``). These are the grids of
+    diffusers' ``DPMSolverMultistepScheduler``. Returns a list of ints, descending, without repeats.
+    """
+    T = check_positive_int(num_train_timesteps, "num_train_timesteps")
+    n = check_positive_int(num_inference_steps, "num_inference_steps")
+    if n > T:
+        raise ValueError(f"num_inference_steps: expected at most num_train_timesteps={T}, got {n}")
+    if timestep_spacing == "linspace":
+        steps = [int(round(v)) for v in _linspace(0.0, T - 1.0, n + 1)][1:]
+    elif timestep_spacing == "leading":
+        ratio = T // (n + 1)
+        steps = [i * ratio + int(steps_offset) for i in range(1, n + 1)]
+    elif timestep_spacing == "trailing":
+        return spaced_timesteps(T, n, "trailing")
     else:
         raise ValueError(f"timestep_spacing: expected one of {TIMESTEP_SPACINGS}, got {timestep_spacing!r}")
     if any(not 0 <= s < T for s in steps):

@@ -137,14 +137,15 @@ def test_nan_loss_stops_with_last_finite_params():
         value = linear_loss(params, batch, rng)
         return value * float("nan") if len(calls) > 5 else value
 
-    before = run(steps=5)
-    with pytest.raises(NonFiniteLossError, match="step 5 the loss is nan") as info:
+    before = run(steps=4)  # step 5's params came out of step 4, the last completed step
+    with pytest.raises(NonFiniteLossError, match="step 5 the loss is nan.*params of step 4") as info:
         fit(loss, init_params(), make_data(), Rng(0, backend="numpy"), adam(0.1), 20, batch_size=16,
             progress=False)
     err = info.value
     assert isinstance(err, FloatingPointError) and err.step == 5
     assert len(err.history["loss"]) == 5
     assert_same_tree(err.params, before.params)
+    assert err.params_step == 4 and err.params_loss == err.history["loss"][4]
 
 
 def test_infinite_gradient_stops():
@@ -292,3 +293,37 @@ def _call(**changes):
 def test_bad_input(changes, error, message):
     with pytest.raises(error, match=message):
         _call(**changes)
+
+
+def _huge_lr_models():
+    from genblocks.blocks.schedules import DiscreteSchedule
+    from genblocks.blocks.score_nets import MLPScoreNet
+    from genblocks.models.diffusion import Diffusion
+    from genblocks.models.flow import real_nvp
+    from genblocks.models.mixture import GaussianMixture
+
+    return {
+        "mixture": GaussianMixture(2, 4),
+        "realnvp": real_nvp(2, layers=2, hidden=(16,)),
+        "diffusion": Diffusion(MLPScoreNet(2, (16, 16), time_embed_dim=4), DiscreteSchedule("linear", 100)),
+    }
+
+
+@pytest.mark.parametrize("name", ["mixture", "realnvp", "diffusion"])
+def test_divergence_keeps_the_last_params_whose_loss_was_finite(name):
+    # issue: with lr 1e6 the kept params used to be the failing step's, whose loss was already 2e6 or inf
+    model = _huge_lr_models()[name]
+    dtype = "float32" if name == "diffusion" else "float64"  # (in float64 this net's loss stays finite)
+    data = np.random.default_rng(0).standard_normal((64, 2)).astype(dtype)
+    params = model.init(Rng(1), dtype=dtype)
+    with np.errstate(all="ignore"):
+        with pytest.raises(NonFiniteLossError) as info:
+            fit(model.loss, params, data, Rng(0, backend="numpy"), adam(1e6), 50, batch_size=64, progress=False)
+    err = info.value
+    assert err.params is not None and err.params_step is not None and err.params_step < err.step
+    assert f"params of step {err.params_step}" in str(err)
+    assert err.params_loss == err.history["loss"][err.params_step]
+    again = float(model.loss(err.params, data, Rng(2)))  # each batch is all 64 rows: the same mean
+    assert np.isfinite(again) and np.isfinite(err.params_loss)
+    if name != "diffusion":  # (the diffusion loss draws fresh t and noise)
+        np.testing.assert_allclose(again, err.params_loss, rtol=1e-6)

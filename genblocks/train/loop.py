@@ -32,15 +32,20 @@ __all__ = ["fit", "FitResult", "NonFiniteLossError"]
 class NonFiniteLossError(FloatingPointError):
     """Training hit a NaN or inf loss or gradient.
 
-    Attributes: ``params`` (the last params that were all finite: those of the failing step, else of the
-    step before; None if neither was), ``step`` (0-based index of the failing step), ``history``.
+    Attributes: ``step`` (0-based index of the failing step); ``params``, the last params whose loss and
+    gradient were finite, i.e. those the last completed step started from (the failing step's own params
+    already came out of a diverging update); ``params_step``, the step those params were evaluated at, and
+    ``params_loss``, their loss (both None when no step of this run completed: then ``params`` are the
+    params the run started from, or None if those were not finite); ``history``.
     """
 
-    def __init__(self, message, params, step, history):
+    def __init__(self, message, params, step, history, params_step=None, params_loss=None):
         super().__init__(message)
         self.params = params
         self.step = step
         self.history = history
+        self.params_step = params_step
+        self.params_loss = params_loss
 
 
 @dataclass
@@ -237,17 +242,17 @@ def fit(loss, params, data, rng, optimizer, steps, *, batch_size=128, progress=T
 
     value_and_grad_fn = value_and_grad(scalar_loss)
     bar = tqdm(total=steps, initial=start, disable=not progress, desc="fit", dynamic_ncols=True)
-    previous = params
+    good = (params, None, None)  # (params, step, loss) of the last completed step; the start before any
     try:
         for step in range(start, steps):
             value, grads = value_and_grad_fn(params, batch_at(step), _child(loss_root, step))
             loss_value = float(value)
             norm = global_norm(grads)
             if not (math.isfinite(loss_value) and math.isfinite(norm)):
-                raise _non_finite(loss_value, norm, step, params, previous, history)
+                raise _non_finite(loss_value, norm, step, good, history)
             if clip_norm is not None:
                 grads = _scale_to(grads, norm, clip_norm)
-            previous = params
+            good = (params, step, loss_value)
             params, opt_state = update(grads, opt_state, params)
             if averager is not None:
                 ema_state = averager.update(params, ema_state)
@@ -267,19 +272,19 @@ def fit(loss, params, data, rng, optimizer, steps, *, batch_size=128, progress=T
     return FitResult(params=params, opt_state=opt_state, history=history, ema_params=ema_state, step=steps)
 
 
-def _non_finite(loss_value, norm, step, params, previous, history):
-    if tree_all_finite(params):
-        good, kept = params, "the params this step started from"
-    elif tree_all_finite(previous):
-        good, kept = previous, "the params of the step before (this step's were already non-finite)"
+def _non_finite(loss_value, norm, step, good, history):
+    params, good_step, good_loss = good
+    if good_step is not None:
+        kept = f"the params of step {good_step} (loss {good_loss:.6g}), the last whose loss and gradient were finite"
+    elif tree_all_finite(params):
+        kept = "the params this run started from (no step of it completed)"
     else:
-        good, kept = None, "None (no finite params were left)"
+        params, kept = None, "None (the params this run started from were not finite)"
     what = f"loss is {loss_value}" if not math.isfinite(loss_value) else f"gradient norm is {norm}"
-    last = history["loss"][-1] if history["loss"] else None
     return NonFiniteLossError(
-        f"non-finite training: at step {step} the {what} (previous loss {last}); stopped, .params holds "
-        f"{kept}. Try a smaller learning rate or clip_norm, or look for log(0) or 0/0 in the loss.",
-        params=good, step=step, history=history,
+        f"non-finite training: at step {step} the {what}; stopped, .params holds {kept}. "
+        "Try a smaller learning rate or clip_norm, or look for log(0) or 0/0 in the loss.",
+        params=params, step=step, history=history, params_step=good_step, params_loss=good_loss,
     )
 
 

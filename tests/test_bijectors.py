@@ -7,6 +7,7 @@ the numpy and strict backends.
 """
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,7 +17,7 @@ from conftest import perturb_params
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from genblocks.backends import Rng, backend_of, namespace, to_device, to_numpy
+from genblocks.backends import Rng, backend_of, grad, namespace, to_device, to_numpy
 from genblocks.blocks import bijectors as bj
 from genblocks.blocks.bijectors import rational_quadratic_spline
 from genblocks.checks import check_bijector
@@ -593,3 +594,46 @@ def test_check_bijector_tells_ill_conditioning_from_a_defect():
     with _pytest.raises(AssertionError) as ill:
         check_bijector(m.bijector, p, x)
     assert "ill-conditioning" in str(ill.value), str(ill.value)
+
+
+# -- domains: a clear error outside them, NaN only when validation is off ---------------------------------
+
+OUT_OF_DOMAIN = [  # (bijector, direction, a value outside the domain, domain text)
+    (bj.Logit, "forward", 1.5, "[0, 1]"),
+    (bj.Logit, "forward", -0.25, "[0, 1]"),
+    (bj.Sigmoid, "inverse", 1.5, "[0, 1]"),
+    (bj.Exp, "inverse", -1.0, "[0, inf)"),
+    (bj.Tanh, "inverse", 1.5, "[-1, 1]"),
+    (bj.Tanh, "inverse", -2.0, "[-1, 1]"),
+    (bj.Softplus, "inverse", -0.5, "[0, inf)"),
+]
+
+
+@pytest.mark.parametrize("cls,direction,bad,domain", OUT_OF_DOMAIN)
+def test_out_of_domain_input_raises_naming_bijector_argument_and_domain(cls, direction, bad, domain, backend):
+    x = to_device(np.array([[0.5, bad], [0.25, 0.75]]), backend, dtype="float32")
+    arg = "x" if direction == "forward" else "y"
+    with pytest.raises(ValueError, match=rf"{cls.__name__}\.{direction}: {arg} must lie in {re.escape(domain)}.*"
+                                         rf"1 value\(s\) outside it \[{bad!r}\]"):
+        getattr(cls(), direction)({}, x)
+
+
+@pytest.mark.parametrize("cls,direction,bad,domain", OUT_OF_DOMAIN[:1] + OUT_OF_DOMAIN[2:])
+def test_out_of_domain_is_checked_under_autograd_and_skipped_when_validation_is_off(cls, direction, bad, domain):
+    x = np.array([[0.5, bad]])
+    with pytest.raises(ValueError, match="must lie in"):
+        grad(lambda v: namespace(v).sum(getattr(cls(), direction)({}, v)[0]))(x)
+    with np.errstate(invalid="ignore"):
+        y, log_det = getattr(cls(validate_args=False), direction)({}, x)
+    assert np.isnan(y[0, 1]) and np.isnan(log_det[0])
+    assert repr(cls(validate_args=False)) == f"{cls.__name__}(validate_args=False)"
+    assert repr(cls()) == f"{cls.__name__}()"
+
+
+@pytest.mark.parametrize("cls,direction,edge", [(bj.Logit, "forward", 1.0), (bj.Sigmoid, "inverse", 0.0),
+                                                (bj.Exp, "inverse", 0.0), (bj.Tanh, "inverse", -1.0),
+                                                (bj.Softplus, "inverse", 0.0)])
+def test_domain_boundary_is_allowed_and_nan_passes_through(cls, direction, edge):
+    with np.errstate(divide="ignore", invalid="ignore"):
+        y, _ = getattr(cls(), direction)({}, np.array([[edge, np.nan]]))
+    assert np.isinf(y[0, 0]) and np.isnan(y[0, 1])

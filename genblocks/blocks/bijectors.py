@@ -18,7 +18,7 @@ ignores ``context``, so one context can be handed to a whole ``Chain``.
 import functools
 import math
 
-from genblocks.backends import namespace, namespace_of
+from genblocks.backends import namespace, namespace_of, to_numpy
 from genblocks.blocks import ops
 from genblocks.blocks.base import Bijector, check_array, check_dtype, check_positive_int
 from genblocks.blocks.nn import MADE, MLP
@@ -234,8 +234,54 @@ def _affine_inverse(y, shift, log_scale, dim):
     return (y - shift) * xp.exp(-log_scale), _batch_zeros(xp, y) - xp.sum(log_scale)
 
 
-class Exp(Bijector):
-    """y = exp(x), log_det = sum(x); inverse x = log(y) for y > 0.  x (..., d) -> y (..., d)."""
+class _Elementwise(Bijector):
+    """Elementwise bijectors whose one direction has a restricted domain.
+
+    ``validate_args=True`` (the default) checks that direction's input and raises ``ValueError`` naming the
+    bijector, the argument and the domain when any value lies outside it (the boundary itself, e.g. y = 0
+    for ``Exp``'s inverse, is allowed and gives +-inf as the formula does; NaN passes through as NaN). The
+    check reads one boolean on the host, also under autograd, so it costs one device sync per call on a
+    GPU. With ``validate_args=False`` nothing is checked: out-of-domain values give NaN values and log-dets.
+    """
+
+    def __init__(self, *, validate_args=True):
+        self.validate_args = bool(validate_args)
+
+    def _repr_args(self):
+        return [] if self.validate_args else ["validate_args=False"]
+
+    def _check_domain(self, direction, name, value, outside, domain):
+        if not self.validate_args:
+            return
+        value = ops.stop_gradient(value)
+        bad = outside(value)
+        if not bool(to_numpy(namespace(bad).any(bad))):
+            return
+        host = to_numpy(value)[to_numpy(bad)]
+        shown = ", ".join(repr(float(v)) for v in host[:3]) + (", ..." if host.size > 3 else "")
+        raise ValueError(
+            f"{type(self).__name__}.{direction}: {name} must lie in {domain}, got {host.size} value(s) outside it "
+            f"[{shown}]; validate_args=False skips this check (such values then give NaN)"
+        )
+
+
+def _sigmoid_forward(x):
+    xp = namespace(x)
+    # exp(log_sigmoid) keeps tiny values for very negative x (the tanh form rounds them to 0)
+    return xp.exp(ops.log_sigmoid(x)), xp.sum(ops.log_sigmoid(x) + ops.log_sigmoid(-x), axis=-1)
+
+
+def _sigmoid_inverse(y):
+    xp = namespace(y)
+    return ops.logit(y), -xp.sum(xp.log(y) + xp.log1p(-y), axis=-1)
+
+
+def _outside_unit(v):
+    return (v < 0.0) | (v > 1.0)
+
+
+class Exp(_Elementwise):
+    """y = exp(x), log_det = sum(x); inverse x = log(y) for y >= 0.  x (..., d) -> y (..., d)."""
 
     def forward(self, params, x, context=None):
         xp = namespace(x)
@@ -245,41 +291,42 @@ class Exp(Bijector):
     def inverse(self, params, y, context=None):
         xp = namespace(y)
         _check_dim(y, "y", None)
+        self._check_domain("inverse", "y", y, lambda v: v < 0.0, "[0, inf)")
         x = xp.log(y)
         return x, -xp.sum(x, axis=-1)
 
 
-class Sigmoid(Bijector):
+class Sigmoid(_Elementwise):
     """y = 1 / (1 + exp(-x)), log_det = sum(log_sigmoid(x) + log_sigmoid(-x)).  x (..., d) -> y in (0, 1)."""
 
     def forward(self, params, x, context=None):
-        xp = namespace(x)
         _check_dim(x, "x", None)
-        # exp(log_sigmoid) keeps tiny values for very negative x (the tanh form rounds them to 0)
-        y = xp.exp(ops.log_sigmoid(x))
-        return y, xp.sum(ops.log_sigmoid(x) + ops.log_sigmoid(-x), axis=-1)
+        return _sigmoid_forward(x)
 
     def inverse(self, params, y, context=None):
-        xp = namespace(y)
         _check_dim(y, "y", None)
-        x = ops.logit(y)
-        return x, -xp.sum(xp.log(y) + xp.log1p(-y), axis=-1)
+        self._check_domain("inverse", "y", y, _outside_unit, "[0, 1]")
+        return _sigmoid_inverse(y)
 
 
-class Logit(Bijector):
-    """y = log(x / (1 - x)) for x in (0, 1), log_det = -sum(log x + log(1 - x)).  Inverse: Sigmoid."""
+class Logit(_Elementwise):
+    """y = log(x / (1 - x)) for x in [0, 1], log_det = -sum(log x + log(1 - x)).  Inverse: Sigmoid."""
 
     def forward(self, params, x, context=None):
-        return Sigmoid().inverse(params, x, context)
+        _check_dim(x, "x", None)
+        self._check_domain("forward", "x", x, _outside_unit, "[0, 1]")
+        return _sigmoid_inverse(x)
 
     def inverse(self, params, y, context=None):
-        return Sigmoid().forward(params, y, context)
+        _check_dim(y, "y", None)
+        return _sigmoid_forward(y)
 
 
-class Tanh(Bijector):
+class Tanh(_Elementwise):
     """y = tanh(x), log_det = sum(2 (log 2 - x - softplus(-2x))) (stable form of log(1 - tanh(x)^2)).
 
-    x (..., d) -> y in (-1, 1); inverse x = (log1p(y) - log1p(-y)) / 2, log_det = -sum(log1p(y) + log1p(-y)).
+    x (..., d) -> y in (-1, 1); inverse x = (log1p(y) - log1p(-y)) / 2 for y in [-1, 1],
+    log_det = -sum(log1p(y) + log1p(-y)).
     """
 
     def forward(self, params, x, context=None):
@@ -290,14 +337,15 @@ class Tanh(Bijector):
     def inverse(self, params, y, context=None):
         xp = namespace(y)
         _check_dim(y, "y", None)
+        self._check_domain("inverse", "y", y, lambda v: (v < -1.0) | (v > 1.0), "[-1, 1]")
         a, b = xp.log1p(y), xp.log1p(-y)
         return 0.5 * (a - b), -xp.sum(a + b, axis=-1)
 
 
-class Softplus(Bijector):
+class Softplus(_Elementwise):
     """y = log(1 + exp(x)), log_det = sum(log_sigmoid(x)) = sum(x - y).
 
-    x (..., d) -> y > 0; inverse x = y + log(-expm1(-y)), log_det = sum(y - x).
+    x (..., d) -> y > 0; inverse x = y + log(-expm1(-y)) for y >= 0, log_det = sum(y - x).
     """
 
     def forward(self, params, x, context=None):
@@ -308,6 +356,7 @@ class Softplus(Bijector):
     def inverse(self, params, y, context=None):
         xp = namespace(y)
         _check_dim(y, "y", None)
+        self._check_domain("inverse", "y", y, lambda v: v < 0.0, "[0, inf)")
         x = y + xp.log(-xp.expm1(-y))
         return x, xp.sum(y - x, axis=-1)
 

@@ -228,14 +228,29 @@ class AnalyticGaussianMixture:
         s = self.schedule.marginal(t)[1]
         return -namespace(x).reshape(s, (-1, 1)) * self.score(x, t)
 
+    def x0(self, x, t):
+        """Optimal data prediction E[x_0 | x_t] = sum_k r_k (mu_k + alpha_t S_k C_k^{-1} (x - alpha_t mu_k)): (n, D).
+
+        Written without dividing by alpha_t, so it is finite at alpha_t = 0 (zero terminal SNR: the data mean).
+        """
+        from genblocks.blocks.ops import softmax
+
+        xp = namespace(x)
+        p = self._params(x)
+        logp, sol = self._components(x, t)
+        r = softmax(logp, axis=-1)
+        a = xp.reshape(self.schedule.marginal(t)[0], (-1, 1, 1))
+        post = p["mu"] + a * xp.matmul(p["cov"], sol[..., None])[..., 0]  # (n, K, D)
+        return xp.sum(r[..., None] * post, axis=1)
+
     def __call__(self, x, t, **cond):
         from genblocks.blocks.samplers import from_x0_eps
 
         xp = namespace(x)
         a, s = self.schedule.marginal(t)
         a, s = xp.reshape(a, (-1, 1)), xp.reshape(s, (-1, 1))
-        eps = -s * self.score(x, t)
-        return from_x0_eps((x - s * eps) / a, eps, a, s, self.prediction_type)
+        eps = -s * self.score(x, t)  # both exact; neither divides by alpha_t or sigma_t
+        return from_x0_eps(self.x0(x, t), eps, a, s, self.prediction_type)
 
 
 def analytic_gaussian_mixture_model(weights, means, covs, schedule, *, prediction_type="epsilon"):

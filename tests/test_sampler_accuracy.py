@@ -110,3 +110,62 @@ def test_second_order_dpm_solver_beats_ddim_at_ten_steps(spacing):
                  dtype="float64", callback=lambda step, t, x: seen.append(t), **kw)
         errs[name] = np.max(np.abs(out - exact_x0(xT, seen[0])))
     assert errs["dpm"] < errs["ddim"], errs
+
+
+# -- zero terminal SNR: alpha = 0 at t = T-1 ------------------------------------------------------------
+
+ZSNR = DiscreteSchedule("linear", 1000, rescale_betas_zero_snr=True)
+W = np.array([0.3, 0.7])
+MEANS = np.array([[-1.5, 0.5], [1.0, -0.5]])
+COVS = np.array([[[0.2, 0.05], [0.05, 0.1]], [[0.1, 0.0], [0.0, 0.3]]])
+ZSNR_SAMPLERS = {  # name -> (sampler call, None or the text of the error it must raise for every prediction type)
+    "ddpm": (lambda o, pt: S.ddpm_sample(o, ZSNR, Rng(0), (2000, 2), prediction_type=pt, num_inference_steps=100,
+                                         timestep_spacing="trailing", dtype="float64"), None),
+    "ddim": (lambda o, pt: S.ddim_sample(o, ZSNR, Rng(0), (2000, 2), prediction_type=pt, num_inference_steps=50,
+                                         timestep_spacing="trailing", dtype="float64"), None),
+    "dpm_solver_pp": (lambda o, pt: S.dpm_solver_pp_sample(o, ZSNR, Rng(0), (2000, 2), prediction_type=pt,
+                                                           timestep_spacing="trailing", lambda_min_clipped=-math.inf,
+                                                           dtype="float64"), None),
+    "euler_maruyama": (lambda o, pt: S.euler_maruyama_sample(o, ZSNR, Rng(0), (2000, 2), prediction_type=pt,
+                                                             num_inference_steps=50, dtype="float64"),
+                       "schedule: the reverse-SDE samplers"),
+    "predictor_corrector": (lambda o, pt: S.predictor_corrector_sample(o, ZSNR, Rng(0), (2000, 2), prediction_type=pt,
+                                                                       num_inference_steps=50, dtype="float64"),
+                            "schedule: the reverse-SDE samplers"),
+    "ode": (lambda o, pt: S.ode_sample(o, ZSNR, Rng(0), (2000, 2), prediction_type=pt, dtype="float64"),
+            "schedule: alpha at t_max is 0"),
+}
+
+
+def test_zero_snr_oracle_is_finite_at_every_t():
+    from genblocks.checks import analytic_gaussian_mixture_model
+
+    x = np.random.default_rng(0).standard_normal((1000, 2)) * 3.0
+    t = np.arange(1000, dtype=np.float64)
+    for pt in ("epsilon", "v_prediction", "sample"):
+        out = analytic_gaussian_mixture_model(W, MEANS, COVS, ZSNR, prediction_type=pt)(x, t)
+        assert np.all(np.isfinite(out)), pt
+    # at alpha = 0 the best x_0 guess is the data mean, and v = alpha eps - sigma x_0 = -mean
+    o = analytic_gaussian_mixture_model(W, MEANS, COVS, ZSNR, prediction_type="v_prediction")
+    np.testing.assert_allclose(o(x[:3], np.full(3, 999.0)), -np.broadcast_to(o.mean, (3, 2)), atol=1e-12)
+
+
+@pytest.mark.parametrize("pt", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("name", sorted(ZSNR_SAMPLERS))
+def test_every_sampler_on_a_zero_snr_schedule_samples_right_or_names_the_problem(name, pt):
+    from genblocks.checks import analytic_gaussian_mixture_model
+
+    oracle = analytic_gaussian_mixture_model(W, MEANS, COVS, ZSNR, prediction_type=pt)
+    call, refusal = ZSNR_SAMPLERS[name]
+    if refusal is None and pt == "epsilon":
+        refusal = "prediction_type: .* rescale_betas_zero_snr=True.* use prediction_type='v_prediction'"
+    if refusal is not None:
+        with pytest.raises(ValueError, match=refusal):
+            call(oracle, pt)
+        return
+    x = call(oracle, pt)
+    assert np.all(np.isfinite(x))
+    std = np.sqrt(np.diag(oracle.covariance))
+    se_mean, se_std = std / math.sqrt(len(x)), std / math.sqrt(2 * len(x))
+    np.testing.assert_allclose(x.mean(axis=0), oracle.mean, atol=float(np.max(5 * se_mean)) + 0.03)
+    np.testing.assert_allclose(x.std(axis=0), std, atol=float(np.max(5 * se_std)) + 0.03)

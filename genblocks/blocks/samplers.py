@@ -150,6 +150,23 @@ def _discrete(schedule, who):
 # DDPM
 
 
+def _zero_snr_guard(schedule, t_first, prediction_type, who, *, refuse=None):
+    """Refuse what a zero-terminal-SNR start (alpha = 0 at the first time visited) cannot do, with a clear error.
+
+    At alpha = 0, x_0 = (x - sigma eps) / alpha is undefined, so an epsilon prediction cannot be turned into a
+    sample there (v and x0 predictions are finite). ``refuse`` names why a sampler cannot start there at all.
+    """
+    if schedule.marginal_host(t_first)[0] > 0.0:
+        return
+    if refuse is not None:
+        raise ValueError(f"schedule: {who} cannot start where alpha = 0 (a zero-terminal-SNR schedule, "
+                         f"rescale_betas_zero_snr=True): {refuse}")
+    if prediction_type == "epsilon":
+        raise ValueError(f"prediction_type: {who} starts at alpha = 0 (a zero-terminal-SNR schedule, "
+                         "rescale_betas_zero_snr=True), where x_0 = (x - sigma eps) / alpha is undefined for an "
+                         "epsilon prediction; use prediction_type='v_prediction' or 'sample'")
+
+
 def ddpm_sample(model_fn, schedule, rng, shape, *, prediction_type="epsilon", variance_type="fixed_small",
                 clip_sample=False, clip_sample_range=1.0, thresholding=False, dynamic_thresholding_ratio=0.995,
                 sample_max_value=1.0, num_inference_steps=None, timestep_spacing="leading", cond=None,
@@ -168,6 +185,7 @@ def ddpm_sample(model_fn, schedule, rng, shape, *, prediction_type="epsilon", va
     _check_callback(callback)
     if num_inference_steps is not None:
         schedule = schedule.respace(schedule.timesteps(num_inference_steps, timestep_spacing))
+    _zero_snr_guard(schedule, schedule.num_train_timesteps - 1, prediction_type, "ddpm_sample")
     cond = cond or {}
     x, xp, t_array = _setup(rng, shape, dtype, x_T)
     buf = _buffer(xp, x)
@@ -234,6 +252,7 @@ def ddim_sample(model_fn, schedule, rng, shape, *, num_inference_steps=50, eta=0
     _check_callback(callback)
     cond = cond or {}
     grid = _ddim_grid(schedule, num_inference_steps, timestep_spacing)
+    _zero_snr_guard(schedule, grid[0], prediction_type, "ddim_sample")
     x, xp, t_array = _setup(rng, shape, dtype, x_T)
     buf = _buffer(xp, x)
     for step, t in enumerate(grid):
@@ -350,6 +369,7 @@ def dpm_solver_pp_sample(model_fn, schedule, rng, shape, *, num_inference_steps=
     _check_callback(callback)
     cond = cond or {}
     grid = _LambdaClipped(schedule, lambda_min_clipped).timesteps(num_inference_steps, timestep_spacing)
+    _zero_snr_guard(schedule, grid[0], prediction_type, "dpm_solver_pp_sample")
     x, xp, t_array = _setup(rng, shape, dtype, x_T)
     D, x0_prev = _buffer(xp, x), _buffer(xp, x)  # D, and a copy of the previous step's x0_hat
     h_prev = None
@@ -365,7 +385,7 @@ def dpm_solver_pp_sample(model_fn, schedule, rng, shape, *, num_inference_steps=
             x[...] = x0  # the last step lands on sigma = 0: x_0 = x0_hat
         else:
             a_next, s_next = schedule.marginal_host(grid[step + 1])
-            h = math.log(a_next / s_next) - math.log(a / s)
+            h = _lam(schedule, grid[step + 1]) - _lam(schedule, t)  # inf from alpha = 0: a first-order step
             # D = x0_hat (first step), else (1 + 1/(2r)) x0_hat - 1/(2r) x0_hat_prev with r = h_prev / h
             D[...] = x0
             if h_prev is not None:
@@ -419,8 +439,8 @@ def _edm_grid(schedule, num_inference_steps, sigma_spacing, rho, sigma_min=None,
     t_hi, t_lo = schedule.t_max, schedule.t_min
     (a_hi, s_hi), (a_lo, s_lo) = schedule.marginal_host(t_hi), schedule.marginal_host(t_lo)
     if a_hi <= 0.0 and sigma_max is None:
-        raise ValueError("schedule: alpha at t_max is 0 (zero terminal SNR); ODE samplers need alpha_T > 0 "
-                         "or a finite sigma_max")
+        raise ValueError("schedule: alpha at t_max is 0 (a zero-terminal-SNR schedule, rescale_betas_zero_snr=True); "
+                         "ODE samplers need alpha_T > 0 or a finite sigma_max")
     lo, hi = s_lo / a_lo, (s_hi / a_hi if a_hi > 0.0 else math.inf)
     if sigma_min is not None:
         lo = max(lo, float(sigma_min))
@@ -619,6 +639,9 @@ def predictor_corrector_sample(model_fn, schedule, rng, shape, *, num_inference_
     _check_callback(callback)
     cond = cond or {}
     grid = _sde_grid(schedule, num_inference_steps)
+    _zero_snr_guard(schedule, grid[0], prediction_type, "the reverse-SDE samplers (euler_maruyama_sample, "
+                    "predictor_corrector_sample)", refuse="the drift f = d log alpha / dt is infinite there; use "
+                    "ddpm_sample, ddim_sample or dpm_solver_pp_sample with v_prediction")
     x, xp, t_array = _setup(rng, shape, dtype, x_T, scale=schedule.marginal_host(schedule.t_max)[1])
     buf = _buffer(xp, x)
     for step in range(num_inference_steps):

@@ -385,7 +385,8 @@ def dpm_solver_pp_sample(model_fn, schedule, rng, shape, *, num_inference_steps=
             x[...] = x0  # the last step lands on sigma = 0: x_0 = x0_hat
         else:
             a_next, s_next = schedule.marginal_host(grid[step + 1])
-            h = _lam(schedule, grid[step + 1]) - _lam(schedule, t)  # inf from alpha = 0: a first-order step
+            # from alpha = 0 (lambda = -inf) h is inf: e^{-h} = 0 and the step is DDIM's, first order
+            h = math.log(a_next / s_next) - math.log(a / s) if a > 0.0 else math.inf
             # D = x0_hat (first step), else (1 + 1/(2r)) x0_hat - 1/(2r) x0_hat_prev with r = h_prev / h
             D[...] = x0
             if h_prev is not None:

@@ -8,7 +8,7 @@
 
 import inspect
 
-from genblocks.backends import float_dtype_name, namespace, resolve_dtype
+from genblocks.backends import Rng, float_dtype_name, is_traced, namespace, resolve_dtype, stop_gradient
 
 FLOAT_DTYPES = ("float32", "float64")
 
@@ -52,8 +52,53 @@ def check_array(x, name, *, ndim=None, min_ndim=None, last_dim=None, floating=Tr
     return x
 
 
+def param_specs(tree, name="params"):
+    """{path: shape} of every array leaf of a params tree (dicts, lists, tuples; None is an empty subtree)."""
+    out, stack = {}, [(name, tree)]
+    while stack:
+        path, node = stack.pop()
+        if is_traced(node):  # autograd may box a whole container (a DictBox when differentiating w.r.t. a dict)
+            node = stop_gradient(node)
+        if isinstance(node, dict):
+            stack.extend((f"{path}[{k!r}]", v) for k, v in node.items())
+        elif isinstance(node, (list, tuple)):
+            stack.extend((f"{path}[{i}]", v) for i, v in enumerate(node))
+        elif node is not None:
+            out[path] = tuple(node.shape) if hasattr(node, "shape") else f"a {type(node).__name__}, not an array"
+    return out
+
+
+def spec_differences(want, have, what="given", max_lines=20):
+    """The sorted lines saying how ``have`` differs from ``want`` (``param_specs`` of each), at most ``max_lines``."""
+    problems = [f"missing {k} (the model has shape {want[k]})" for k in want.keys() - have.keys()]
+    problems += [f"unexpected {k} (shape {have[k]}) not in the model" for k in have.keys() - want.keys()]
+    problems += [f"shape of {k}: {have[k]} {what}, {want[k]} in the model" for k in want.keys() & have.keys()
+                 if want[k] != have[k]]
+    problems.sort()
+    if len(problems) > max_lines:
+        problems = problems[:max_lines] + [f"... and {len(problems) - max_lines} more"]
+    return problems
+
+
 class Block:
     """A small part with hyperparameters, ``init(rng, dtype)`` and pure methods over ``params``."""
+
+    def check_params(self, params, name="params"):
+        """Raise ValueError unless ``params`` has the leaf names and shapes that ``init`` gives this block.
+
+        Models call it at their entry points, so params of another model (or of another size) fail with a
+        list of every difference instead of a bare KeyError or a silently wrong result. The expected layout
+        is computed once (one float64 ``init`` on numpy) and kept on the block as a cache.
+        """
+        want = self.__dict__.get("_param_specs_cache")
+        if want is None:
+            want = param_specs(self.init(Rng(0, backend="numpy"), dtype="float64"), name)
+            self.__dict__["_param_specs_cache"] = want
+        have = param_specs(params, name)
+        if have != want:
+            problems = spec_differences(want, have)
+            raise ValueError(f"{name}: do not match {type(self).__name__}'s parameters "
+                             f"({len(problems)} differences):\n  " + "\n  ".join(problems))
 
     def init(self, rng, dtype="float32"):
         """Parameters as a pytree of arrays on ``rng``'s backend, in ``dtype`` (default float32)."""
@@ -107,5 +152,5 @@ class Bijector(Block):
 
 __all__ = [
     "Block", "Distribution", "Bijector", "check_array", "check_dtype", "check_positive_int", "dtype_name",
-    "namespace", "resolve_dtype",
+    "namespace", "param_specs", "resolve_dtype", "spec_differences",
 ]

@@ -231,6 +231,7 @@ class Diffusion(Block):
 
     def loss(self, params, batch, rng):
         """Mean over the batch of the (weighted) denoising loss; a scalar."""
+        self.check_params(params)
         x0, y = self._unpack(batch)
         check_array(x0, "x", min_ndim=2)
         xp = namespace(x0, params)
@@ -339,6 +340,7 @@ class Diffusion(Block):
         bound of the model that clips x0_hat, as Improved DDPM's evaluation does; near t = T an eps model's
         x0_hat = (x_t - sigma eps_hat) / alpha amplifies small errors by 1 / alpha otherwise.
         """
+        self.check_params(params)
         if clip_denoised is None:
             clip_denoised = self.decoder == "discretized"
         sched = _discrete(self.schedule)
@@ -366,6 +368,7 @@ class Diffusion(Block):
     # -- 3. likelihood and sampling ------------------------------------------------------------------
     def log_prob(self, params, x, *, y=None, trace="exact", rng=None, **kw):
         """log p(x) (nats, (n,)) through the probability-flow ODE (``samplers.ode_log_likelihood``); numpy only."""
+        self.check_params(params)
         cond = {} if y is None else {"y": y}
         fn = self.model_fn(params, shared_time=True)  # the ODE solver passes one time per call
         return S.ode_log_likelihood(fn, self.schedule, x, prediction_type=self.prediction_type,
@@ -378,6 +381,7 @@ class Diffusion(Block):
         ``y`` (n,) labels for a class-conditional model; ``guidance_weight`` w turns on classifier-free guidance
         eps_u + (1 + w)(eps_c - eps_u). Learned variances are used by "ddpm"; other samplers use the mean.
         """
+        self.check_params(params)
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler: expected one of {tuple(SAMPLERS)}, got {sampler!r}")
         shape = data_shape or self.data_shape

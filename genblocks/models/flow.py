@@ -136,6 +136,7 @@ class Flow(Block):
     # -- densities ---------------------------------------------------------------------------------
     def log_prob(self, params, x, context=None, *, training=False):
         """log p(x | context): x (..., dim) -> (...,). ``training=True`` lets BatchNormFlow use batch stats."""
+        self.check_params(params)
         self._check_x(x)
         z, log_det = bj.call_bijector(self.bijector, "inverse", params["bijector"], x, context, training)
         return self.base.log_prob(params["base"], z, context) + log_det
@@ -156,6 +157,7 @@ class Flow(Block):
         Returns {"loss", "base_log_prob", "log_det" (total), "layer_log_dets" (list, chain order)}, batch means.
         """
         x, context = _unpack(batch)
+        self.check_params(params)
         self._check_x(x)
         xp = namespace(x, params)
         if isinstance(self.bijector, bj.Chain):
@@ -183,6 +185,7 @@ class Flow(Block):
         return x, self.base.log_prob(params["base"], z, context) - log_det
 
     def _base_sample(self, params, rng, n, dtype):
+        self.check_params(params)  # sample and sample_and_log_prob come through here
         check_positive_int(n, "n")
         dtype = _float_dtype(params) if dtype is None else check_dtype(dtype)
         return self.base.sample(params["base"], rng, n, dtype=dtype)

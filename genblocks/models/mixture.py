@@ -41,6 +41,7 @@ class GaussianMixture(Block):
 
     def component_log_prob(self, params, x):
         """log N(x; mu_k, diag sigma_k^2) for every k: x (..., D) -> (..., K)."""
+        self.check_params(params)
         check_array(x, "x", min_ndim=1, last_dim=self.dim)
         xp = namespace(params, x)
         x = xp.expand_dims(x, axis=-2)  # (..., 1, D)
@@ -49,6 +50,7 @@ class GaussianMixture(Block):
 
     def log_prob(self, params, x):
         """log p(x) = logsumexp_k (log pi_k + log N(x; mu_k, sigma_k)): x (..., D) -> (...,)."""
+        self.check_params(params)
         log_weights = ops.log_softmax(params["logits"])
         return ops.logsumexp(log_weights + self.component_log_prob(params, x), axis=-1)
 
@@ -59,6 +61,7 @@ class GaussianMixture(Block):
 
     def loss_terms(self, params, batch, rng=None):
         """The per-component responsibilities and the mixture weights behind the NLL."""
+        self.check_params(params)
         xp = namespace(params, batch)
         joint = ops.log_softmax(params["logits"]) + self.component_log_prob(params, batch)
         log_px = ops.logsumexp(joint, axis=-1)
@@ -70,6 +73,7 @@ class GaussianMixture(Block):
 
     def sample(self, params, rng, n):
         """Ancestral sampling: k ~ Categorical(pi), then x = mu_k + sigma_k * eps. Returns (n, D)."""
+        self.check_params(params)
         check_positive_int(n, "n")
         xp = namespace(params)
         k = rng.categorical(params["logits"], (n,))

@@ -165,16 +165,17 @@ min_ = _extremum(onp.min)
 def maximum(x1, x2, /):
     """Elementwise max with NumPy's NaN rule: a NaN in either operand gives NaN.
 
-    Gradient: to the operand that is returned; on ties (including -0.0 vs 0.0) to x1 (a valid subgradient);
-    where either is NaN, to the NaN operand (to x1 if both are). Each operand's dtype is kept.
+    Ties return x2, as NumPy's does (so maximum(0.0, -0.0) is -0.0). Gradient: to the operand that is
+    returned, so on ties to x2 (a valid subgradient); where either is NaN, to the NaN operand (to x1 if both
+    are). Each operand's dtype is kept.
     """
-    # ``x1 != x1`` is True exactly where x1 is NaN; a NaN x2 fails ``x1 >= x2`` and is returned as is
-    return where((x1 >= x2) | (x1 != x1), x1, x2)
+    # ``x1 != x1`` is True exactly where x1 is NaN; a NaN x2 fails ``x1 > x2`` and is returned as is
+    return where((x1 > x2) | (x1 != x1), x1, x2)
 
 
 def minimum(x1, x2, /):
     """Elementwise min; NaN and gradient rules as ``maximum``."""
-    return where((x1 <= x2) | (x1 != x1), x1, x2)
+    return where((x1 < x2) | (x1 != x1), x1, x2)
 
 
 @primitive

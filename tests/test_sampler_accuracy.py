@@ -134,6 +134,11 @@ ZSNR_SAMPLERS = {  # name -> (sampler call, None or the text of the error it mus
                             "schedule: the reverse-SDE samplers"),
     "ode": (lambda o, pt: S.ode_sample(o, ZSNR, Rng(0), (2000, 2), prediction_type=pt, dtype="float64"),
             "schedule: alpha at t_max is 0"),
+    "ode_solve_ivp": (lambda o, pt: S.ode_solve_ivp_sample(o, ZSNR, Rng(0), (20, 2), prediction_type=pt,
+                                                           dtype="float64"), "schedule: alpha at t_max is 0"),
+    "annealed_langevin": (lambda o, pt: S.annealed_langevin_sample(o, ZSNR, Rng(0), (20, 2), prediction_type=pt,
+                                                                   dtype="float64"),
+                          "schedule: annealed_langevin_sample cannot start where alpha = 0"),
 }
 
 

@@ -672,6 +672,9 @@ def annealed_langevin_sample(model_fn, schedule, rng, shape, *, num_levels=10, s
     check_positive_int(steps_per_level, "steps_per_level")
     _check_callback(callback)
     cond = cond or {}
+    _zero_snr_guard(schedule, schedule.t_max, prediction_type, "annealed_langevin_sample",
+                    refuse="its noise levels sigma_t / alpha_t start at t_max, where the ratio is infinite; use "
+                    "ddpm_sample, ddim_sample or dpm_solver_pp_sample with v_prediction")
     (a_hi, s_hi), (a_lo, s_lo) = schedule.marginal_host(schedule.t_max), schedule.marginal_host(schedule.t_min)
     hi, lo = s_hi / a_hi, s_lo / a_lo
     levels = [hi * (lo / hi) ** (i / max(num_levels - 1, 1)) for i in range(num_levels)]

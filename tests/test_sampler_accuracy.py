@@ -174,3 +174,14 @@ def test_every_sampler_on_a_zero_snr_schedule_samples_right_or_names_the_problem
     se_mean, se_std = std / math.sqrt(len(x)), std / math.sqrt(2 * len(x))
     np.testing.assert_allclose(x.mean(axis=0), oracle.mean, atol=float(np.max(5 * se_mean)) + 0.03)
     np.testing.assert_allclose(x.std(axis=0), std, atol=float(np.max(5 * se_std)) + 0.03)
+
+
+@pytest.mark.parametrize("method", ["euler", "heun"])
+def test_one_step_ode_sampler_starts_at_t_max(method):
+    # with one Karras level the grid's only time was overwritten by t_min: it started at the wrong end (error 26.6)
+    xT = x_T()
+    seen = []
+    out = S.ode_sample(exact_eps(), LINEAR, Rng(0), xT.shape, method=method, num_inference_steps=1, x_T=xT,
+                       dtype="float64", callback=lambda step, t, x: seen.append(t))
+    assert seen == [float(LINEAR.t_max)]
+    np.testing.assert_allclose(out.mean(axis=0), MU, atol=0.05)  # one x0 prediction from t = 999: the data mean

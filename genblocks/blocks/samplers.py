@@ -454,7 +454,7 @@ def _edm_grid(schedule, num_inference_steps, sigma_spacing, rho, sigma_min=None,
         times = [schedule.t_from_sigma_ratio(v) for v in sigmas]
         if sigma_max is None:
             times[0] = t_hi
-        if sigma_min is None:
+        if sigma_min is None and len(times) > 1:  # (one step: its one point is the start, t_max)
             times[-1] = t_lo
     elif sigma_spacing == "timesteps":
         times = [float(t) for t in schedule.timesteps(num_inference_steps, "linspace")]

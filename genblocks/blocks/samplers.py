@@ -26,7 +26,7 @@ it records inputs). ``callback(step, t, x)`` receives a snapshot that is not tou
 
 import math
 
-from genblocks.backends import grad, namespace, to_device, to_numpy
+from genblocks.backends import grad, namespace, record, to_device, to_numpy
 from genblocks.blocks.base import check_positive_int
 from genblocks.blocks.schedules import karras_sigmas, multistep_timesteps
 
@@ -726,7 +726,7 @@ def ode_log_likelihood(model_fn, schedule, x, *, prediction_type="epsilon", trac
     from scipy.integrate import solve_ivp
 
     xp = namespace(x)
-    if xp.backend_name != "numpy":
+    if not record(xp.backend_name).differentiable:
         raise TypeError(f"x: ode_log_likelihood needs gradients (numpy backend), got a {xp.backend_name} array; "
                         "move it with genblocks.backends.to_device(x, 'numpy')")
     check_prediction_type(prediction_type)
@@ -841,7 +841,7 @@ def classifier_guidance(model_fn, classifier_log_prob, schedule, guidance_scale,
         if scale == 0.0:
             return out
         xp = namespace(x)
-        if xp.backend_name != "numpy":
+        if not record(xp.backend_name).differentiable:
             raise TypeError(f"x: classifier guidance needs gradients (numpy backend), got a {xp.backend_name} array")
         g = grad(lambda z: xp.sum(classifier_log_prob(z, t, y)))(x)
         a, s = schedule.marginal(t)

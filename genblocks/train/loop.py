@@ -53,7 +53,8 @@ class NonFiniteLossError(FloatingPointError):
 class FitResult:
     """What :func:`fit` returns.
 
-    ``params``, ``opt_state`` and ``state`` (the model state; None when fit ran without one) after the last step; ``history`` = ``{"loss": [float per step],
+    ``params``, ``opt_state`` and ``state`` (the model state; None when fit ran without one) after the
+    last step; ``history`` = ``{"loss": [float per step],
     "grad_norm": [float per step, before clipping], "eval": [(steps_done, eval_fn result), ...]}``;
     ``ema_params`` (the parameter average when ``ema_decay`` is set, else None); ``step`` = steps done.
     """

@@ -62,11 +62,25 @@ class Case:
     notes: dict = field(default_factory=dict)
 
 
+class _StateBound(bj.Bijector):
+    """A stateful bijector in evaluation mode as a plain one: params {"params", "state"} (so the battery moves,
+    perturbs and differentiates the running statistics like any leaf)."""
+
+    def __init__(self, bijector):
+        self.bijector = bijector
+
+    def forward(self, params, x, context=None):
+        return self.bijector.forward(params["params"], x, context, state=params["state"])
+
+    def inverse(self, params, y, context=None):
+        return self.bijector.inverse(params["params"], y, context, state=params["state"])
+
+
 def _bn():
     b = bj.BatchNormFlow(D)
-    p = init64(b)
-    p["running_var"] = np.exp(p["running_var"])  # a valid (positive) variance
-    return Case(b, p, normal())
+    state = randomize(b.init_state(dtype="float64"), 7)
+    state["running_var"] = np.exp(state["running_var"])  # a valid (positive) variance
+    return Case(_StateBound(b), {"params": init64(b), "state": state}, normal())
 
 
 def _chain():
@@ -419,22 +433,38 @@ def test_actnorm_init_from_data_standardises_the_batch():
 def test_batchnorm_training_uses_batch_statistics_and_update_stats_tracks_them():
     b = bj.BatchNormFlow(D, momentum=0.5)
     p = b.init(Rng(0), "float64")
+    assert set(p) == {"log_gamma", "beta"}  # the running statistics are state, not trained params
+    s = b.init_state(p)
+    assert set(s) == {"running_mean", "running_var"} and s["running_var"].dtype == np.float64
     y = np.random.default_rng(0).normal(loc=3.0, scale=2.0, size=(400, D))
     x_train, ld_train = b.inverse(p, y, training=True)
     np.testing.assert_allclose(x_train.mean(axis=0), 0.0, atol=1e-10)
     np.testing.assert_allclose(x_train.var(axis=0), 1.0, atol=1e-4)
-    x_eval, ld_eval = b.inverse(p, y)  # running stats start at (0, 1): y / sqrt(1 + eps)
+    x_eval, ld_eval = b.inverse(p, y, state=s)  # running stats start at (0, 1): y / sqrt(1 + eps)
     np.testing.assert_allclose(x_eval, y / math.sqrt(1 + 1e-5), rtol=1e-12)
-    p2 = b.update_stats(p, y)
-    np.testing.assert_allclose(p2["running_mean"], 0.5 * y.mean(axis=0))
-    np.testing.assert_allclose(p2["running_var"], 0.5 + 0.5 * y.var(axis=0))
-    p_full = b.update_stats(p, y, momentum=1.0)
-    x_full, ld_full = b.inverse(p_full, y)
+    s2 = b.update_stats(s, y)
+    np.testing.assert_allclose(s2["running_mean"], 0.5 * y.mean(axis=0))
+    np.testing.assert_allclose(s2["running_var"], 0.5 + 0.5 * y.var(axis=0))
+    np.testing.assert_array_equal(s["running_mean"], np.zeros(D))  # pure: the old state is untouched
+    s_full = b.update_stats(s, y, momentum=1.0)
+    x_full, ld_full = b.inverse(p, y, state=s_full)
     np.testing.assert_allclose(x_full, x_train, atol=1e-10)
     np.testing.assert_allclose(ld_full, ld_train, atol=1e-10)
-    # the chain passes training on to it
+    # evaluation and the forward direction need the state, and say so
+    for call in (lambda: b.inverse(p, y), lambda: b.forward(p, y)):
+        with pytest.raises(ValueError, match="state"):
+            call()
+    # the chain and Invert pass training and state on; the chain's state mirrors its params
     chain = bj.Chain([bj.Identity(), b])
     np.testing.assert_allclose(chain.inverse([{}, p], y, training=True)[0], x_train)
+    assert chain.init_state([{}, p])[0] == {} and set(chain.init_state()[1]) == {"running_mean", "running_var"}
+    np.testing.assert_allclose(chain.inverse([{}, p], y, state=[{}, s_full])[0], x_train, atol=1e-10)
+    x, ld, new = chain.inverse_and_update([{}, p], y, state=[{}, s])
+    np.testing.assert_allclose(x, x_train)
+    np.testing.assert_allclose(new[1]["running_var"], s2["running_var"])
+    inv = bj.Invert(b)
+    np.testing.assert_allclose(inv.forward(p, y, state=s_full)[0], x_train, atol=1e-10)
+    assert set(inv.init_state(p)) == {"running_mean", "running_var"}
 
 
 def test_permute_from_rng_is_reproducible_and_checked():

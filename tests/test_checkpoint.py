@@ -263,3 +263,19 @@ def test_bad_save_arguments(tmp_path, kwargs, error, name):
     with pytest.raises(error, match=name):
         checkpoint.save(tmp_path / "ck.npz", **kwargs)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_state_tree_round_trips_beside_params(tmp_path):
+    path = tmp_path / "s.npz"
+    state = {"loss_history": np.arange(6.0).reshape(3, 2), "counts": np.array([1, 2, 3], np.int64), "bn": [{}]}
+    checkpoint.save(path, {"w": np.ones(2, np.float32)}, state=state)
+    loaded = checkpoint.load(path)
+    np.testing.assert_array_equal(loaded["state"]["loss_history"], state["loss_history"])
+    assert loaded["state"]["counts"].dtype == np.int64 and loaded["state"]["bn"] == [{}]
+    assert checkpoint.load(_saved_without_state(tmp_path))["state"] is None
+
+
+def _saved_without_state(tmp_path):
+    path = tmp_path / "plain.npz"
+    checkpoint.save(path, {"w": np.ones(2, np.float32)})
+    return path

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 from autograd.test_util import check_grads
-from conftest import assert_backend, perturb_params
+from conftest import assert_backend, assert_same_tree, perturb_params
 from scipy import integrate
 from scipy.stats import norm
 
@@ -87,13 +87,13 @@ def test_loss_is_a_differentiable_scalar(kw):
     model = Diffusion(MLPScoreNet(2, (8,), time_embed_dim=4, out_dim=out), SCHED, **kw)
     x, _ = data(16)
     p32 = model.init(Rng(0))
-    loss32 = model.loss(p32, x.astype(np.float32), Rng(1))
+    loss32, _ = model.loss_and_state(p32, model.init_state(p32), x.astype(np.float32), Rng(1))
     assert np.ndim(loss32) == 0 and np.isfinite(loss32) and loss32.dtype == np.float32
     p = model.init(Rng(0), "float64")
     W0 = p["out"]["W"] + 0.1
 
     def loss_of(m):
-        return lambda Wout: m.loss({**p, "out": {**p["out"], "W": Wout}}, x, Rng(1))
+        return lambda Wout: m.loss_and_state({**p, "out": {**p["out"], "W": Wout}}, m.init_state(), x, Rng(1))[0]
 
     if kw.get("variance_type") != "learned_range":
         check_grads(loss_of(model), modes=["rev"], order=1)(W0)
@@ -145,14 +145,15 @@ def test_label_dropout_uses_the_null_token():
 
 def test_loss_second_moment_sampler():
     s = LossSecondMomentSampler(4, history=3, uniform_prob=0.1)
-    assert s.probabilities() == [0.25] * 4
-    t, w = s.sample(Rng(0), 8)
+    state = s.init_state()
+    np.testing.assert_array_equal(s.probabilities(state), [0.25] * 4)
+    t, w = s.sample(state, Rng(0), 8)
     np.testing.assert_array_equal(w, np.ones(8, np.float32))
     for _ in range(3):
-        s.update(np.arange(4.0), np.array([1.0, 2.0, 3.0, 4.0]))
-    p = np.array(s.probabilities())
+        state = s.update(state, np.arange(4.0), np.array([1.0, 2.0, 3.0, 4.0]))
+    p = np.array(s.probabilities(state))
     np.testing.assert_allclose(p, 0.9 * np.arange(1, 5) / 10 + 0.1 / 4)
-    t, w = s.sample(Rng(1), 20000)
+    t, w = s.sample(state, Rng(1), 20000)
     freq = np.bincount(to_numpy(t).astype(int), minlength=4) / 20000
     np.testing.assert_allclose(freq, p, atol=4 * np.sqrt(p * (1 - p) / 20000).max())
     np.testing.assert_allclose(to_numpy(w), 1.0 / (4 * p[to_numpy(t).astype(int)]), rtol=1e-6)
@@ -161,13 +162,80 @@ def test_loss_second_moment_sampler():
     assert np.mean(L[to_numpy(t).astype(int)] * to_numpy(w)) == pytest.approx(L.mean(), rel=0.03)
 
 
-def test_importance_sampling_model_records_history():
+def test_sampler_update_is_a_pure_shift_register_matching_deques():
+    """Repeated t in one batch, more new losses at a t than the history holds: rows equal per-t deques."""
+    from collections import deque
+    s = LossSecondMomentSampler(5, history=3)
+    state = s.init_state()
+    r = np.random.default_rng(0)
+    ref = [deque(maxlen=3) for _ in range(5)]
+    for _ in range(4):
+        t = r.integers(0, 5, size=9).astype(np.float32)
+        losses = r.random(9)
+        before = {k: v.copy() for k, v in state.items()}
+        new = s.update(state, t, losses)
+        for k in state:  # the old state is untouched
+            np.testing.assert_array_equal(state[k], before[k])
+        state = new
+        for ti, li in zip(t, losses):
+            ref[int(ti)].append(float(li))
+    for ti in range(5):
+        got = state["loss_history"][ti, 3 - len(ref[ti]):] if ref[ti] else state["loss_history"][ti, :0]
+        np.testing.assert_array_equal(got, list(ref[ti]))
+    assert state["counts"].dtype == np.int64 and state["counts"].sum() == 36
+
+
+def test_importance_sampling_keeps_its_history_in_the_state():
     model = Diffusion(MLPScoreNet(2, (8,)), DiscreteSchedule("linear", 5), timestep_sampling="importance")
     p = model.init(Rng(0))
+    state = model.init_state(p)
+    assert state["loss_history"].shape == (5, 10) and state["loss_history"].dtype == np.float64
+    assert state["counts"].dtype == np.int64 and Diffusion(MLPScoreNet(2, (8,)), SCHED).init_state() == {}
     for i in range(12):
-        model.loss(p, data(64, i, np.float32)[0], Rng(i))
-    assert model.timestep_sampler.warmed_up()
-    assert abs(sum(model.timestep_sampler.probabilities()) - 1.0) < 1e-12
+        _, state = model.loss_and_state(p, state, data(64, i, np.float32)[0], Rng(i))
+    assert model.timestep_sampler.warmed_up(state)
+    assert abs(float(np.sum(model.timestep_sampler.probabilities(state))) - 1.0) < 1e-12
+    # the model object holds nothing that changes: same inputs, same answer, whatever ran before
+    a = model.loss_and_state(p, state, data(64, 0, np.float32)[0], Rng(99))
+    b = model.loss_and_state(p, state, data(64, 0, np.float32)[0], Rng(99))
+    assert float(a[0]) == float(b[0])
+    with pytest.raises(ValueError, match="loss_and_state"):
+        model.loss(p, data(64, 0, np.float32)[0], Rng(0))
+    with pytest.raises(ValueError, match="loss_history"):
+        model.loss_and_state(p, {}, data(64, 0, np.float32)[0], Rng(0))
+
+
+def test_importance_sampling_resumes_into_a_fresh_model_bit_identically(tmp_path):
+    def make():
+        return Diffusion(MLPScoreNet(2, (8,), time_embed_dim=4), DiscreteSchedule("linear", 4),
+                         timestep_sampling="importance")
+
+    x = data(64, 0, np.float32)[0]
+    # history 10 over T=4 with batches of 16: warmed up after a few steps, so t follows the history
+    model = make()
+    p0 = model.init(Rng(0))
+    kw = dict(batch_size=16, progress=False)
+    straight = fit(model.loss_and_state, p0, x, Rng(1), adam(1e-2), 12, state=model.init_state(p0), **kw)
+    assert make().timestep_sampler.warmed_up(straight.state)
+    path = tmp_path / "run.npz"
+    first = make()
+    calls = []
+
+    def crashing(params, state, batch, rng):
+        calls.append(1)
+        if len(calls) > 7:
+            raise KeyboardInterrupt("power cut")
+        return first.loss_and_state(params, state, batch, rng)
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(crashing, p0, x, Rng(1), adam(1e-2), 12, state=first.init_state(p0), checkpoint_path=path,
+            checkpoint_every=6, **kw)
+    fresh = make()
+    resumed = fit(fresh.loss_and_state, p0, x, Rng(1), adam(1e-2), 12, state=fresh.init_state(p0),
+                  checkpoint_path=path, resume=True, **kw)
+    assert_same_tree(resumed.params, straight.params)
+    assert_same_tree(resumed.state, straight.state)
+    assert resumed.history["loss"] == straight.history["loss"]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 from autograd.test_util import check_grads
-from conftest import perturb_params
+from conftest import assert_same_tree, perturb_params
 
 from genblocks.backends import Rng, backend_of, to_device, to_numpy
 from genblocks.blocks import bijectors as bj
@@ -34,12 +34,13 @@ FACTORIES = {
 }
 
 
-def _fix_batchnorm(params):
-    """Random BatchNormFlow params need a positive running variance."""
-    for p in params["bijector"]:
-        if isinstance(p, dict) and "running_var" in p:
-            p["running_var"] = np.exp(p["running_var"])
-    return params
+def random_state(flow, params, seed=0):
+    """Random running statistics for BatchNormFlow layers (a positive variance); ``{}`` leaves elsewhere."""
+    state = randomize(flow.init_state(params), seed + 200, 0.1)
+    for s in state["bijector"]:
+        if isinstance(s, dict) and "running_var" in s:
+            s["running_var"] = np.exp(s["running_var"])
+    return state
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -49,8 +50,9 @@ def _fix_batchnorm(params):
 @pytest.mark.parametrize("name", sorted(FACTORIES))
 def test_2d_flows_integrate_to_one(name):
     flow = FACTORIES[name](2)
-    params = _fix_batchnorm(random_params(flow))
-    check_normalized(lambda pts: flow.log_prob(params, pts), (-10.0, -10.0), (10.0, 10.0), n=400)
+    params = random_params(flow)
+    state = random_state(flow, params)
+    check_normalized(lambda pts: flow.log_prob(params, pts, state=state), (-10.0, -10.0), (10.0, 10.0), n=400)
 
 
 # quad warns when it cannot reach its own 1e-10 relative accuracy; the 1e-6 check on the integral still holds
@@ -93,11 +95,12 @@ def test_5d_flow_passes_an_importance_sampling_normalisation_check(name):
 @pytest.mark.parametrize("name", sorted(FACTORIES))
 def test_sample_and_log_prob_agrees_with_log_prob(name):
     flow = FACTORIES[name](3)
-    params = _fix_batchnorm(random_params(flow))
-    x, lq = flow.sample_and_log_prob(params, Rng(5), 16)
+    params = random_params(flow)
+    state = random_state(flow, params)
+    x, lq = flow.sample_and_log_prob(params, Rng(5), 16, state=state)
     assert x.shape == (16, 3) and lq.shape == (16,)
-    np.testing.assert_allclose(flow.log_prob(params, x), lq, rtol=1e-9, atol=1e-9)
-    np.testing.assert_allclose(flow.sample(params, Rng(5), 16), x)
+    np.testing.assert_allclose(flow.log_prob(params, x, state=state), lq, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(flow.sample(params, Rng(5), 16, state=state), x)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -171,13 +174,59 @@ def test_init_from_data_standardises_the_data_side():
 def test_batchnorm_flow_trains_with_batch_stats_and_updates_running_stats():
     flow = F.real_nvp(2, layers=2, hidden=(4,), batch_norm=True)
     params = flow.init(Rng(0), "float64")
+    assert "running_mean" not in str(params)  # statistics live in the state, not in the trained params
+    state = flow.init_state(params)
     x = np.random.default_rng(0).normal(loc=5.0, scale=3.0, size=(200, 2))
     train_loss = flow.loss(params, x)  # training=True: batch statistics
-    eval_loss = flow.loss(params, x, training=False)
+    eval_loss = flow.loss(params, x, training=False, state=state)
     assert np.isfinite(train_loss) and train_loss < eval_loss
-    updated = flow.update_stats(params, x)
-    bn = next(p for p in updated["bijector"] if "running_mean" in p)
+    loss, updated = flow.loss_and_state(params, state, x)
+    assert float(loss) == float(train_loss)
+    bn = next(s for s in updated["bijector"] if "running_mean" in s)
     assert np.all(bn["running_mean"] > 0.0)
+    assert_same_tree(flow.update_stats(params, state, x), updated)
+    assert not np.any(next(s for s in state["bijector"] if s)["running_mean"])  # the old state is untouched
+    for call in (lambda: flow.loss(params, x, training=False), lambda: flow.sample(params, Rng(0), 3)):
+        with pytest.raises(ValueError, match="state"):
+            call()
+
+
+def _bn_run(steps, **kw):
+    from genblocks.train.loop import fit
+    from genblocks.train.optim import adamw
+
+    flow = F.real_nvp(2, layers=2, hidden=(4,), batch_norm=True, actnorm=False)
+    x = np.random.default_rng(0).normal(loc=5.0, scale=3.0, size=(64, 2)).astype(np.float32)
+    params = flow.init(Rng(0))
+    return flow, x, fit(flow.loss_and_state, params, x, Rng(1), adamw(1e-2, weight_decay=0.1), steps,
+                        state=flow.init_state(params), batch_size=16, progress=False, **kw)
+
+
+def test_batchnorm_statistics_move_only_through_their_updates_not_the_optimizer():
+    """Issue 9: as params, adamw's weight decay shrank running_var (1.0 -> 0.819 in 200 steps, no updates)."""
+    from genblocks.train.loop import fit
+    from genblocks.train.optim import adamw
+
+    flow, x, result = _bn_run(200)
+    assert "running_var" not in str(result.params) and "running_var" not in str(result.opt_state)
+    start = flow.init_state(flow.init(Rng(0)))
+    moved = [s for s in result.state["bijector"] if s]
+    assert moved and all(not np.array_equal(s["running_mean"], 0.0 * s["running_mean"]) for s in moved)
+    # a loss that makes no statistics update: after 200 adamw steps the state is exactly where it started
+    params = flow.init(Rng(0))
+    still = fit(lambda p, s, b, r: (flow.loss(p, b), s), params, x, Rng(1), adamw(1e-2, weight_decay=0.1), 200,
+                state=flow.init_state(params), batch_size=16, progress=False)
+    assert_same_tree(still.state, start)
+
+
+def test_batchnorm_flow_resume_is_bit_identical(tmp_path):
+    flow, x, straight = _bn_run(10)
+    path = tmp_path / "bn.npz"
+    _bn_run(5, checkpoint_path=path)
+    flow, x, resumed = _bn_run(10, checkpoint_path=path, resume=True)
+    assert_same_tree(resumed.params, straight.params)
+    assert_same_tree(resumed.state, straight.state)
+    assert resumed.history["loss"] == straight.history["loss"]
 
 
 def test_training_a_small_flow_reaches_the_true_entropy():

@@ -327,3 +327,76 @@ def test_divergence_keeps_the_last_params_whose_loss_was_finite(name):
     assert np.isfinite(again) and np.isfinite(err.params_loss)
     if name != "diffusion":  # (the diffusion loss draws fresh t and noise)
         np.testing.assert_allclose(again, err.params_loss, rtol=1e-6)
+
+
+# -- model state carried beside params -----------------------------------------------------------------
+
+
+def stateful_loss(params, state, batch, rng):
+    """linear_loss, plus a running mean of the residuals kept in ``state`` (and used in the loss, so a
+    wrong or stale state changes the params)."""
+    x, y = batch
+    xp = namespace(x, params)
+    x = x + 0.01 * rng.normal(x.shape, dtype="float32")
+    r = xp.matmul(x, params["w"]) + params["b"][0] - y
+    new = {"mean": 0.9 * state["mean"] + 0.1 * xp.mean(r), "count": state["count"] + 1}
+    return xp.mean(r * r) + 0.1 * new["mean"] * xp.sum(params["b"][0]), new
+
+
+def init_state():
+    return {"mean": np.zeros((), np.float32), "count": np.zeros((), np.int64)}
+
+
+def test_state_is_carried_detached_and_unseen_by_optimizer_clip_and_ema():
+    result = fit(stateful_loss, init_params(), make_data(), Rng(0, backend="numpy"), adam(0.1), 12,
+                 state=init_state(), clip_norm=0.5, ema_decay=0.8, batch_size=16, progress=False)
+    # the state moved once per step through the loss only, and came back as plain arrays (no autograd box)
+    assert int(result.state["count"]) == 12
+    assert all(isinstance(v, (np.ndarray, np.generic)) for v in result.state.values())
+    assert result.state["mean"].dtype == np.float32 and float(result.state["mean"]) != 0.0
+    assert set(result.params) == {"w", "b"} and set(result.ema_params) == {"w", "b"}
+    assert "mean" not in str(result.opt_state)
+    # no state given: unchanged behaviour and FitResult.state is None
+    assert run(steps=3).state is None
+
+
+def test_stateful_loss_must_return_a_pair():
+    with pytest.raises(TypeError, match="new_state"):
+        fit(lambda p, s, b, r: linear_loss(p, b, r), init_params(), make_data(), Rng(0, backend="numpy"),
+            adam(0.1), 2, state=init_state(), progress=False)
+    with pytest.raises(TypeError, match="state"):
+        run(steps=2, state=np.zeros(3))
+
+
+@pytest.mark.parametrize("stop_at", [4, 8])
+def test_resume_with_state_is_bit_identical(tmp_path, stop_at):
+    kw = dict(batch_size=16, clip_norm=0.5, ema_decay=0.8)
+    straight = fit(stateful_loss, init_params(), make_data(), Rng(0, backend="numpy"), adam(0.1), 14,
+                   state=init_state(), progress=False, **kw)
+    path = tmp_path / "run.npz"
+    calls = []
+
+    def crashing(params, state, batch, rng):
+        calls.append(1)
+        if len(calls) > stop_at + 1:
+            raise KeyboardInterrupt("power cut")
+        return stateful_loss(params, state, batch, rng)
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(crashing, init_params(), make_data(), Rng(0, backend="numpy"), adam(0.1), 14, state=init_state(),
+            checkpoint_path=path, checkpoint_every=stop_at, progress=False, **kw)
+    saved = checkpoint.load(path)
+    assert saved["step"] == stop_at and int(saved["state"]["count"]) == stop_at
+    resumed = fit(stateful_loss, init_params(), make_data(), Rng(0, backend="numpy"), adam(0.1), 14,
+                  state=init_state(), checkpoint_path=path, checkpoint_every=stop_at, resume=True,
+                  progress=False, **kw)
+    assert_same_tree(resumed.params, straight.params)
+    assert_same_tree(resumed.state, straight.state)
+    assert resumed.history == straight.history
+    # a run with a state does not resume from one without, nor with a differently shaped state
+    with pytest.raises(ValueError, match="state"):
+        run(steps=14, checkpoint_path=path, resume=True, **kw)
+    bad = {"mean": np.zeros(2, np.float32), "count": np.zeros((), np.int64)}
+    with pytest.raises(ValueError, match="state/mean"):
+        fit(stateful_loss, init_params(), make_data(), Rng(0, backend="numpy"), adam(0.1), 14, state=bad,
+            checkpoint_path=path, resume=True, progress=False, **kw)

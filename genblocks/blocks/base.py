@@ -105,6 +105,19 @@ class Block:
         check_dtype(dtype)
         return {}
 
+    def init_state(self, params=None, dtype="float32"):
+        """The block's non-trained state tree (running statistics, histories): ``{}`` for most blocks.
+
+        State is what a block updates but the optimizer must not train (BatchNormFlow's running
+        statistics, Diffusion's importance-sampling loss history). It comes from ``init_state`` beside
+        ``init``'s params, rather than being returned by ``init``, so that ``init -> params`` stays the
+        protocol of every block; models update it functionally (``loss_and_state(params, state, batch,
+        rng) -> (loss, new_state)``) and ``genblocks.train.fit(..., state=...)`` carries and checkpoints it.
+        ``params`` (optional) picks the backend and dtype.
+        """
+        check_dtype(dtype)
+        return {}
+
     def _repr_args(self):
         """Hyperparameters shown by repr: the constructor's arguments stored under the same name."""
         out = []

@@ -129,15 +129,37 @@ def _takes_training(b):
     return getattr(b, "takes_training", False)
 
 
-def call_bijector(b, direction, params, x, context=None, training=False):
-    """(y, log_det) = b.forward or b.inverse ("forward" / "inverse"), passing ``training`` only to layers that
-    take it (BatchNormFlow, Chain): how a model drives any bijector in training or evaluation mode."""
+def call_bijector(b, direction, params, x, context=None, training=False, state=None):
+    """(y, log_det) = b.forward or b.inverse ("forward" / "inverse"), passing ``training`` and ``state`` only to
+    layers that take them (BatchNormFlow, Chain, Invert): how a model drives any bijector in training or
+    evaluation mode."""
     if direction not in ("forward", "inverse"):
         raise ValueError(f"direction: expected 'forward' or 'inverse', got {direction!r}")
     fn = getattr(b, direction)
+    kw = {}
     if training and _takes_training(b):
-        return fn(params, x, context, training=True)
-    return fn(params, x, context)
+        kw["training"] = True
+    if state is not None and getattr(b, "takes_state", False):
+        kw["state"] = state
+    return fn(params, x, context, **kw)
+
+
+def init_state_of(b, params=None, dtype="float32"):
+    """``b.init_state(params, dtype)``, or ``{}`` for a bijector without one (not a genblocks Block)."""
+    fn = getattr(b, "init_state", None)
+    return {} if fn is None else fn(params, dtype)
+
+
+def inverse_and_update(b, params, y, context=None, state=None):
+    """(x, log_det, new_state): ``b``'s training-mode inverse and its state after seeing the batch y.
+
+    Layers with state (BatchNormFlow, Chain, Invert) update it in the same pass; others return it as is.
+    """
+    fn = getattr(b, "inverse_and_update", None)
+    if fn is not None:
+        return fn(params, y, context, state)
+    x, log_det = call_bijector(b, "inverse", params, y, context, True, state)
+    return x, log_det, state
 
 
 _call = call_bijector
@@ -495,14 +517,16 @@ class BatchNormFlow(Bijector):
 
     Inverse (data -> noise): x = (y - m) / sqrt(v + eps) exp(log_gamma) + beta, log_det =
     sum(log_gamma - log(v + eps) / 2); forward is its inverse. With ``training=True`` the inverse uses the
-    batch mean and variance (m, v) of y over all batch axes, otherwise the running statistics in params.
-    ``update_stats(params, y)`` returns params with the running statistics moved towards y's batch
-    statistics (``momentum``; ``momentum=1`` sets them). y (..., dim) -> x (..., dim); params
-    {"log_gamma", "beta", "running_mean", "running_var"} each (dim,). The forward direction has no batch
-    statistics to use and always uses the running ones.
+    batch mean and variance (m, v) of y over all batch axes, otherwise the running statistics, which live
+    in the block's *state*, not its params (the optimizer must not train them): ``init_state(params)`` ->
+    {"running_mean": zeros, "running_var": ones}, ``update_stats(state, y)`` returns the state moved towards
+    y's batch statistics (``momentum``; ``momentum=1`` sets them). y (..., dim) -> x (..., dim); params
+    {"log_gamma", "beta"} each (dim,). The forward direction has no batch statistics to use and always
+    uses the running ones, so it (and evaluation) needs ``state=``.
     """
 
     takes_training = True
+    takes_state = True
 
     def __init__(self, dim, *, momentum=0.1, eps=1e-5):
         self.dim = check_positive_int(dim, "dim")
@@ -513,43 +537,68 @@ class BatchNormFlow(Bijector):
 
     def init(self, rng, dtype="float32"):
         z = _zeros(rng, (self.dim,), dtype)
-        return {"log_gamma": z, "beta": z, "running_mean": z, "running_var": z + 1.0}
+        return {"log_gamma": z, "beta": z}
+
+    def init_state(self, params=None, dtype="float32"):
+        """{"running_mean": zeros (dim,), "running_var": ones (dim,)} on ``params``' backend and dtype."""
+        if params is not None:
+            xp, dt = namespace(params), params["log_gamma"].dtype
+        else:
+            xp = namespace()
+            dt = getattr(xp, check_dtype(dtype))
+        z = xp.zeros((self.dim,), dtype=dt)
+        return {"running_mean": z, "running_var": z + 1.0}
 
     def _batch_stats(self, xp, y):
         flat = xp.reshape(y, (-1, self.dim))
         return xp.mean(flat, axis=0), xp.var(flat, axis=0)
 
-    def update_stats(self, params, y, *, momentum=None):
-        """params with running stats <- (1 - momentum) running + momentum batch stats of y (..., dim)."""
-        xp = namespace(y, params)
+    def _running(self, state):
+        if not (isinstance(state, dict) and {"running_mean", "running_var"} <= set(state)):
+            got = "None" if state is None else (sorted(state) if isinstance(state, dict) else type(state).__name__)
+            raise ValueError(
+                "state: BatchNormFlow needs its running statistics {'running_mean', 'running_var'} in evaluation "
+                f"and in the forward (sampling) direction, got {got}; pass state=model.init_state(params) or the "
+                "state fit returned (FitResult.state)"
+            )
+        return state["running_mean"], state["running_var"]
+
+    def update_stats(self, state, y, *, momentum=None):
+        """The state with running stats <- (1 - momentum) running + momentum batch stats of y (..., dim)."""
+        m0, v0 = self._running(state)
+        xp = namespace(y, state)
         _check_dim(y, "y", self.dim)
         mom = self.momentum if momentum is None else float(momentum)
         m, v = self._batch_stats(xp, ops.stop_gradient(y))
-        dtype = params["running_mean"].dtype
         return {
-            **params,
-            "running_mean": xp.astype((1.0 - mom) * params["running_mean"] + mom * m, dtype),
-            "running_var": xp.astype((1.0 - mom) * params["running_var"] + mom * v, dtype),
+            **state,
+            "running_mean": xp.astype((1.0 - mom) * m0 + mom * m, m0.dtype),
+            "running_var": xp.astype((1.0 - mom) * v0 + mom * v, v0.dtype),
         }
 
-    def forward(self, params, x, context=None, *, training=False):
+    def forward(self, params, x, context=None, *, training=False, state=None):
+        m, v = self._running(state)
         xp = namespace(x, params)
         _check_dim(x, "x", self.dim)
-        m, v = params["running_mean"], params["running_var"]
         log_std = 0.5 * xp.log(v + self.eps)
         y = (x - params["beta"]) * xp.exp(log_std - params["log_gamma"]) + m
         return y, _batch_zeros(xp, x) + xp.sum(log_std - params["log_gamma"])
 
-    def inverse(self, params, y, context=None, *, training=False):
+    def inverse(self, params, y, context=None, *, training=False, state=None):
         xp = namespace(y, params)
         _check_dim(y, "y", self.dim)
         if training:
             m, v = self._batch_stats(xp, y)
         else:
-            m, v = params["running_mean"], params["running_var"]
+            m, v = self._running(state)
         log_std = 0.5 * xp.log(v + self.eps)
         x = (y - m) * xp.exp(params["log_gamma"] - log_std) + params["beta"]
         return x, _batch_zeros(xp, y) + xp.sum(params["log_gamma"] - log_std)
+
+    def inverse_and_update(self, params, y, context=None, state=None):
+        """(x, log_det, new_state): the training-mode inverse and the state moved towards y's statistics."""
+        x, log_det = self.inverse(params, y, context, training=True)
+        return x, log_det, self.update_stats(state, y)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1037,11 +1086,12 @@ class Radial(Bijector):
 class Chain(Bijector):
     """f = f_n o ... o f_1 for Chain([f_1, ..., f_n]) (f_1 applied first); log-dets add.
 
-    x (..., d) -> y (..., d); params = list of the layers' params. ``training=True`` is passed on to layers
-    that take it (BatchNormFlow).
+    x (..., d) -> y (..., d); params = list of the layers' params, state (``init_state``) = list of the
+    layers' states. ``training=True`` and ``state`` are passed on to layers that take them (BatchNormFlow).
     """
 
     takes_training = True
+    takes_state = True
 
     def __init__(self, bijectors):
         bijectors = list(bijectors)
@@ -1066,35 +1116,63 @@ class Chain(Bijector):
             got = f"{len(params)} items" if hasattr(params, "__len__") else type(params).__name__
             raise ValueError(f"params: expected a list of {len(self.bijectors)} layer params, got {got}")
 
-    def forward(self, params, x, context=None, *, training=False):
+    def init_state(self, params=None, dtype="float32"):
+        """The list of the layers' states (``{}`` for stateless layers)."""
+        ps = [None] * len(self.bijectors) if params is None else list(params)
+        return [init_state_of(b, p, dtype) for b, p in zip(self.bijectors, ps)]
+
+    def _states(self, state):
+        if state is None:
+            return [None] * len(self.bijectors)
+        if isinstance(state, dict) or not hasattr(state, "__len__") or len(state) != len(self.bijectors):
+            got = f"{len(state)} items" if hasattr(state, "__len__") else type(state).__name__
+            raise ValueError(f"state: expected a list of {len(self.bijectors)} layer states "
+                             f"(Chain.init_state), got {got}")
+        return list(state)
+
+    def forward(self, params, x, context=None, *, training=False, state=None):
         self._check_params(params)
         xp = namespace(x, params)
         log_det = _batch_zeros(xp, _check_dim(x, "x", None))
-        for b, p in zip(self.bijectors, params):
-            x, ld = _call(b, "forward", p, x, context, training)
+        for b, p, s in zip(self.bijectors, params, self._states(state)):
+            x, ld = _call(b, "forward", p, x, context, training, s)
             log_det = log_det + ld
         return x, log_det
 
-    def inverse(self, params, y, context=None, *, training=False):
+    def inverse(self, params, y, context=None, *, training=False, state=None):
         self._check_params(params)
         xp = namespace(y, params)
         log_det = _batch_zeros(xp, _check_dim(y, "y", None))
-        for b, p in zip(reversed(self.bijectors), reversed(list(params))):
-            y, ld = _call(b, "inverse", p, y, context, training)
+        states = self._states(state)
+        for b, p, s in zip(reversed(self.bijectors), reversed(list(params)), reversed(states)):
+            y, ld = _call(b, "inverse", p, y, context, training, s)
             log_det = log_det + ld
         return y, log_det
 
-    def inverse_terms(self, params, y, context=None, *, training=False):
+    def inverse_terms(self, params, y, context=None, *, training=False, state=None):
         """Like ``inverse`` but returns (x, [log_det of each layer in chain order])."""
         self._check_params(params)
+        states = self._states(state)
         terms = [None] * len(self.bijectors)
         for i in reversed(range(len(self.bijectors))):
-            y, terms[i] = _call(self.bijectors[i], "inverse", params[i], y, context, training)
+            y, terms[i] = _call(self.bijectors[i], "inverse", params[i], y, context, training, states[i])
         return y, terms
 
+    def inverse_and_update(self, params, y, context=None, state=None):
+        """(x, log_det, new state list): the training-mode inverse, each layer's state updated by its input."""
+        self._check_params(params)
+        xp = namespace(y, params)
+        log_det = _batch_zeros(xp, _check_dim(y, "y", None))
+        new = self._states(state)
+        for i in reversed(range(len(self.bijectors))):
+            y, ld, new[i] = inverse_and_update(self.bijectors[i], params[i], y, context, new[i])
+            log_det = log_det + ld
+        return y, log_det, new
+
     def data_pass(self, params, y, method, context=None):
-        """New params: walking data -> noise, each layer that has ``method`` (``init_from_data`` or
-        ``update_stats``) gets ``layer.method(p, its input y)``; later inputs use the new params."""
+        """New params: walking data -> noise, each layer that has ``method`` (``init_from_data``) gets
+        ``layer.method(p, its input y)``; later inputs use the new params (and batch statistics, so a
+        BatchNormFlow needs no state here)."""
         self._check_params(params)
         new = list(params)
         for i in reversed(range(len(self.bijectors))):
@@ -1103,17 +1181,18 @@ class Chain(Bijector):
                 new[i] = b.data_pass(new[i], y, method, context)
             elif hasattr(b, method):
                 new[i] = getattr(b, method)(new[i], y)
-            y, _ = b.inverse(new[i], y, context)
+            y, _ = _call(b, "inverse", new[i], y, context, True)
         return new
 
 
 class Invert(Bijector):
     """The inverse bijector: Invert(b).forward = b.inverse and Invert(b).inverse = b.forward.
 
-    Shapes and params are b's.
+    Shapes, params and state are b's.
     """
 
     takes_training = True
+    takes_state = True
 
     def __init__(self, bijector):
         if not (hasattr(bijector, "forward") and hasattr(bijector, "inverse")):
@@ -1123,11 +1202,14 @@ class Invert(Bijector):
     def init(self, rng, dtype="float32"):
         return self.bijector.init(rng, dtype)
 
-    def forward(self, params, x, context=None, *, training=False):
-        return _call(self.bijector, "inverse", params, x, context, training)
+    def init_state(self, params=None, dtype="float32"):
+        return init_state_of(self.bijector, params, dtype)
 
-    def inverse(self, params, y, context=None, *, training=False):
-        return _call(self.bijector, "forward", params, y, context, training)
+    def forward(self, params, x, context=None, *, training=False, state=None):
+        return _call(self.bijector, "inverse", params, x, context, training, state)
+
+    def inverse(self, params, y, context=None, *, training=False, state=None):
+        return _call(self.bijector, "forward", params, y, context, training, state)
 
 
 class InverseAutoregressive(Invert):

@@ -15,9 +15,8 @@ v = alpha_t eps - sigma_t x_0 (``prediction_type``) from (x_t, t[, y]). Read thi
 """
 
 import math
-from collections import deque
 
-from genblocks.backends import namespace, to_numpy
+from genblocks.backends import namespace
 from genblocks.blocks import samplers as S
 from genblocks.blocks.base import Block, check_array
 from genblocks.blocks.ops import log_softmax, stop_gradient
@@ -79,46 +78,86 @@ class LossSecondMomentSampler:
     """Sample t with p_t proportional to sqrt(E[L_t^2]) over the last ``history`` losses at t (uniform until filled).
 
     p is mixed with ``uniform_prob`` of the uniform law; losses are reweighted by 1 / (T p_t) so the
-    objective stays unbiased. Host state (this is the one stateful piece of a Diffusion model):
-    ``update(t, losses)`` records host values after each step.
+    objective stays unbiased. The class only holds the constants; the loss history is a state tree
+    ``{"loss_history": (T, history) float64, "counts": (T,) int64}`` (``init_state``) that ``update``
+    returns anew and never changes in place, so it travels with the params through ``fit`` and its
+    checkpoints (a resume into a fresh model object continues exactly). ``loss_history[t, -1]`` is the
+    newest loss recorded at t; ``counts[t]`` how many were recorded there in all.
     """
 
     def __init__(self, num_timesteps, *, history=10, uniform_prob=0.001):
         self.num_timesteps = int(num_timesteps)
         self.history = int(history)
         self.uniform_prob = float(uniform_prob)
-        self._losses = [deque(maxlen=self.history) for _ in range(self.num_timesteps)]
 
     def __repr__(self):
         return f"LossSecondMomentSampler(num_timesteps={self.num_timesteps}, history={self.history})"
 
-    def warmed_up(self):
-        return all(len(d) == self.history for d in self._losses)
+    def init_state(self, xp=None):
+        """The empty history: zeros (T, history) float64 and zero counts (T,) int64."""
+        xp = namespace() if xp is None else xp
+        return {"loss_history": xp.zeros((self.num_timesteps, self.history), dtype=xp.float64),
+                "counts": xp.zeros((self.num_timesteps,), dtype=xp.int64)}
 
-    def probabilities(self):
-        """p_t as a list of T Python floats."""
+    def check_state(self, state, name="state"):
+        if not isinstance(state, dict) or set(state) != {"loss_history", "counts"}:
+            got = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"{name}: expected {{'loss_history', 'counts'}} from Diffusion.init_state(), got {got}")
+        want = {"loss_history": (self.num_timesteps, self.history), "counts": (self.num_timesteps,)}
+        for key, shape in want.items():
+            got = tuple(getattr(state[key], "shape", ()))
+            if got != shape:
+                raise ValueError(f"{name}['{key}']: expected shape {shape} (num_timesteps, history), got {got}")
+        return state
+
+    def warmed_up(self, state):
+        xp = namespace(state)
+        return bool(xp.all(state["counts"] >= self.history))
+
+    def probabilities(self, state):
+        """p_t as a float64 array (T,) on the state's backend (uniform until every t has ``history`` losses)."""
+        xp = namespace(state)
         T = self.num_timesteps
-        if not self.warmed_up():
-            return [1.0 / T] * T
-        root = [math.sqrt(sum(v * v for v in d) / len(d)) for d in self._losses]
-        total = sum(root)
-        if not total > 0.0:
-            return [1.0 / T] * T
-        return [(1.0 - self.uniform_prob) * r / total + self.uniform_prob / T for r in root]
+        h = state["loss_history"]
+        uniform = xp.full((T,), 1.0 / T, dtype=h.dtype)
+        if not self.warmed_up(state):
+            return uniform
+        root = xp.sqrt(xp.mean(h * h, axis=1))
+        total = xp.sum(root)
+        if not float(total) > 0.0:
+            return uniform
+        return (1.0 - self.uniform_prob) * root / total + self.uniform_prob / T
 
-    def sample(self, rng, n, dtype="float32"):
+    def sample(self, state, rng, n, dtype="float32"):
         """(t, weights): t float array (n,) drawn from p, weights 1 / (T p_t) (n,) on ``rng``'s backend."""
-        p = self.probabilities()
-        idx = rng.categorical([math.log(v) for v in p], shape=(n,))
-        xp = namespace(idx)
-        table = xp.asarray([1.0 / (self.num_timesteps * v) for v in p], dtype=getattr(xp, dtype),
-                           device=xp.device_of(idx))
+        p = self.probabilities(state)
+        xp = namespace(p)
+        idx = rng.categorical(xp.log(p), shape=(n,))
+        table = xp.astype(1.0 / (self.num_timesteps * p), getattr(xp, dtype))
         return xp.astype(idx, getattr(xp, dtype)), xp.take(table, idx, axis=0)
 
-    def update(self, t, losses):
-        """Record per-example losses (host-convertible arrays (n,)) at their steps t."""
-        for ti, li in zip(to_numpy(t), to_numpy(losses)):
-            self._losses[int(ti)].append(float(li))
+    def update(self, state, t, losses):
+        """The state after recording per-example losses (n,) at their steps t (n,), in batch order.
+
+        Each row is a shift register: the c_t new losses at t push out its c_t oldest, e.g. with
+        history 3, row [a, b, c] and new losses (d, e) at t gives [c, d, e]. Pure: ``state`` is unchanged.
+        """
+        xp = namespace(state)
+        T, H = self.num_timesteps, self.history
+        old = state["loss_history"]
+        ti = xp.astype(t, xp.int64)
+        vals = xp.astype(stop_gradient(losses), old.dtype)
+        onehot = xp.astype(ti[:, None] == xp.arange(T, dtype=xp.int64)[None, :], xp.int64)  # (n, T)
+        c = xp.sum(onehot, axis=0)  # new losses per t
+        rank = xp.sum((xp.cumulative_sum(onehot, axis=0) - onehot) * onehot, axis=1)  # (n,) order within its t
+        k = xp.arange(H, dtype=xp.int64)[None, :] + c[:, None]  # (T, H): index into [old row, new losses]
+        rows = xp.arange(T, dtype=xp.int64)[:, None]
+        kept = xp.take(xp.reshape(old, (T * H,)), xp.reshape(rows * H + xp.minimum(k, H - 1), (T * H,)), axis=0)
+        kept = xp.reshape(kept, (T, H))
+        # hit[i, t, j]: example i is the new loss that lands in slot j of row t
+        hit = (onehot[:, :, None] * xp.astype(rank[:, None, None] == (k - H)[None, :, :], xp.int64))
+        fresh = xp.sum(xp.astype(hit, old.dtype) * vals[:, None, None], axis=0)
+        return {"loss_history": xp.where(k < H, kept, fresh), "counts": state["counts"] + c}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -132,7 +171,8 @@ class Diffusion(Block):
     ``snr_gamma`` (min-SNR-gamma): w = min(SNR, gamma) / SNR for eps, / (SNR + 1) for v, min(SNR, gamma) for x_0.
     ``variance_type="learned_range"``: the network outputs twice the channels (prediction, v in [-1, 1]) and the
     loss adds ``vlb_weight`` * T * L_t (nats per dim, mean prediction held fixed): Improved DDPM's hybrid loss.
-    ``timestep_sampling="importance"`` draws t by ``LossSecondMomentSampler``. ``cond_drop_prob`` replaces labels by
+    ``timestep_sampling="importance"`` draws t by ``LossSecondMomentSampler`` from a loss history kept in a
+    state tree (``init_state``, ``loss_and_state``), not on the model object. ``cond_drop_prob`` replaces labels by
     the null token (``num_classes``) for classifier-free guidance. ``decoder``: "gaussian" (continuous data) or
     "discretized" (data on ``num_bins`` levels scaled to [-1, 1]). Batches: x (n, *data_shape) or (x, y).
     """
@@ -229,8 +269,48 @@ class Diffusion(Block):
         xp = namespace(v)
         return xp.reshape(v, (x.shape[0],) + (1,) * (x.ndim - 1))
 
+    def init_state(self, params=None, dtype="float32"):
+        """The model's non-trained state: the importance sampler's loss history, else ``{}``.
+
+        ``{"loss_history": (T, history) float64 zeros, "counts": (T,) int64 zeros}`` when
+        ``timestep_sampling="importance"``, on the backend of ``params`` (default backend without them);
+        ``dtype`` is accepted for the common ``init_state`` signature (the history is always float64).
+        The state comes from ``init_state`` beside ``init``'s params (rather than being returned by
+        ``init``) so that ``init -> params`` stays the protocol of every block; train with
+        ``fit(model.loss_and_state, params, data, rng, opt, steps, state=model.init_state(params))``.
+        """
+        if self.timestep_sampler is None:
+            return {}
+        return self.timestep_sampler.init_state(namespace(params) if params is not None else None)
+
+    def loss_and_state(self, params, state, batch, rng):
+        """(loss, new_state): the denoising loss with t drawn from ``state``'s probabilities, and the state
+        with this batch's per-example losses recorded. Pure: neither ``state`` nor the model changes, so a
+        run resumed from a checkpoint (params and state) matches one that never stopped, bit for bit.
+        With ``timestep_sampling="uniform"`` the state is ``{}`` and comes back unchanged."""
+        if self.timestep_sampler is None:
+            if state not in (None, {}):
+                raise ValueError(f"state: timestep_sampling='uniform' keeps no state, expected {{}}, got {state!r}")
+            return self._loss(params, batch, rng, None)
+        self.timestep_sampler.check_state(state)
+        return self._loss(params, batch, rng, state)
+
     def loss(self, params, batch, rng):
-        """Mean over the batch of the (weighted) denoising loss; a scalar."""
+        """Mean over the batch of the (weighted) denoising loss; a scalar.
+
+        With ``timestep_sampling="importance"`` the loss depends on a loss history that must travel with
+        the params, so this raises: use ``loss_and_state`` (``fit(model.loss_and_state, ...,
+        state=model.init_state(params))``).
+        """
+        if self.timestep_sampler is not None:
+            raise ValueError(
+                "loss: timestep_sampling='importance' keeps a loss history in a state tree; call "
+                "model.loss_and_state(params, state, batch, rng) -> (loss, new_state) and train with "
+                "fit(model.loss_and_state, params, data, rng, optimizer, steps, state=model.init_state(params))"
+            )
+        return self._loss(params, batch, rng, None)[0]
+
+    def _loss(self, params, batch, rng, state):
         self.check_params(params)
         x0, y = self._unpack(batch)
         check_array(x0, "x", min_ndim=2)
@@ -238,8 +318,8 @@ class Diffusion(Block):
         n = x0.shape[0]
         dtype = "float64" if "64" in str(x0.dtype) else "float32"
         r_t, r_eps, r_drop = rng.split(3)
-        if self.timestep_sampler is not None:
-            t, weights = self.timestep_sampler.sample(r_t, n, dtype)
+        if state is not None:
+            t, weights = self.timestep_sampler.sample(state, r_t, n, dtype)
         else:
             t, weights = self.schedule.sample_t(r_t, n, dtype), None
         a, s = self.schedule.marginal(t)
@@ -263,10 +343,10 @@ class Diffusion(Block):
             vb = xp.mean(self._vb_terms(stop_gradient(pred), v, x0, x_t, t), axis=axes)
             per = per + (self.vlb_weight * self.schedule.num_train_timesteps) * vb
             tracked = vb
-        if self.timestep_sampler is not None:
-            self.timestep_sampler.update(t, stop_gradient(tracked))
+        if state is not None:
+            state = self.timestep_sampler.update(state, t, stop_gradient(tracked))
             per = per * weights
-        return xp.mean(per)
+        return xp.mean(per), ({} if state is None else state)
 
     # -- 2. the variational bound --------------------------------------------------------------------
     def _table(self, name, t, ref):

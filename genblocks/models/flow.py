@@ -111,7 +111,10 @@ class Flow(Block):
 
     base: a dim (int) for N(0, I), a genblocks Distribution with event shape (dim,), or a base Block;
     bijector: the map f (noise -> data). x (..., dim), context (..., context_dim) or None.
-    params {"base": ..., "bijector": ...}.
+    params {"base": ..., "bijector": ...}; state (``init_state``) {"bijector": ...} holds what is updated but
+    not trained (BatchNormFlow's running statistics). Train a flow with state by
+    ``fit(flow.loss_and_state, params, x, rng, opt, steps, state=flow.init_state(params))`` and evaluate or
+    sample with ``state=result.state``.
     """
 
     def __init__(self, base, bijector):
@@ -129,29 +132,58 @@ class Flow(Block):
         r1, r2 = rng.split(2)
         return {"base": self.base.init(r1, dtype), "bijector": self.bijector.init(r2, dtype)}
 
+    def init_state(self, params=None, dtype="float32"):
+        """{"bijector": the bijector's state} (running statistics of BatchNormFlow layers; ``{}`` leaves elsewhere).
+
+        Kept beside ``init``'s params rather than returned by ``init`` so that ``init -> params`` stays the
+        protocol of every block; ``params`` (optional) sets the backend and dtype.
+        """
+        check_dtype(dtype)
+        return {"bijector": bj.init_state_of(self.bijector, None if params is None else params["bijector"], dtype)}
+
+    def _bstate(self, state):
+        if state is None:
+            return None
+        if not isinstance(state, dict) or "bijector" not in state:
+            got = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"state: expected {{'bijector': ...}} from Flow.init_state, got {got}")
+        return state["bijector"]
+
     def _check_x(self, x):
         check_array(x, "x", min_ndim=1, last_dim=self.dim)
         return x
 
     # -- densities ---------------------------------------------------------------------------------
-    def log_prob(self, params, x, context=None, *, training=False):
-        """log p(x | context): x (..., dim) -> (...,). ``training=True`` lets BatchNormFlow use batch stats."""
+    def log_prob(self, params, x, context=None, *, training=False, state=None):
+        """log p(x | context): x (..., dim) -> (...,). ``training=True`` lets BatchNormFlow use batch stats;
+        otherwise BatchNormFlow layers use the running statistics in ``state`` (``init_state`` / fit's)."""
         self.check_params(params)
         self._check_x(x)
-        z, log_det = bj.call_bijector(self.bijector, "inverse", params["bijector"], x, context, training)
+        z, log_det = bj.call_bijector(self.bijector, "inverse", params["bijector"], x, context, training,
+                                      self._bstate(state))
         return self.base.log_prob(params["base"], z, context) + log_det
 
-    def loss(self, params, batch, rng=None, *, training=True):
+    def loss(self, params, batch, rng=None, *, training=True, state=None):
         """Mean negative log-likelihood in nats per example; batch = x (n, dim) or (x, context).
 
-        ``training=True`` (the default, for fitting) lets BatchNormFlow layers use the batch's statistics;
-        pass ``training=False`` to evaluate held-out data with their running statistics.
+        ``training=True`` (the default) lets BatchNormFlow layers use the batch's statistics; pass
+        ``training=False, state=...`` to evaluate held-out data with their running statistics. To train a
+        flow with BatchNormFlow use ``loss_and_state``, which also moves the running statistics.
         """
         x, context = _unpack(batch)
         xp = namespace(x, params)
-        return -xp.mean(self.log_prob(params, x, context, training=training))
+        return -xp.mean(self.log_prob(params, x, context, training=training, state=state))
 
-    def loss_terms(self, params, batch, rng=None, *, training=True):
+    def loss_and_state(self, params, state, batch, rng=None):
+        """(training loss, new_state): the mean NLL with batch statistics, and the state with every
+        BatchNormFlow's running statistics moved towards this batch's (by its momentum). Pure."""
+        x, context = _unpack(batch)
+        self._check_x(x)
+        xp = namespace(x, params)
+        z, log_det, new = bj.inverse_and_update(self.bijector, params["bijector"], x, context, self._bstate(state))
+        return -xp.mean(self.base.log_prob(params["base"], z, context) + log_det), {**state, "bijector": new}
+
+    def loss_terms(self, params, batch, rng=None, *, training=True, state=None):
         """The decomposition a teacher shows: mean NLL = -(mean base log-prob + sum of layer log-dets).
 
         Returns {"loss", "base_log_prob", "log_det" (total), "layer_log_dets" (list, chain order)}, batch means.
@@ -161,9 +193,11 @@ class Flow(Block):
         self._check_x(x)
         xp = namespace(x, params)
         if isinstance(self.bijector, bj.Chain):
-            z, terms = self.bijector.inverse_terms(params["bijector"], x, context, training=training)
+            z, terms = self.bijector.inverse_terms(params["bijector"], x, context, training=training,
+                                                   state=self._bstate(state))
         else:
-            z, ld = bj.call_bijector(self.bijector, "inverse", params["bijector"], x, context, training)
+            z, ld = bj.call_bijector(self.bijector, "inverse", params["bijector"], x, context, training,
+                                     self._bstate(state))
             terms = [ld]
         base = xp.mean(self.base.log_prob(params["base"], z, context))
         layer = [xp.mean(t) for t in terms]
@@ -171,17 +205,21 @@ class Flow(Block):
         return {"loss": -(base + total), "base_log_prob": base, "log_det": total, "layer_log_dets": layer}
 
     # -- sampling ----------------------------------------------------------------------------------
-    def sample(self, params, rng, n, context=None, *, dtype=None):
-        """x = f(z; context), z ~ p_Z: n samples (n, dim) on ``rng``'s backend (context broadcast to n)."""
+    def sample(self, params, rng, n, context=None, *, dtype=None, state=None):
+        """x = f(z; context), z ~ p_Z: n samples (n, dim) on ``rng``'s backend (context broadcast to n).
+
+        A flow with BatchNormFlow layers needs ``state`` (their running statistics)."""
         z = self._base_sample(params, rng, n, dtype)
-        x, _ = self.bijector.forward(params["bijector"], z, _context_for(z, context))
+        x, _ = bj.call_bijector(self.bijector, "forward", params["bijector"], z, _context_for(z, context),
+                                False, self._bstate(state))
         return x
 
-    def sample_and_log_prob(self, params, rng, n, context=None, *, dtype=None):
+    def sample_and_log_prob(self, params, rng, n, context=None, *, dtype=None, state=None):
         """(x, log p(x)) from one forward pass: log p(x) = log p_Z(z) - log|det df/dz|."""
         z = self._base_sample(params, rng, n, dtype)
         context = _context_for(z, context)
-        x, log_det = self.bijector.forward(params["bijector"], z, context)
+        x, log_det = bj.call_bijector(self.bijector, "forward", params["bijector"], z, context, False,
+                                      self._bstate(state))
         return x, self.base.log_prob(params["base"], z, context) - log_det
 
     def _base_sample(self, params, rng, n, dtype):
@@ -195,9 +233,10 @@ class Flow(Block):
         """New params with every ActNorm set from the batch x (..., dim) as it reaches that layer."""
         return self._data_pass(params, x, "init_from_data", context)
 
-    def update_stats(self, params, x, context=None):
-        """New params with every BatchNormFlow's running statistics moved towards those of batch x."""
-        return self._data_pass(params, x, "update_stats", context)
+    def update_stats(self, params, state, x, context=None):
+        """New state with every BatchNormFlow's running statistics moved towards those of batch x."""
+        self._check_x(x)
+        return self.loss_and_state(params, state, x if context is None else (x, context))[1]
 
     def _data_pass(self, params, x, method, context):
         self._check_x(x)

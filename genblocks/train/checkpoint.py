@@ -2,7 +2,8 @@
 
 File layout (format ``genblocks-checkpoint``, version 1):
 
-- one array per tree leaf, named by its path: ``params/0/W``, ``opt_state/m/0/W``, ``opt_state/step``
+- one array per tree leaf, named by its path: ``params/0/W``, ``opt_state/m/0/W``, ``opt_state/step``,
+  ``state/loss_history`` (the model's non-trained ``state`` tree, when there is one)
   (dict keys are escaped: ``%`` -> ``%25``, ``/`` -> ``%2F``);
 - ``__genblocks__``: a 0-d unicode array holding a JSON header: format and version, the structure of
   each tree (dict / list / tuple / None nodes; leaves with their name, shape and dtype), ``step``, the
@@ -25,7 +26,7 @@ __all__ = ["save", "load", "check_compatible", "FORMAT", "VERSION"]
 FORMAT = "genblocks-checkpoint"
 VERSION = 1
 HEADER = "__genblocks__"
-TREES = ("params", "opt_state")
+TREES = ("params", "opt_state", "state")
 _ARRAY_KINDS = "biufc"  # bool, int, uint, float, complex: the dtypes an .npz stores without pickle
 
 
@@ -68,8 +69,11 @@ def _check_json(value, argname, expected="a JSON-serialisable dict"):
     return value
 
 
-def save(path, params, opt_state=None, step=None, rng=None, config=None, extra=None):
+def save(path, params, opt_state=None, step=None, rng=None, config=None, extra=None, state=None):
     """Write ``params`` (and optimizer state, step, ``Rng`` state, config) to one ``.npz`` at ``path``.
+
+    ``state`` is the model's non-trained tree (running statistics, loss histories; see
+    ``Block.init_state``), saved beside the params and returned by :func:`load` as ``"state"``.
 
     Trees are dict/list/tuple/None of arrays of any backend (copied to the host). ``step`` is an int
     >= 0 or None; ``rng`` an :class:`Rng` (numpy or strict backend) or None; ``config`` and ``extra``
@@ -80,6 +84,8 @@ def save(path, params, opt_state=None, step=None, rng=None, config=None, extra=N
     structures = {"params": _flatten(params, "params", arrays, "params")}
     if opt_state is not None:
         structures["opt_state"] = _flatten(opt_state, "opt_state", arrays, "opt_state")
+    if state is not None:
+        structures["state"] = _flatten(state, "state", arrays, "state")
     if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
         raise ValueError(f"step: expected a non-negative int or None, got {step!r}")
     if rng is not None and not isinstance(rng, Rng):
@@ -180,7 +186,7 @@ def _read_header(arrays):
 
 
 def load(path, like=None):
-    """Read a checkpoint written by :func:`save`: ``dict(params, opt_state, step, rng, config, extra)``.
+    """Read a checkpoint written by :func:`save`: ``dict(params, opt_state, state, step, rng, config, extra)``.
 
     Arrays come back as host (numpy) arrays in their saved dtypes, trees with their dict/list/tuple
     structure; ``rng`` is an :class:`Rng` that continues where the saved one was (or None). With
@@ -208,6 +214,7 @@ def load(path, like=None):
     out = {
         "params": trees["params"],
         "opt_state": trees.get("opt_state"),
+        "state": trees.get("state"),
         "step": header["step"],
         "rng": rng,
         "config": header["config"],

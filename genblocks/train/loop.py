@@ -12,6 +12,12 @@ The epoch permutations ``perm_e`` and the loss generators ``rng_s`` are derived 
 generator and the numbers ``e`` and ``s`` alone (not from how many draws came before), so a run resumed
 from a checkpoint at step ``s`` takes exactly the same steps as one that never stopped: the final params
 are bit-identical.
+
+With a model ``state`` (``fit(..., state=model.init_state())``) the loss is
+``loss(params, state, batch, rng) -> (value, new_state)``: the state (running statistics, loss
+histories: trees that are updated, not trained) is carried from step to step, differentiated through
+never, seen by neither the optimizer, ``clip_norm`` nor the EMA, and checkpointed with the params, so
+a resume restores it and stays bit-identical to a run that never stopped.
 """
 
 import math
@@ -20,11 +26,11 @@ from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
 
-from genblocks.backends import Rng, backend_of, namespace, value_and_grad
+from genblocks.backends import Rng, backend_of, namespace, stop_gradient, value_and_grad
 
 from . import checkpoint
 from .optim import _check_optimizer, _check_real, _scale_to, ema
-from .tree import global_norm, tree_all_finite, tree_leaves
+from .tree import global_norm, tree_all_finite, tree_leaves, tree_map
 
 __all__ = ["fit", "FitResult", "NonFiniteLossError"]
 
@@ -52,7 +58,8 @@ class NonFiniteLossError(FloatingPointError):
 class FitResult:
     """What :func:`fit` returns.
 
-    ``params`` and ``opt_state`` after the last step; ``history`` = ``{"loss": [float per step],
+    ``params``, ``opt_state`` and ``state`` (the model state; None when fit ran without one) after the
+    last step; ``history`` = ``{"loss": [float per step],
     "grad_norm": [float per step, before clipping], "eval": [(steps_done, eval_fn result), ...]}``;
     ``ema_params`` (the parameter average when ``ema_decay`` is set, else None); ``step`` = steps done.
     """
@@ -62,6 +69,7 @@ class FitResult:
     history: dict = field(default_factory=dict)
     ema_params: object = None
     step: int = 0
+    state: object = None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -141,13 +149,18 @@ def _jsonable(value):
 # the loop
 
 
-def fit(loss, params, data, rng, optimizer, steps, *, batch_size=128, progress=True, eval_fn=None,
+def fit(loss, params, data, rng, optimizer, steps, *, state=None, batch_size=128, progress=True, eval_fn=None,
         eval_every=None, checkpoint_path=None, checkpoint_every=None, config=None, resume=False,
         clip_norm=None, ema_decay=None, log_every=1):
     """Minimise ``E_batch[loss(params, batch, rng)]`` for ``steps`` optimizer steps; returns :class:`FitResult`.
 
     - ``loss(params, batch, rng) -> scalar``: ``batch`` has the type of ``data`` with ``batch_size``
       rows; ``rng`` is a fresh :class:`Rng` for this step.
+    - ``state``: the model's non-trained tree (``model.init_state()``) or None. When given, the loss is
+      ``loss(params, state, batch, rng) -> (scalar, new_state)`` (e.g. ``model.loss_and_state``);
+      gradients are taken w.r.t. ``params`` only, ``new_state`` is detached from the gradient tape and
+      fed to the next step, and the optimizer, ``clip_norm`` and the EMA never see it. It is saved in
+      checkpoints and restored on resume; ``FitResult.state`` is the final one.
     - ``params``: dict/list/tuple tree of float numpy arrays. ``data``: a host array (n, ...) or a tuple
       of such arrays with the same n (e.g. ``(x, labels)``); float arrays must be finite.
     - ``rng``: a numpy-backend :class:`Rng`; one child is split off it as the run's root generator.
@@ -197,6 +210,11 @@ def fit(loss, params, data, rng, optimizer, steps, *, batch_size=128, progress=T
             "use Rng(seed, backend='numpy')"
         )
     _check_numpy(params, "params")
+    if state is not None:
+        if not isinstance(state, (dict, list, tuple)):
+            raise TypeError(f"state: expected a dict/list/tuple tree of arrays (model.init_state()) or None, "
+                            f"got {type(state).__name__}")
+        _check_numpy(state, "state")
     arrays, n = _check_data(data)
     batch_size = min(batch_size, n)
     per_epoch = n // batch_size
@@ -205,8 +223,8 @@ def fit(loss, params, data, rng, optimizer, steps, *, batch_size=128, progress=T
     start, opt_state, ema_state = 0, None, None
     history = {"loss": [], "grad_norm": [], "eval": []}
     if resume and os.path.exists(checkpoint_path):
-        state = _resume(checkpoint_path, params, init, averager, n, batch_size, steps)
-        start, params, opt_state, ema_state, root, history = state
+        resumed = _resume(checkpoint_path, params, init, averager, n, batch_size, steps, state)
+        start, params, opt_state, ema_state, root, history, state = resumed
     else:
         opt_state = init(params)
         ema_state = None if averager is None else averager.init(params)
@@ -232,20 +250,47 @@ def fit(loss, params, data, rng, optimizer, steps, *, batch_size=128, progress=T
             "ema": ema_state,
             "history": {k: xp.asarray(history[k], dtype=xp.float64) for k in ("loss", "grad_norm")},
         }
-        checkpoint.save(checkpoint_path, params, fit_state, step=done, rng=root, config=config, extra=extra)
+        checkpoint.save(checkpoint_path, params, fit_state, step=done, rng=root, config=config, extra=extra,
+                        state=state)
 
-    def scalar_loss(params, batch, step_rng):
-        value = loss(params, batch, step_rng)
+    def check_scalar(value):
         if getattr(value, "shape", ()) != ():
             raise ValueError(f"loss: expected a scalar, got shape {tuple(value.shape)}")
         return value
 
-    value_and_grad_fn = value_and_grad(scalar_loss)
+    if state is None:
+        def scalar_loss(params, batch, step_rng):
+            return check_scalar(loss(params, batch, step_rng))
+
+        plain = value_and_grad(scalar_loss)
+
+        def step_fn(params, batch, step_rng, state):
+            value, grads = plain(params, batch, step_rng)
+            return value, grads, None
+    else:
+        # new_state leaves the traced call through this box, detached leaf by leaf: the state is an
+        # output of the step, never something gradients flow into or through.
+        carried = {}
+
+        def scalar_loss(params, batch, step_rng, state):
+            out = loss(params, state, batch, step_rng)
+            if not (isinstance(out, tuple) and len(out) == 2):
+                raise TypeError(f"loss: with state given, expected loss(params, state, batch, rng) -> "
+                                f"(scalar, new_state), got {type(out).__name__}")
+            carried["state"] = tree_map(stop_gradient, out[1])
+            return check_scalar(out[0])
+
+        traced = value_and_grad(scalar_loss)
+
+        def step_fn(params, batch, step_rng, state):
+            value, grads = traced(params, batch, step_rng, state)
+            return value, grads, carried.pop("state")
+
     bar = tqdm(total=steps, initial=start, disable=not progress, desc="fit", dynamic_ncols=True)
     good = (params, None, None)  # (params, step, loss) of the last completed step; the start before any
     try:
         for step in range(start, steps):
-            value, grads = value_and_grad_fn(params, batch_at(step), _child(loss_root, step))
+            value, grads, new_state = step_fn(params, batch_at(step), _child(loss_root, step), state)
             loss_value = float(value)
             norm = global_norm(grads)
             if not (math.isfinite(loss_value) and math.isfinite(norm)):
@@ -254,6 +299,7 @@ def fit(loss, params, data, rng, optimizer, steps, *, batch_size=128, progress=T
                 grads = _scale_to(grads, norm, clip_norm)
             good = (params, step, loss_value)
             params, opt_state = update(grads, opt_state, params)
+            state = new_state
             if averager is not None:
                 ema_state = averager.update(params, ema_state)
             history["loss"].append(loss_value)
@@ -269,7 +315,8 @@ def fit(loss, params, data, rng, optimizer, steps, *, batch_size=128, progress=T
                 save(done)
     finally:
         bar.close()
-    return FitResult(params=params, opt_state=opt_state, history=history, ema_params=ema_state, step=steps)
+    return FitResult(params=params, opt_state=opt_state, history=history, ema_params=ema_state, step=steps,
+                     state=state)
 
 
 def _non_finite(loss_value, norm, step, good, history):
@@ -288,7 +335,7 @@ def _non_finite(loss_value, norm, step, good, history):
     )
 
 
-def _resume(path, params, init, averager, n, batch_size, steps):
+def _resume(path, params, init, averager, n, batch_size, steps, model_state):
     saved = checkpoint.load(path, like=params)
     fit_info = (saved["extra"] or {}).get("fit")
     state = saved["opt_state"]
@@ -317,4 +364,11 @@ def _resume(path, params, init, averager, n, batch_size, steps):
     history["eval"] = [(int(s), r) for s, r in fit_info.get("eval", [])]
     if len(history["loss"]) != start:
         raise ValueError(f"checkpoint_path: {path!r} holds {len(history['loss'])} losses for {start} steps")
-    return start, saved["params"], state["optimizer"], state["ema"], saved["rng"], history
+    if (saved["state"] is None) != (model_state is None):
+        raise ValueError(
+            f"state: {path!r} was written {'with' if saved['state'] is not None else 'without'} a model state, "
+            f"this call has state={'None' if model_state is None else 'given'}"
+        )
+    if model_state is not None:
+        checkpoint.check_compatible(model_state, saved["state"], name="state", source=path)
+    return start, saved["params"], state["optimizer"], state["ema"], saved["rng"], history, saved["state"]

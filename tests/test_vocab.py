@@ -1,4 +1,4 @@
-"""Blocks and models call only VOCAB names on ``xp`` and never array methods (ARCHITECTURE.md section 2)."""
+"""Blocks and models call only VOCAB names on ``xp`` and never array methods (docs/architecture.md, Backends)."""
 
 import ast
 import pathlib

@@ -1,6 +1,6 @@
 """Bijectors: invertible maps y = f(x) with a tractable log|det df/dx|.
 
-Protocol (ARCHITECTURE.md section 3): ``forward(params, x, context=None) -> (y, log_det)`` and
+Protocol (docs/architecture.md, Blocks and their protocols): ``forward(params, x, context=None) -> (y, log_det)`` and
 ``inverse(params, y, context=None) -> (x, log_det)``, each log_det = log|det| of that direction's Jacobian,
 with the batch shape ``x.shape[:-1]``; events are the trailing axis. ``Chain([b1, b2])`` applies b1 first,
 ``Invert(b)`` swaps the directions. Blocks store hyperparameters and constants (masks, permutations);

@@ -198,8 +198,8 @@ def _adam(lr, b1, b2, eps, weight_decay):
         grads = tree_map(lambda g, p: _cast_like(xp, g, p), grads, params)
 
         # Same equations as the docstring, arranged so that each leaf allocates three fresh arrays (m, v and
-        # the new parameter) and updates them in place: large temporaries cost page faults (ARCHITECTURE.md
-        # section 5). Inputs are never modified, so the update stays pure. Using
+        # the new parameter) and updates them in place: large temporaries cost page faults (docs/architecture.md,
+        # Numerics). Inputs are never modified, so the update stays pure. Using
         # m_hat / (sqrt(v_hat) + eps) = (sqrt(c2) / c1) m / (sqrt(v) + eps sqrt(c2)):
         def moment(old, g, beta, square):
             new = g * g if square else g - old

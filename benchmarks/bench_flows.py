@@ -39,9 +39,10 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from
 from genblocks.backends import Rng, to_numpy, value_and_grad  # noqa: E402
 from genblocks.blocks import bijectors as bj  # noqa: E402
 from genblocks.data import TRUE_ENTROPY, checkerboard, eight_gaussians, load_digits  # noqa: E402
-from genblocks.models.flow import Flow, dequantized_loss, dequantized_nll, neural_spline_flow, real_nvp  # noqa: E402
+from genblocks.models.flow import Flow, neural_spline_flow, real_nvp  # noqa: E402
 from genblocks.train.loop import fit  # noqa: E402
 from genblocks.train.optim import adam, cosine_decay  # noqa: E402
+from genblocks.train.recipes import dequantized_loss, dequantized_nll  # noqa: E402
 
 TOY = {"checkerboard": checkerboard, "eight_gaussians": eight_gaussians}
 DIGIT_LEVELS = 17

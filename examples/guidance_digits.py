@@ -20,9 +20,10 @@ from genblocks.blocks import samplers
 from genblocks.blocks.schedules import DiscreteSchedule
 from genblocks.blocks.score_nets import MLPScoreNet, UNet
 from genblocks.data import load_digits
-from genblocks.models.diffusion import Diffusion, NoisyClassifier, train_noisy_classifier
+from genblocks.models.diffusion import Diffusion, NoisyClassifier
 from genblocks.train.loop import fit
 from genblocks.train.optim import adam
+from genblocks.train.recipes import train_noisy_classifier
 
 
 class FlatImages:

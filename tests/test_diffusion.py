@@ -23,10 +23,10 @@ from genblocks.models.diffusion import (
     NoisyClassifier,
     discretized_gaussian_log_likelihood,
     normal_kl,
-    train_noisy_classifier,
 )
 from genblocks.train.loop import fit
 from genblocks.train.optim import adam
+from genblocks.train.recipes import train_noisy_classifier
 
 W = np.array([0.3, 0.7])
 MU = np.array([[-1.5, 0.5], [1.0, -0.5]])

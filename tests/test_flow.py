@@ -12,6 +12,7 @@ from genblocks.blocks import bijectors as bj
 from genblocks.blocks.distributions import Independent, Normal
 from genblocks.checks import check_normalized
 from genblocks.models import flow as F
+from genblocks.train.recipes import dequantized_loss, dequantized_nll
 
 
 def randomize(params, seed, scale=0.1):
@@ -275,7 +276,7 @@ def test_dequantized_nll_reports_nats_and_bits_per_dim():
     flow = F.real_nvp(4, layers=2, hidden=(8,))
     params = random_params(flow)
     x = np.random.default_rng(0).integers(0, 17, size=(50, 4)).astype(np.float64)
-    out = F.dequantized_nll(flow, params, x, Rng(3), num_bins=17, samples=2)
+    out = dequantized_nll(flow, params, x, Rng(3), num_bins=17, samples=2)
     from genblocks.data import uniform_dequantize
 
     lp = [flow.log_prob(params, uniform_dequantize(x, r, num_bins=17)).mean() for r in Rng(3).split(2)]
@@ -288,7 +289,7 @@ def test_dequantized_loss_draws_fresh_noise_each_call():
     flow = F.real_nvp(3, layers=1, hidden=(4,))
     params = random_params(flow)
     x = np.random.default_rng(0).integers(0, 5, size=(20, 3)).astype(np.float64)
-    loss = F.dequantized_loss(flow, num_bins=5)
+    loss = dequantized_loss(flow, num_bins=5)
     from genblocks.data import uniform_dequantize
 
     np.testing.assert_allclose(loss(params, x, Rng(1)),

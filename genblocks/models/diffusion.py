@@ -21,7 +21,7 @@ from genblocks.blocks import samplers as S
 from genblocks.blocks.base import Block, check_array
 from genblocks.blocks.ops import log_softmax, stop_gradient
 
-__all__ = ["Diffusion", "LossSecondMomentSampler", "NoisyClassifier", "train_noisy_classifier", "normal_kl",
+__all__ = ["Diffusion", "LossSecondMomentSampler", "NoisyClassifier", "normal_kl",
            "discretized_gaussian_log_likelihood", "SAMPLERS"]
 
 SAMPLERS = {
@@ -514,28 +514,3 @@ class NoisyClassifier(Block):
         return lambda x, t, y: self.log_prob(params, x, t, y)
 
 
-def train_noisy_classifier(classifier, schedule, x, y, rng, *, steps=500, batch_size=128, lr=1e-3, params=None,
-                           progress=False):
-    """Fit ``NoisyClassifier`` params by minimising -log p(y | alpha_t x + sigma_t eps, t) over random t and eps.
-
-    x (n, ...) host data, y (n,) int labels. Returns the trained params (numpy backend).
-    """
-    from genblocks.train.loop import fit
-    from genblocks.train.optim import adam
-
-    r_init, r_fit = rng.split(2)
-    if params is None:
-        params = classifier.init(r_init, "float64" if "64" in str(x.dtype) else "float32")
-
-    def loss(p, batch, r):
-        xb, yb = batch
-        xp = namespace(xb, p)
-        dtype = "float64" if "64" in str(xb.dtype) else "float32"
-        r_t, r_eps = r.split(2)
-        t = schedule.sample_t(r_t, xb.shape[0], dtype)
-        a, s = schedule.marginal(t)
-        shape = (xb.shape[0],) + (1,) * (xb.ndim - 1)
-        x_t = xp.reshape(a, shape) * xb + xp.reshape(s, shape) * r_eps.normal(tuple(xb.shape), dtype=dtype)
-        return -xp.mean(classifier.log_prob(p, x_t, t, yb))
-
-    return fit(loss, params, (x, y), r_fit, adam(lr), steps, batch_size=batch_size, progress=progress).params

@@ -14,20 +14,19 @@ in the bijector they stack (``genblocks.blocks.bijectors``):
   evaluates densities in one pass and samples in D, IAF the other way round;
 - ``neural_spline_flow``: rational-quadratic spline couplings or autoregressive layers (Durkan et al. 2019).
 
-Integer data (images) is dequantized with ``genblocks.data.uniform_dequantize``: ``dequantized_loss`` trains on
-fresh noise every step, ``dequantized_nll`` reports the resulting bound on the discrete NLL in nats per
-example and bits per dimension.
+Integer data (images) is dequantized with ``genblocks.data.uniform_dequantize``: the recipes
+``genblocks.train.recipes.dequantized_loss`` (fresh noise every step) and ``dequantized_nll`` (the bound on the
+discrete NLL in nats per example and bits per dimension) join a flow to that data.
 """
 
 
-from genblocks.backends import namespace, namespace_of, to_numpy
+from genblocks.backends import namespace, namespace_of
 from genblocks.blocks import bijectors as bj
 from genblocks.blocks.base import Block, Distribution, check_array, check_dtype, check_positive_int, dtype_name
 from genblocks.blocks.distributions import Independent, Normal
 
 __all__ = [
-    "StandardNormal", "Flow", "real_nvp", "glow", "maf", "iaf", "neural_spline_flow", "dequantized_loss",
-    "dequantized_nll",
+    "StandardNormal", "Flow", "real_nvp", "glow", "maf", "iaf", "neural_spline_flow",
 ]
 
 
@@ -374,40 +373,3 @@ def neural_spline_flow(dim, *, layers=4, bins=8, bound=3.0, hidden=(64, 64), kin
     return Flow(dim, bj.Chain(parts))
 
 
-# ---------------------------------------------------------------------------------------------------
-# Integer data
-
-
-def dequantized_loss(flow, *, num_bins):
-    """A ``fit`` loss for integer data: loss(params, x, rng) = -mean log p((x + u) / K), u ~ U[0, 1)^D.
-
-    The noise u is drawn afresh from ``rng`` at every call (a single fixed draw lets a flow memorise it, and
-    held-out likelihoods collapse). x: (n, D) integer levels in [0, K) as floats, K = ``num_bins``.
-    """
-    from genblocks.data import uniform_dequantize
-
-    def loss(params, x, rng):
-        return flow.loss(params, uniform_dequantize(x, rng, num_bins=num_bins))
-
-    return loss
-
-
-def dequantized_nll(flow, params, x, rng, *, num_bins, samples=1, context=None):
-    """Discrete NLL bound -log P(x) <= -E_u[log p((x + u) / K)] + D log K, averaged over examples.
-
-    x: (n, D) integer levels in [0, K) as floats, on ``rng``'s backend; ``flow`` models data in [0, 1)^D.
-    Returns {"nats": nats per example, "bits_per_dim": bits per dimension} (Python floats).
-    """
-    from genblocks.data import dequantization_log_det, uniform_dequantize
-    from genblocks.metrics import nats_to_bits_per_dim
-
-    check_array(x, "x", ndim=2)
-    samples = check_positive_int(samples, "samples")
-    xp = namespace(x)
-    total = 0.0
-    for r in rng.split(samples):
-        y = uniform_dequantize(x, r, num_bins=num_bins)
-        total += float(to_numpy(xp.mean(flow.log_prob(params, y, context))))
-    dim = x.shape[-1]
-    nats = -(total / samples + dequantization_log_det(num_bins, dim))
-    return {"nats": nats, "bits_per_dim": float(nats_to_bits_per_dim(nats, dim))}

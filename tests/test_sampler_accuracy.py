@@ -12,6 +12,9 @@ import math
 
 import numpy as np
 import pytest
+from test_samplers import COV as COVS
+from test_samplers import MU as MEANS
+from test_samplers import W
 
 from genblocks.backends import Rng
 from genblocks.blocks import samplers as S
@@ -115,9 +118,6 @@ def test_second_order_dpm_solver_beats_ddim_at_ten_steps(spacing):
 # -- zero terminal SNR: alpha = 0 at t = T-1 ------------------------------------------------------------
 
 ZSNR = DiscreteSchedule("linear", 1000, rescale_betas_zero_snr=True)
-W = np.array([0.3, 0.7])
-MEANS = np.array([[-1.5, 0.5], [1.0, -0.5]])
-COVS = np.array([[[0.2, 0.05], [0.05, 0.1]], [[0.1, 0.0], [0.0, 0.3]]])
 ZSNR_SAMPLERS = {  # name -> (sampler call, None or the text of the error it must raise for every prediction type)
     "ddpm": (lambda o, pt: S.ddpm_sample(o, ZSNR, Rng(0), (2000, 2), prediction_type=pt, num_inference_steps=100,
                                          timestep_spacing="trailing", dtype="float64"), None),

@@ -667,3 +667,25 @@ def test_domain_boundary_is_allowed_and_nan_passes_through(cls, direction, edge)
     with np.errstate(divide="ignore", invalid="ignore"):
         y, _ = getattr(cls(), direction)({}, np.array([[edge, np.nan]]))
     assert np.isinf(y[0, 0]) and np.isnan(y[0, 1])
+
+
+# ---------------------------------------------------------------------------------------------------
+# float32 accuracy of the spline (issue 10.5)
+
+
+def test_spline_float32_log_det_matches_float64_in_steep_bins(backend):
+    # raw parameters of scale 8 give bins of minimum height next to wide ones and derivatives up to ~20: a
+    # point near the top of such a bin used to lose 1 - theta to cancellation in the inverse (0.55 nats of
+    # log-det); solving from the nearer knot keeps every point within 0.02 nats of float64 on the same
+    # float32 inputs (measured max 0.010 inverse, 0.005 forward over 20000 points)
+    g = np.random.default_rng(0)
+    n, K = 20000, 8
+    raw = [g.normal(0.0, 8.0, (n, K)), g.normal(0.0, 8.0, (n, K)), g.normal(0.0, 8.0, (n, K - 1))]
+    x = g.uniform(-3.2, 3.2, n)
+    args32 = [a.astype(np.float32) for a in [x] + raw]
+    for inverse in (False, True):
+        out32, ld32 = rational_quadratic_spline(*to_device(args32, backend), inverse=inverse)
+        out64, ld64 = rational_quadratic_spline(*[a.astype(np.float64) for a in args32], inverse=inverse)
+        err = np.abs(to_numpy(ld32).astype(np.float64) - ld64)
+        assert err.max() < 0.02, (inverse, err.max(), int(err.argmax()))
+        assert np.abs(to_numpy(out32) - out64).max() < 0.01

@@ -667,22 +667,37 @@ def rational_quadratic_spline(x, widths, heights, derivatives, *, bound=3.0, inv
         return xp.squeeze(xp.take_along_axis(a, index, axis=-1), axis=-1)
 
     x0, y0, d0 = at(xk, k), at(yk, k), at(d, k)
-    w, h, d1 = at(xk, k + 1) - x0, at(yk, k + 1) - y0, at(d, k + 1)
+    x1, y1, d1 = at(xk, k + 1), at(yk, k + 1), at(d, k + 1)
+    w, h = x1 - x0, y1 - y0
     s = h / w
     c = d0 + d1 - 2.0 * s
-    if inverse:  # solve the quadratic a theta^2 + b theta + q = 0 in its cancellation-free form
-        dy = v - y0
-        a = h * (s - d0) + dy * c
-        b = h * d0 - dy * c
-        q = -s * dy
-        disc = xp.maximum(b * b - 4.0 * a * q, 0.0)
-        theta = (2.0 * q) / (-b - xp.sqrt(disc))
+    # Work from the nearer end of the bin: u = theta (lower half) or 1 - theta (upper half). The formulas are
+    # symmetric under theta -> 1 - theta with d0 <-> d1 and distances measured from the other knot, and in
+    # float32 a theta near 1 measured from x_k / y_k loses 1 - theta to cancellation (up to ~1 nat of log-det
+    # in a steep bin next to the bound); from the near knot it keeps its relative accuracy.
+    if inverse:  # upper half: v above the value at theta = 1/2, y_k + h (s + d0) / (2 s + d0 + d1)
+        upper = (v - y0) * (2.0 * s + d0 + d1) > h * (s + d0)
+        r = xp.where(upper, y1 - v, v - y0)
     else:
-        theta = (v - x0) / w
-    t1 = theta * (1.0 - theta)
+        upper = 2.0 * (v - x0) > w
+        r = xp.where(upper, x1 - v, v - x0)
+    d_near, d_far = xp.where(upper, d1, d0), xp.where(upper, d0, d1)
+    if inverse:  # solve the quadratic a u^2 + b u + q = 0 in its cancellation-free form
+        a = h * (s - d_near) + r * c
+        b = h * d_near - r * c
+        q = -s * r
+        disc = xp.maximum(b * b - 4.0 * a * q, 0.0)
+        u = (2.0 * q) / (-b - xp.sqrt(disc))
+    else:
+        u = r / w
+    t1 = u * (1.0 - u)
     denom = s + c * t1
-    out = theta * w + x0 if inverse else y0 + h * (s * theta * theta + d0 * t1) / denom
-    log_deriv = (2.0 * xp.log(s) + xp.log(d1 * theta * theta + 2.0 * s * t1 + d0 * (1.0 - theta) ** 2)
+    if inverse:
+        out = xp.where(upper, x1 - u * w, x0 + u * w)
+    else:
+        g = h * (s * u * u + d_near * t1) / denom
+        out = xp.where(upper, y1 - g, y0 + g)
+    log_deriv = (2.0 * xp.log(s) + xp.log(d_far * u * u + 2.0 * s * t1 + d_near * (1.0 - u) ** 2)
                  - 2.0 * xp.log(denom))
     if inverse:
         log_deriv = -log_deriv

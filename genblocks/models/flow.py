@@ -114,6 +114,13 @@ class Flow(Block):
     not trained (BatchNormFlow's running statistics). Train a flow with state by
     ``fit(flow.loss_and_state, params, x, rng, opt, steps, state=flow.init_state(params))`` and evaluate or
     sample with ``state=result.state``.
+
+    float32 error budget: on every backend, ``log_prob`` in float32 agrees per point with the float64
+    ``log_prob`` of the same float32-rounded params and points to |lp32 - lp64| <= 2e-3 dim (1 + |lp64|)
+    wherever |lp64| <= 1e3 (tested for neural_spline_flow and real_nvp with perturbed params, on points inside,
+    at and just outside the spline bound and a few far ones; measured worst 8.1e-4 and 3.2e-4 of that scale).
+    Beyond |lp64| ~ 1e3 a layer that amplifies by e^k cancels large shifts in float32 (x_b - t(x_a)), an
+    error of the float32 inputs' conditioning that float32 cannot avoid; use float64 there.
     """
 
     def __init__(self, base, bijector):

@@ -40,6 +40,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from
 from allocator import keep_freed_memory  # noqa: E402 (benchmarks/allocator.py, next to this script)
 
 from genblocks.backends import Rng, to_numpy, value_and_grad  # noqa: E402
+from genblocks.blocks.samplers import clip_sample  # noqa: E402
 from genblocks.blocks.schedules import DiscreteSchedule  # noqa: E402
 from genblocks.blocks.score_nets import MLPScoreNet  # noqa: E402
 from genblocks.data import checkerboard, load_digits  # noqa: E402
@@ -47,6 +48,8 @@ from genblocks.metrics import mmd  # noqa: E402
 from genblocks.models.diffusion import Diffusion  # noqa: E402
 from genblocks.train.loop import fit  # noqa: E402
 from genblocks.train.optim import adam  # noqa: E402
+
+CLIP_RANGE = 2.0  # DPM-Solver++'s x_0 clipping, the same on both sides of the comparison
 
 
 def train(model, data, steps, seed=0):
@@ -172,9 +175,8 @@ def time_pair(fn_a, fn_b, repeat=3):
 
 def sampling_table(model, params, quick, threads=None):
     n = 200 if quick else 1000
-    runs = [("DDPM", "ddpm", {}), ("DDIM", "ddim", {"num_inference_steps": 50}),
-            ("DPM-Solver++", "dpm_solver_pp", {"num_inference_steps": 20, "clip_sample": True,
-                                               "clip_sample_range": 2.0})]
+    runs = [("DDPM", "ddpm", {"num_inference_steps": None}), ("DDIM", "ddim", {"num_inference_steps": 50}),
+            ("DPM-Solver++", "dpm_solver_pp", {"num_inference_steps": 20, "x0_transform": clip_sample(2.0)})]
     try:
         import torch
 
@@ -194,7 +196,7 @@ def sampling_table(model, params, quick, threads=None):
         if torch is not None:
             x = torch.randn(n, 2)
             if sampler == "dpm_solver_pp":
-                twin_loop = lambda: torch_dpm_solver_pp(twin, model.schedule, x, grid, kw["clip_sample_range"])
+                twin_loop = lambda: torch_dpm_solver_pp(twin, model.schedule, x, grid, CLIP_RANGE)
             else:
                 eta = 1.0 if sampler == "ddpm" else 0.0
                 steps = kw.get("num_inference_steps", model.schedule.num_train_timesteps)

@@ -25,9 +25,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_diffusion import torch_ddim, torch_dpm_solver_pp, torch_twin  # noqa: E402
+from bench_diffusion import CLIP_RANGE, torch_ddim, torch_dpm_solver_pp, torch_twin  # noqa: E402
 
 from genblocks.backends import Rng, to_device  # noqa: E402
+from genblocks.blocks.samplers import clip_sample  # noqa: E402
 from genblocks.blocks.schedules import DiscreteSchedule  # noqa: E402
 from genblocks.blocks.score_nets import MLPScoreNet, UNet  # noqa: E402
 from genblocks.models.diffusion import Diffusion  # noqa: E402
@@ -87,9 +88,8 @@ def main():
     host = perturbed(model.init(Rng(0, "numpy")))
     dev = to_device(host, "cupy")
     twin = torch_twin(host, model.network, "cuda") if torch_ok else None
-    runs = [("DDPM", "ddpm", {}), ("DDIM", "ddim", {"num_inference_steps": 50}),
-            ("DPM-Solver++", "dpm_solver_pp", {"num_inference_steps": 20, "clip_sample": True,
-                                               "clip_sample_range": 2.0})]
+    runs = [("DDPM", "ddpm", {"num_inference_steps": None}), ("DDIM", "ddim", {"num_inference_steps": 50}),
+            ("DPM-Solver++", "dpm_solver_pp", {"num_inference_steps": 20, "x0_transform": clip_sample(2.0)})]
     print(f"\ndiffusion sampling, MLP 2-128-128-128-2 with FiLM, float32 (best of {repeat}); samples/s and ratio "
           "of times genblocks-cupy / torch-cuda")
     for n in ((1000,) if args.quick else (1000, 100_000)):
@@ -103,7 +103,7 @@ def main():
             if twin is not None:
                 x = torch.randn(n, 2, device="cuda")
                 if sampler == "dpm_solver_pp":
-                    loop = lambda: torch_dpm_solver_pp(twin, model.schedule, x, grid, kw["clip_sample_range"])
+                    loop = lambda: torch_dpm_solver_pp(twin, model.schedule, x, grid, CLIP_RANGE)
                 else:
                     loop = lambda: torch_ddim(twin, model.schedule, x, kw.get("num_inference_steps", T),
                                               1.0 if sampler == "ddpm" else 0.0)

@@ -15,6 +15,7 @@ import time
 import numpy as np
 
 from genblocks.backends import Rng, to_numpy
+from genblocks.blocks.samplers import clip_sample
 from genblocks.blocks.schedules import DiscreteSchedule
 from genblocks.blocks.score_nets import MLPScoreNet
 from genblocks.data import checkerboard
@@ -50,11 +51,11 @@ def main():
           f"{np.mean(result.history['loss'][-50:]):.4f}")
 
     runs = {
-        f"DDPM-{T}": dict(sampler="ddpm"),
+        f"DDPM-{T}": dict(sampler="ddpm", num_inference_steps=None),
         "DDIM-50": dict(sampler="ddim", num_inference_steps=min(50, T)),
         # the board lies in [-2, 2]^2 once scaled: clipping x0_hat there tames the near-zero-SNR first steps
-        "DPM-Solver++-20": dict(sampler="dpm_solver_pp", num_inference_steps=20, clip_sample=True,
-                                clip_sample_range=2.0),
+        "DPM-Solver++-20": dict(sampler="dpm_solver_pp", num_inference_steps=20,
+                                x0_transform=clip_sample(2.0)),
     }
     samples = {}
     for name, kw in runs.items():

@@ -9,6 +9,7 @@ import math
 import time
 
 from genblocks.backends import to_numpy
+from genblocks.blocks.samplers import clip_sample
 from genblocks.blocks.schedules import DiscreteSchedule
 from genblocks.blocks.score_nets import MLPScoreNet
 from genblocks.data import checkerboard, moons
@@ -78,7 +79,7 @@ def diffusion_row(rng, *, smoke=False):
     # DPM-Solver++(2M), 20 steps, predictions of x_0 clipped to the data range [-2, 2]: unclipped, the
     # first steps (SNR near 0 on the cosine schedule) amplify the eps error into streaks
     samples = model.sample(params, r_sample, 1000 if not smoke else 64, sampler="dpm_solver_pp",
-                           num_inference_steps=20 if not smoke else 5, clip_sample=True, clip_sample_range=2.0)
+                           num_inference_steps=20 if not smoke else 5, x0_transform=clip_sample(2.0))
     return {"family": "diffusion", "model": "DDPM (MLP + FiLM, cosine T=200), DPM-Solver++ 20", "data": "checkerboard",
             "metric": "test NLL (nats, PF-ODE)", "value": float(nll.mean()),
             "seconds": time.perf_counter() - start, "samples": 2.0 * to_numpy(samples)}

@@ -309,7 +309,7 @@ def test_every_sampler_name_runs(name):
     else:
         model = Diffusion(MLPScoreNet(2, (8,), num_classes=2), SCHED)
     p = model.init(Rng(0))
-    kw = {"num_levels": 2, "steps_per_level": 2} if name == "annealed_langevin" else {"num_inference_steps": 4}
+    kw = {"num_inference_steps": 2, "steps_per_level": 2} if name == "annealed_langevin" else {"num_inference_steps": 4}
     y = np.array([0, 1, 0, 1])
     out = model.sample(p, Rng(1), 4, sampler=name, y=y, guidance_weight=2.0, **kw)
     assert out.shape == (4, 2) and np.all(np.isfinite(out))
@@ -427,7 +427,7 @@ def test_every_sampler_passes_one_time_per_call(sampler):
         seen.append(np.asarray(t))
         return inner(x, t)
 
-    kw = {"annealed_langevin": dict(num_levels=2, steps_per_level=2)}.get(sampler, dict(num_inference_steps=4))
+    kw = {"annealed_langevin": dict(num_inference_steps=2, steps_per_level=2)}.get(sampler, dict(num_inference_steps=4))
     SAMPLERS[sampler](model_fn, DiscreteSchedule("linear", 20), Rng(0), (5, 2), **kw)
     S.ode_log_likelihood(model_fn, DiscreteSchedule("linear", 20), np.zeros((5, 2)), rtol=1e-2, atol=1e-2)
     assert seen and all(t.shape == (5,) and np.all(t == t[0]) for t in seen)

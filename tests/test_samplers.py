@@ -192,7 +192,8 @@ def test_adaptive_ode_and_annealed_langevin_run_and_land_near_the_data():
     x, nfev = S.ode_solve_ivp_sample(oracle(VP), VP, Rng(0), (500, 2), rtol=1e-4, atol=1e-4, dtype="float64")
     assert nfev > 10
     assert np.abs(x.mean(0) - oracle().mean).max() < 0.15
-    y = S.annealed_langevin_sample(oracle(VESDE()), VESDE(), Rng(0), (500, 2), num_levels=10, steps_per_level=30,
+    y = S.annealed_langevin_sample(oracle(VESDE()), VESDE(), Rng(0), (500, 2), num_inference_steps=10,
+                                   steps_per_level=30,
                                    step_lr=1e-4, dtype="float64")
     assert np.abs(y.mean(0) - oracle().mean).max() < 0.25
     assert np.abs(np.cov(y.T) - oracle().covariance).max() < 0.3
@@ -203,17 +204,20 @@ def test_adaptive_ode_and_annealed_langevin_run_and_land_near_the_data():
 
 
 BACKEND_RUNS = {
-    "ddpm": lambda o, s, r: S.ddpm_sample(o, s, r, (16, 2), num_inference_steps=10, clip_sample=True),
+    "ddpm": lambda o, s, r: S.ddpm_sample(o, s, r, (16, 2), num_inference_steps=10,
+                                          x0_transform=S.clip_sample()),
     "ddpm_learned": lambda o, s, r: S.ddpm_sample(
         lambda x, t: _concat(o(x, t), x), s, r, (16, 2), num_inference_steps=10, variance_type="learned_range"),
-    "ddim": lambda o, s, r: S.ddim_sample(o, s, r, (16, 2), num_inference_steps=10, eta=0.5, thresholding=True),
+    "ddim": lambda o, s, r: S.ddim_sample(o, s, r, (16, 2), num_inference_steps=10, eta=0.5,
+                                          x0_transform=S.thresholding()),
     "dpm": lambda o, s, r: S.dpm_solver_pp_sample(o, s, r, (16, 2), num_inference_steps=10),
     "heun": lambda o, s, r: S.ode_sample(o, s, r, (16, 2), num_inference_steps=6),
     "euler": lambda o, s, r: S.ode_sample(o, s, r, (16, 2), num_inference_steps=6, method="euler",
                                           sigma_spacing="timesteps"),
     "em": lambda o, s, r: S.euler_maruyama_sample(o, s, r, (16, 2), num_inference_steps=10),
     "pc": lambda o, s, r: S.predictor_corrector_sample(o, s, r, (16, 2), num_inference_steps=5, corrector_steps=2),
-    "langevin": lambda o, s, r: S.annealed_langevin_sample(o, s, r, (16, 2), num_levels=3, steps_per_level=3),
+    "langevin": lambda o, s, r: S.annealed_langevin_sample(o, s, r, (16, 2), num_inference_steps=3,
+                                                       steps_per_level=3),
     "ivp": lambda o, s, r: S.ode_solve_ivp_sample(o, s, r, (16, 2), rtol=1e-3, atol=1e-3)[0],
 }
 
@@ -538,7 +542,7 @@ IN_PLACE_RUNS = {
                                                    callback=cb),
     "pc": lambda m, x, cb, r: S.predictor_corrector_sample(m, LINEAR, r, None, num_inference_steps=4, x_T=x,
                                                         corrector_steps=2, callback=cb),
-    "langevin": lambda m, x, cb, r: S.annealed_langevin_sample(m, LINEAR, r, None, num_levels=2,
+    "langevin": lambda m, x, cb, r: S.annealed_langevin_sample(m, LINEAR, r, None, num_inference_steps=2,
                                                             steps_per_level=3, x_T=x, callback=cb),
 }
 
@@ -580,3 +584,132 @@ def test_sampling_loops_never_read_device_values_on_the_host(name, monkeypatch):
     x = IN_PLACE_RUNS[name](model, x_T, lambda step, t, x: seen.append(t), Rng(0, "strict"))
     monkeypatch.undo()
     assert seen and np.all(np.isfinite(to_numpy(x)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# one loop, one step function per sampler (issue 9.2)
+
+SAMPLER_FNS = {
+    "ddpm": S.ddpm_sample, "ddim": S.ddim_sample, "dpm": S.dpm_solver_pp_sample, "ode": S.ode_sample,
+    "em": S.euler_maruyama_sample, "pc": S.predictor_corrector_sample, "langevin": S.annealed_langevin_sample,
+}
+STEP_FNS = [S.ddpm_step, S.ddim_step, S.dpm_solver_pp_step, S.ode_step, S.euler_maruyama_step, S.langevin_step]
+
+
+def _with_fast(run, fast):
+    """An IN_PLACE_RUNS entry with ``fast`` passed through to the sampler."""
+    import functools
+
+    def patched(m, x, cb, r):
+        originals = {name: getattr(S, name) for name in ("ddpm_sample", "ddim_sample", "dpm_solver_pp_sample",
+                                                         "ode_sample", "euler_maruyama_sample",
+                                                         "predictor_corrector_sample", "annealed_langevin_sample")}
+        try:
+            for name, fn in originals.items():
+                setattr(S, name, functools.partial(fn, fast=fast))
+            return run(m, x, cb, r)
+        finally:
+            for name, fn in originals.items():
+                setattr(S, name, fn)
+    return patched
+
+
+@pytest.mark.parametrize("model_name", ["oracle", "identity"])
+@pytest.mark.parametrize("name", list(IN_PLACE_RUNS))
+def test_fast_path_equals_the_out_of_place_terms_bit_for_bit(name, model_name, backend):
+    """The loop's in-place path adds each step's terms in the same order as ``combine``: identical arrays,
+    also when the model returns its input (every term then aliases the state)."""
+    model = oracle() if model_name == "oracle" else _identity_denoiser
+    x_T = to_device(to_numpy(Rng(3).normal((8, 2), dtype="float64")), backend)
+    plain, fast = [], []
+    got_plain = _with_fast(IN_PLACE_RUNS[name], False)(model, x_T, lambda k, t, x: plain.append(to_numpy(x)),
+                                                       Rng(4, backend))
+    got_fast = _with_fast(IN_PLACE_RUNS[name], True)(model, x_T, lambda k, t, x: fast.append(to_numpy(x)),
+                                                     Rng(4, backend))
+    np.testing.assert_array_equal(to_numpy(got_fast), to_numpy(got_plain))
+    assert len(plain) == len(fast) >= 2
+    for a, b in zip(plain, fast):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_every_step_function_fits_on_a_screen_and_states_its_equation():
+    import inspect
+
+    for fn in STEP_FNS:
+        lines = inspect.getsource(fn).splitlines()
+        assert len(lines) <= 40, (fn.__name__, len(lines))
+        assert "=" in fn.__doc__.splitlines()[0], fn.__name__  # the first docstring line is the update
+
+
+@pytest.mark.parametrize("name", list(SAMPLER_FNS))
+def test_num_inference_steps_one_name_one_default_one_check(name):
+    import inspect
+
+    fn = SAMPLER_FNS[name]
+    assert inspect.signature(fn).parameters["num_inference_steps"].default == S.NUM_INFERENCE_STEPS == 50
+    assert "num_steps" not in inspect.signature(fn).parameters and "num_levels" not in inspect.signature(fn).parameters
+    for bad in (0, -3, 2.5, True, "10"):
+        with pytest.raises(ValueError, match=rf"num_inference_steps: expected a positive int, got {bad!r}"):
+            fn(oracle(), LINEAR, Rng(0), (2, 2), num_inference_steps=bad)
+    if name in ("ddpm", "ddim"):  # None: every step of a discrete schedule
+        seen = []
+        fn(oracle(), DiscreteSchedule("linear", 12), Rng(0), (2, 2), num_inference_steps=None,
+           callback=lambda k, t, x: seen.append(t))
+        assert seen == [float(t) for t in range(11, -1, -1)]
+    else:
+        with pytest.raises(ValueError, match="num_inference_steps"):
+            fn(oracle(), LINEAR, Rng(0), (2, 2), num_inference_steps=None)
+
+
+def test_annealed_langevin_counts_noise_levels_in_num_inference_steps():
+    seen = []
+    S.annealed_langevin_sample(oracle(), LINEAR, Rng(0), (4, 2), num_inference_steps=5, steps_per_level=2,
+                               callback=lambda k, t, x: seen.append(t))
+    assert len(seen) == 10 and len(set(seen)) == 5 and seen == sorted(seen, reverse=True)
+
+
+def test_x0_transform_replaces_the_five_thresholding_options():
+    x = np.random.default_rng(0).normal(0.0, 3.0, size=(64, 2))
+    np.testing.assert_array_equal(S.clip_sample(1.5)(x), np.clip(x, -1.5, 1.5))
+    np.testing.assert_array_equal(S.thresholding(0.9, 2.0)(x), S.threshold_sample(
+        x, thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=2.0))
+    # through a sampler: the same x_0 clipping whichever way the transform is built
+    a = S.ddim_sample(oracle(), LINEAR, Rng(1), (16, 2), num_inference_steps=5, x0_transform=S.clip_sample(0.5))
+    b = S.ddim_sample(oracle(), LINEAR, Rng(1), (16, 2), num_inference_steps=5,
+                      x0_transform=lambda x0: namespace(x0).clip(x0, -0.5, 0.5))
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a).max() <= 0.5 + 1e-6  # the last DDIM step returns the clipped x_0_hat
+    for fn in (S.ddpm_sample, S.ddim_sample, S.dpm_solver_pp_sample):
+        with pytest.raises(TypeError, match="x0_transform: expected a callable"):
+            fn(oracle(), LINEAR, Rng(0), (2, 2), num_inference_steps=3, x0_transform=1.0)
+        with pytest.raises(TypeError, match="clip_sample"):  # the old options are gone, not ignored
+            fn(oracle(), LINEAR, Rng(0), (2, 2), num_inference_steps=3, clip_sample=True)
+    with pytest.raises(ValueError, match="clip_sample_range: expected a positive number"):
+        S.clip_sample(0.0)
+    with pytest.raises(ValueError, match="dynamic_thresholding_ratio"):
+        S.thresholding(1.5)
+    with pytest.raises(TypeError, match="x0_transform"):  # ODE and SDE steps read eps_hat only: no silent no-op
+        S.ode_sample(oracle(), LINEAR, Rng(0), (2, 2), x0_transform=S.clip_sample())
+
+
+@pytest.mark.parametrize("name", list(SAMPLER_FNS))
+def test_guidance_is_applied_by_the_loop(name):
+    fn = SAMPLER_FNS[name]
+    wrap = lambda model: (lambda x, t, **c: 0.5 * model(x, t, **c))  # noqa: E731
+    kw = dict(num_inference_steps=3) if name != "langevin" else dict(num_inference_steps=2, steps_per_level=2)
+    a = fn(oracle(), LINEAR, Rng(5), (4, 2), guidance=wrap, **kw)
+    b = fn(wrap(oracle()), LINEAR, Rng(5), (4, 2), **kw)
+    np.testing.assert_array_equal(a, b)
+    with pytest.raises(TypeError, match="guidance: expected a wrapper"):
+        fn(oracle(), LINEAR, Rng(5), (4, 2), guidance=2.0, **kw)
+
+
+@pytest.mark.parametrize("name", list(SAMPLER_FNS))
+def test_predictions_in_another_dtype_are_cast_to_the_samples_dtype(name, backend):
+    """float64 params with the default float32 samples: strict refused mixed dtypes (TypeError) before."""
+    o = oracle()
+    model = lambda x, t: namespace(x).astype(o(x, t), namespace(x).float64)  # noqa: E731
+    kw = dict(num_inference_steps=3) if name != "langevin" else dict(num_inference_steps=2, steps_per_level=2)
+    x = SAMPLER_FNS[name](model, LINEAR, Rng(5, backend), (4, 2), **kw)
+    assert_backend(x, backend)
+    assert "float32" in str(x.dtype) and np.isfinite(to_numpy(x)).all()

@@ -1,17 +1,29 @@
 """Samplers for diffusion models: x_T ~ N(0, sigma_T^2 I) -> x_0 through model_fn(x, t, **cond).
 
-Every sampler takes ``model_fn(x, t, **cond) -> prediction`` (a network, an analytic oracle or a guided
-wrapper), a schedule from ``genblocks.blocks.schedules``, an ``Rng`` (its backend is the backend of
-the result), the batch ``shape`` and ``callback(step, t, x)``. ``t`` reaches ``model_fn`` as an array of
-shape (batch,) holding ``schedule.model_time``. ``prediction_type`` is "epsilon", "sample" or
-"v_prediction" (v = alpha eps - sigma x_0). Schedule coefficients are read as Python floats, so no loop
-waits on a device. On the numpy and strict backends the same seed gives the same samples.
+Every sampler is one small **step function**, x_t -> x_next, its equation in the docstring, driven by one
+shared loop, ``sample_loop``. A step reads the model only through ``denoise(x, t)`` (the loop turns
+``model_fn``'s prediction into x_0_hat and eps_hat) and returns its update as terms: x_next = sum_i c_i v_i,
+a list of (c_i, v_i). The loop owns the rest: the starting noise, the grid the sampler's grid builder made,
+guidance, ``callback(step, t, x)``, and adding the terms up. ``fast=False`` adds them out of place, the
+textbook form; the default writes them into the sampler's own array in place, in the same order, so the
+two agree bit for bit (tested). Reading a sampler: its grid builder, its step, its five-line driver.
 
-Buffers: each sampler copies x_T once (the caller's array is never modified) and then updates its state in
-place (``x *= a; x += b``, with work buffers allocated before the loop; the equation sits in a comment
-beside each update). It never writes into what ``model_fn`` returns, but the ``x`` it hands to ``model_fn``
-is that state, overwritten on the next step: a model_fn must not keep a reference to its input (copy it if
-it records inputs). ``callback(step, t, x)`` receives a snapshot that is not touched afterwards.
+Shared arguments: ``model_fn(x, t, **cond) -> prediction`` (a network, an analytic oracle or a guided
+wrapper), a schedule from ``genblocks.blocks.schedules``, an ``Rng`` (its backend is the backend of the
+result), the batch ``shape``, ``num_inference_steps`` (default 50 everywhere), ``prediction_type``
+("epsilon", "sample" or "v_prediction", v = alpha eps - sigma x_0), ``guidance`` (a wrapper
+model_fn -> model_fn such as ``partial(classifier_free_guidance, guidance_weight=3.0, null_label=10)``),
+``cond``, ``x_T``, ``dtype`` and ``callback``. Samplers that use x_0_hat (DDPM, DDIM, DPM-Solver++) take an
+``x0_transform`` (``clip_sample(r)`` or ``thresholding(...)``, diffusers' options). ``t`` reaches
+``model_fn`` as an array of shape (batch,) holding ``schedule.model_time``. Schedule coefficients are
+Python floats, so no loop waits on a device. On the numpy and strict backends the same seed gives the same
+samples; the noise and the state have x_T's dtype (``dtype`` when x_T is drawn), and predictions are cast
+to it.
+
+Buffers: the loop copies x_T once (the caller's array is never modified) and updates that array in place.
+It never writes into what ``model_fn`` returns, but the ``x`` it hands to ``model_fn`` is the state,
+overwritten on the next step: a model_fn must not keep a reference to its input (copy it if it records
+inputs). ``callback(step, t, x)`` receives a snapshot that is not touched afterwards.
 
 - ``ddpm_sample``: ancestral sampling from p(x_{t-1} | x_t) (variance_type fixed_small / fixed_large /
   learned_range), on a schedule or any ``RespacedSchedule``.
@@ -25,6 +37,7 @@ it records inputs). ``callback(step, t, x)`` receives a snapshot that is not tou
 """
 
 import math
+from collections import namedtuple
 
 from genblocks.backends import grad, namespace, record, to_device, to_numpy
 from genblocks.blocks.base import check_positive_int
@@ -32,23 +45,37 @@ from genblocks.blocks.schedules import karras_sigmas, multistep_timesteps
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range")
+NUM_INFERENCE_STEPS = 50  # every sampler's default
 
 __all__ = [
-    "PREDICTION_TYPES", "VARIANCE_TYPES", "to_x0_eps", "from_x0_eps", "threshold_sample", "ddpm_sample",
-    "ddim_sample", "ddim_invert", "dpm_solver_pp_sample", "ode_sample", "ode_solve_ivp_sample",
-    "euler_maruyama_sample", "predictor_corrector_sample", "annealed_langevin_sample", "ode_log_likelihood",
-    "classifier_free_guidance", "classifier_guidance", "pf_ode_drift", "sde_coefficients",
+    "PREDICTION_TYPES", "VARIANCE_TYPES", "NUM_INFERENCE_STEPS", "to_x0_eps", "from_x0_eps", "threshold_sample",
+    "clip_sample", "thresholding", "Denoised", "sample_loop", "ddpm_timesteps", "ddim_timesteps",
+    "dpm_solver_timesteps", "edm_timesteps", "sde_timesteps", "langevin_levels", "ddpm_step", "ddim_step",
+    "dpm_solver_pp_step", "ode_step", "euler_maruyama_step", "langevin_step", "ddpm_sample", "ddim_sample",
+    "ddim_invert", "dpm_solver_pp_sample", "ode_sample", "ode_solve_ivp_sample", "euler_maruyama_sample",
+    "predictor_corrector_sample", "annealed_langevin_sample", "ode_log_likelihood", "classifier_free_guidance",
+    "classifier_guidance", "pf_ode_drift", "sde_coefficients",
 ]
 
 
 # ---------------------------------------------------------------------------------------------------
-# small shared pieces
+# predictions, x_0 transforms and argument checks
 
 
 def check_prediction_type(prediction_type):
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type: expected one of {PREDICTION_TYPES}, got {prediction_type!r}")
     return prediction_type
+
+
+def check_num_inference_steps(num_inference_steps, schedule=None):
+    """A positive int; None (every step of the schedule) only where ``schedule`` is discrete."""
+    if num_inference_steps is None and getattr(schedule, "is_discrete", False):
+        return None
+    if num_inference_steps is None:
+        raise ValueError("num_inference_steps: expected a positive int (None, every step, needs a "
+                         f"DiscreteSchedule), got None with {schedule!r}")
+    return check_positive_int(num_inference_steps, "num_inference_steps")
 
 
 def to_x0_eps(pred, x, alpha, sigma, prediction_type):
@@ -100,54 +127,31 @@ def threshold_sample(x0, *, clip_sample=False, clip_sample_range=1.0, thresholdi
     return x0
 
 
-def _setup(rng, shape, dtype, x_T, scale=1.0):
-    """Starting noise x_T = scale z (or a copy of the given x_T), its namespace, and a t-array factory.
-
-    The returned x is the sampler's own array, free to be updated in place.
-    """
-    if x_T is None:
-        if isinstance(shape, int):
-            shape = (shape,)
-        shape = tuple(shape)
-        if not shape:
-            raise ValueError("shape: expected (batch, ...), got ()")
-        x = rng.normal(shape, dtype=dtype)  # a fresh draw: ours
-        if scale != 1.0:
-            x *= scale
-    else:
-        x = namespace(x_T).asarray(x_T, copy=True)  # never write into the caller's array
-    xp = namespace(x)
-    n = x.shape[0]
-
-    def t_array(t):
-        return xp.full((n,), float(t), dtype=x.dtype, device=xp.device_of(x))
-
-    return x, xp, t_array
+def _positive(value, name):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0.0:
+        raise ValueError(f"{name}: expected a positive number, got {value!r}")
+    return float(value)
 
 
-def _check_callback(callback):
-    if callback is not None and not callable(callback):
-        raise TypeError(f"callback: expected a callable callback(step, t, x), got {type(callback).__name__}")
+def clip_sample(clip_sample_range=1.0):
+    """An ``x0_transform``: x_0_hat clipped to [-r, r] (diffusers' clip_sample=True, clip_sample_range=r)."""
+    r = _positive(clip_sample_range, "clip_sample_range")
+    return lambda x0: threshold_sample(x0, clip_sample=True, clip_sample_range=r)
 
 
-def _buffer(xp, x):
-    """An uninitialised work array like x (same shape, dtype and device), allocated once per sampling run."""
-    return xp.empty(x.shape, dtype=x.dtype, device=xp.device_of(x))
-
-
-def _snapshot(xp, x):
-    """A copy of the in-place state for ``callback`` (the sampler keeps overwriting x)."""
-    return xp.asarray(x, copy=True)
+def thresholding(dynamic_thresholding_ratio=0.995, sample_max_value=1.0):
+    """An ``x0_transform``: Imagen's dynamic thresholding (diffusers' thresholding=True with these options)."""
+    p = float(dynamic_thresholding_ratio)
+    if not 0.0 < p <= 1.0:
+        raise ValueError(f"dynamic_thresholding_ratio: expected a value in (0, 1], got {dynamic_thresholding_ratio!r}")
+    m = _positive(sample_max_value, "sample_max_value")
+    return lambda x0: threshold_sample(x0, thresholding=True, dynamic_thresholding_ratio=p, sample_max_value=m)
 
 
 def _discrete(schedule, who):
     if not getattr(schedule, "is_discrete", False):
         raise TypeError(f"schedule: {who} needs a DiscreteSchedule or RespacedSchedule, got {schedule!r}")
     return schedule
-
-
-# ---------------------------------------------------------------------------------------------------
-# DDPM
 
 
 def _zero_snr_guard(schedule, t_first, prediction_type, who, *, refuse=None):
@@ -167,124 +171,321 @@ def _zero_snr_guard(schedule, t_first, prediction_type, who, *, refuse=None):
                          "epsilon prediction; use prediction_type='v_prediction' or 'sample'")
 
 
-def ddpm_sample(model_fn, schedule, rng, shape, *, prediction_type="epsilon", variance_type="fixed_small",
-                clip_sample=False, clip_sample_range=1.0, thresholding=False, dynamic_thresholding_ratio=0.995,
-                sample_max_value=1.0, num_inference_steps=None, timestep_spacing="leading", cond=None,
-                x_T=None, dtype="float32", callback=None):
-    """Ancestral sampling x_{t-1} = mu(x_t, x_0_hat) + sqrt(var_t) z, z ~ N(0, I), from t = T-1 to 0.
+# ---------------------------------------------------------------------------------------------------
+# grids: one builder per method, each a list of host times (descending), or of tuples whose first entry is t
 
-    mu = c1_t x_0_hat + c2_t x_t (posterior mean). var_t: fixed_small = beta_tilde_t, fixed_large = beta_t
-    (beta_tilde_1 at t = 0), learned_range = exp(f log beta_t + (1 - f) log beta_tilde_t) with f = (v + 1) / 2
-    where model_fn returns (prediction, v) concatenated on the last axis. ``num_inference_steps`` respaces
-    the schedule (Improved DDPM) with ``timestep_spacing``. Returns x_0 with ``shape`` (batch, ...).
-    """
+
+def ddpm_timesteps(schedule, num_inference_steps=None, timestep_spacing="leading"):
+    """DDPM's grid: (schedule respaced to the visited steps, [T'-1, ..., 0] on it); None keeps every step."""
     schedule = _discrete(schedule, "ddpm_sample")
+    if check_num_inference_steps(num_inference_steps, schedule) is not None:
+        schedule = schedule.respace(schedule.timesteps(num_inference_steps, timestep_spacing))
+    return schedule, list(range(schedule.num_train_timesteps - 1, -1, -1))
+
+
+def ddim_timesteps(schedule, num_inference_steps=NUM_INFERENCE_STEPS, timestep_spacing="leading"):
+    """DDIM's grid: ``spaced_timesteps`` on a discrete schedule (diffusers' DDIMScheduler), else n times 1 -> eps."""
+    check_num_inference_steps(num_inference_steps, schedule)
+    if schedule.is_discrete:
+        return [float(t) for t in schedule.timesteps(num_inference_steps, timestep_spacing)]
+    return schedule.timesteps(num_inference_steps, timestep_spacing)
+
+
+def dpm_solver_timesteps(schedule, num_inference_steps=NUM_INFERENCE_STEPS, timestep_spacing="linspace",
+                         lambda_min_clipped=-math.inf):
+    """DPM-Solver++'s grid: n times on [t_min, t_clip], t_clip the last time with lambda >= ``lambda_min_clipped``.
+
+    lambda_t = log(alpha_t / sigma_t). On a discrete schedule ``schedules.multistep_timesteps`` (diffusers'
+    DPMSolverMultistep grid: n + 1 points spaced, the last, t = 0, dropped), so no model call is spent at t = 0.
+    """
+    check_positive_int(num_inference_steps, "num_inference_steps")
+    t_max = schedule.t_max
+    if lambda_min_clipped > -math.inf and _lam(schedule, t_max) < lambda_min_clipped:
+        lo, hi = schedule.t_min, t_max  # lambda decreases in t: bisect for lambda(t) = lambda_min
+        for _ in range(60):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if _lam(schedule, mid) >= lambda_min_clipped else (lo, mid)
+        t_max = math.floor(lo) if schedule.is_discrete else lo
+    if schedule.is_discrete:
+        T = int(t_max) + 1
+        return [float(t) for t in multistep_timesteps(T, min(num_inference_steps, T), timestep_spacing)]
+    if t_max == schedule.t_max:
+        return schedule.timesteps(num_inference_steps, timestep_spacing)
+    n = num_inference_steps
+    return [t_max + (schedule.t_min - t_max) * k / max(n - 1, 1) for k in range(n)]
+
+
+def edm_timesteps(schedule, num_inference_steps=NUM_INFERENCE_STEPS, sigma_spacing="karras", rho=7.0,
+                  sigma_min=None, sigma_max=None):
+    """The ODE samplers' grid: [(t_k, sigma_k)], sigma = sigma_t / alpha_t descending (EDM's noise levels).
+
+    ``sigma_spacing`` "karras": Karras et al.'s rho-spacing between the schedule's ends (or ``sigma_min`` /
+    ``sigma_max``); "timesteps": the schedule's own linspace times.
+    """
+    check_positive_int(num_inference_steps, "num_inference_steps")
+    t_hi, t_lo = schedule.t_max, schedule.t_min
+    (a_hi, s_hi), (a_lo, s_lo) = schedule.marginal_host(t_hi), schedule.marginal_host(t_lo)
+    if a_hi <= 0.0 and sigma_max is None:
+        raise ValueError("schedule: alpha at t_max is 0 (a zero-terminal-SNR schedule, rescale_betas_zero_snr=True); "
+                         "ODE samplers need alpha_T > 0 or a finite sigma_max")
+    lo, hi = s_lo / a_lo, (s_hi / a_hi if a_hi > 0.0 else math.inf)
+    if sigma_min is not None:
+        lo = max(lo, float(sigma_min))
+    if sigma_max is not None:
+        hi = min(hi, float(sigma_max))
+    if not hi > lo:
+        raise ValueError(f"sigma_max: expected sigma_max > sigma_min, got {hi} <= {lo}")
+    if sigma_spacing == "karras":
+        sigmas = karras_sigmas(num_inference_steps, lo, hi, rho)
+        times = [schedule.t_from_sigma_ratio(v) for v in sigmas]
+        if sigma_max is None:
+            times[0] = t_hi
+        if sigma_min is None and len(times) > 1:  # (one step: its one point is the start, t_max)
+            times[-1] = t_lo
+    elif sigma_spacing == "timesteps":
+        times = [float(t) for t in schedule.timesteps(num_inference_steps, "linspace")]
+        sigmas = [schedule.marginal_host(t)[1] / schedule.marginal_host(t)[0] for t in times]
+    else:
+        raise ValueError(f"sigma_spacing: expected 'karras' or 'timesteps', got {sigma_spacing!r}")
+    return list(zip(times, sigmas))
+
+
+def sde_timesteps(schedule, num_inference_steps=NUM_INFERENCE_STEPS):
+    """The reverse-SDE grid: n + 1 evenly spaced times t_max -> t_min (n steps between them)."""
+    n = check_positive_int(num_inference_steps, "num_inference_steps")
+    return [schedule.t_max + (schedule.t_min - schedule.t_max) * k / n for k in range(n + 1)]
+
+
+def langevin_levels(schedule, num_inference_steps=NUM_INFERENCE_STEPS, steps_per_level=20, step_lr=2e-5):
+    """Annealed Langevin's grid: [(t_i, sigma_i, e_i)] repeated ``steps_per_level`` times per level.
+
+    sigma_i = sigma_t / alpha_t geometric from t_max to t_min over ``num_inference_steps`` levels; step size
+    e_i = step_lr sigma_i^2 / sigma_L^2 (NCSN).
+    """
+    levels = check_positive_int(num_inference_steps, "num_inference_steps")
+    check_positive_int(steps_per_level, "steps_per_level")
+    (a_hi, s_hi), (a_lo, s_lo) = schedule.marginal_host(schedule.t_max), schedule.marginal_host(schedule.t_min)
+    hi, lo = s_hi / a_hi, s_lo / a_lo
+    sigmas = [hi * (lo / hi) ** (i / max(levels - 1, 1)) for i in range(levels)]
+    grid = []
+    for sig in sigmas:
+        grid += [(schedule.t_from_sigma_ratio(sig), sig, step_lr * (sig / sigmas[-1]) ** 2)] * steps_per_level
+    return grid
+
+
+def _lam(schedule, t):
+    a, s = schedule.marginal_host(t)
+    return math.log(a) - math.log(s) if a > 0.0 else -math.inf
+
+
+# ---------------------------------------------------------------------------------------------------
+# the loop every sampler shares
+
+Denoised = namedtuple("Denoised", ["x0", "eps", "extra"])
+Denoised.__doc__ = """What ``denoise(x, t)`` returns: x_0_hat (after the x0_transform), eps_hat, and ``extra``,
+the second half of the model's last axis when the loop splits it (learned variances), else None."""
+
+
+def _time(point):
+    return point[0] if isinstance(point, tuple) else point
+
+
+def combine(update):
+    """sum_i c_i v_i out of place, left to right: the textbook form of a step's update [(c_i, v_i), ...]."""
+    (c, v), *rest = update
+    out = c * v
+    for c, v in rest:
+        out = out + c * v
+    return out
+
+
+def _combine_into(x, update, scratch, fresh):
+    """``combine(update)`` written into x in place, with the same roundings (bit for bit).
+
+    Every term but x's own is scaled before x changes (a term may alias x: an identity model returns its
+    input), in a scratch buffer or, for fresh noise, in place. When x is the first or second term it is
+    scaled in place and the first addition swaps its operands, which IEEE addition allows exactly.
+    """
+    xp = namespace(x)
+    own = next((k for k, (_, v) in enumerate(update[:2]) if v is x), None)
+    scaled = []
+    for k, (c, v) in enumerate(update):
+        if k == own or (own is None and k == 0):
+            continue
+        if any(v is f for f in fresh):
+            buf = v  # a draw of this step's: ours to scale
+        else:
+            while len(scratch) <= len(scaled):
+                scratch.append(xp.empty(x.shape, dtype=x.dtype, device=xp.device_of(x)))
+            buf = scratch[len(scaled)]
+            buf[...] = v
+        buf *= c
+        scaled.append(buf)
+    if own is None:
+        x[...] = update[0][1]  # x <- c_0 v_0, now that every other term is read
+    x *= update[0 if own is None else own][0]
+    for buf in scaled:
+        x += buf
+    return x
+
+
+def _start(rng, shape, dtype, x_T, scale=1.0):
+    """The sampler's own starting array: scale z with z ~ N(0, I) of ``shape``, or a copy of ``x_T``."""
+    if x_T is not None:
+        return namespace(x_T).asarray(x_T, copy=True)  # never write into the caller's array
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    if not shape:
+        raise ValueError("shape: expected (batch, ...), got ()")
+    x = rng.normal(shape, dtype=dtype)  # a fresh draw: ours
+    if scale != 1.0:
+        x *= scale
+    return x
+
+
+def sample_loop(step, grid, model_fn, schedule, rng, shape, *, prediction_type="epsilon", x0_transform=None,
+                guidance=None, cond=None, x_T=None, dtype="float32", callback=None, init_scale=1.0,
+                split_output=False, fast=True):
+    """x = init_scale z (or a copy of x_T), then x <- step(x, grid[k], grid[k+1]) for every grid point.
+
+    ``step(x, t, t_next, denoise, noise) -> [(c_i, v_i), ...]`` with x_next = sum_i c_i v_i; t_next is None
+    after the last point. ``denoise(x, t) -> Denoised(x0, eps, extra)`` calls the (guided) model at host time
+    t; ``noise()`` draws z ~ N(0, I) like x. ``callback(k, model time of t, snapshot of x)`` after each step.
+    ``fast=False`` adds the terms out of place. Returns the final x (batch, ...).
+    """
     check_prediction_type(prediction_type)
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback: expected a callable callback(step, t, x), got {type(callback).__name__}")
+    if x0_transform is not None and not callable(x0_transform):
+        raise TypeError(f"x0_transform: expected a callable x0 -> x0 such as clip_sample(1.0), got "
+                        f"{type(x0_transform).__name__}")
+    if guidance is not None:
+        if not callable(guidance):
+            raise TypeError(f"guidance: expected a wrapper model_fn -> model_fn, got {type(guidance).__name__}")
+        model_fn = guidance(model_fn)
+    cond = cond or {}
+    x = _start(rng, shape, dtype, x_T, init_scale)
+    xp = namespace(x)
+    n, fresh, scratch = x.shape[0], [], []
+
+    def denoise(z, t):
+        out = model_fn(z, xp.full((n,), schedule.model_time_any(t), dtype=z.dtype, device=xp.device_of(z)), **cond)
+        if out.dtype != z.dtype:
+            out = xp.astype(out, z.dtype)
+        extra = None
+        if split_output:
+            half = out.shape[-1] // 2
+            out, extra = out[..., :half], out[..., half:]
+        a, s = schedule.marginal_host(t)
+        x0, eps = to_x0_eps(out, z, a, s, prediction_type)
+        return Denoised(x0 if x0_transform is None else x0_transform(x0), eps, extra)
+
+    def noise():
+        z = rng.normal(x.shape, dtype=x.dtype)
+        fresh.append(z)
+        return z
+
+    for k, point in enumerate(grid):
+        fresh.clear()
+        update = step(x, point, grid[k + 1] if k + 1 < len(grid) else None, denoise, noise)
+        x = _combine_into(x, update, scratch, fresh) if fast else combine(update)
+        if callback is not None:
+            callback(k, schedule.model_time_any(_time(point)), xp.asarray(x, copy=True))
+    return x
+
+
+# ---------------------------------------------------------------------------------------------------
+# DDPM
+
+
+def ddpm_step(x, t, t_next, denoise, noise, *, schedule, variance_type="fixed_small"):
+    """x_{t-1} = c1_t x_0_hat + c2_t x_t + sqrt(var_t) z, z ~ N(0, I) (no noise at t = 0).
+
+    c1, c2: the posterior mean's coefficients. var_t: fixed_small beta_tilde_t, fixed_large beta_t
+    (beta_tilde_1 at t = 0), learned_range exp(f log beta_t + (1 - f) log beta_tilde_t), f = (v + 1) / 2
+    with v the model's second half (``Denoised.extra``). x (batch, ...) -> the same shape.
+    """
+    i = int(t)
+    pred = denoise(x, t)
+    update = [(schedule.posterior_mean_coef1[i], pred.x0), (schedule.posterior_mean_coef2[i], x)]
+    if i > 0:
+        if variance_type == "learned_range":
+            lo, hi = schedule.posterior_log_variance_clipped[i], math.log(schedule.betas[i])
+            f = 0.5 * (pred.extra + 1.0)
+            std = namespace(x).exp(0.5 * (f * hi + (1.0 - f) * lo))  # an array in x's dtype
+        elif variance_type == "fixed_large":
+            std = math.sqrt(schedule.betas[i])
+        else:
+            std = math.sqrt(schedule.posterior_variance[i])
+        update.append((std, noise()))
+    return update
+
+
+def ddpm_sample(model_fn, schedule, rng, shape, *, num_inference_steps=NUM_INFERENCE_STEPS, timestep_spacing="leading",
+                variance_type="fixed_small", prediction_type="epsilon", x0_transform=None, guidance=None, cond=None,
+                x_T=None, dtype="float32", callback=None, fast=True):
+    """Ancestral sampling (``ddpm_step``) from t = T-1 to 0 on the schedule respaced to ``num_inference_steps``.
+
+    Respacing with ``timestep_spacing`` is Improved DDPM's; None visits every step. ``variance_type``
+    "learned_range" reads v from the second half of model_fn's last axis. Returns x_0 with ``shape``.
+    """
     if variance_type not in VARIANCE_TYPES:
         raise ValueError(f"variance_type: expected one of {VARIANCE_TYPES}, got {variance_type!r}")
-    _check_callback(callback)
-    if num_inference_steps is not None:
-        schedule = schedule.respace(schedule.timesteps(num_inference_steps, timestep_spacing))
-    _zero_snr_guard(schedule, schedule.num_train_timesteps - 1, prediction_type, "ddpm_sample")
-    cond = cond or {}
-    x, xp, t_array = _setup(rng, shape, dtype, x_T)
-    buf = _buffer(xp, x)
-    T = schedule.num_train_timesteps
-    large = (schedule.posterior_variance[1] if T > 1 else schedule.betas[0],) + schedule.betas[1:]
-    for step, i in enumerate(range(T - 1, -1, -1)):
-        t_model = schedule.model_time(i)
-        out = model_fn(x, t_array(t_model), **cond)
-        if variance_type == "learned_range":
-            half = out.shape[-1] // 2
-            out, v = out[..., :half], out[..., half:]
-        a = math.sqrt(schedule.alphas_cumprod[i])
-        s = math.sqrt(1.0 - schedule.alphas_cumprod[i])
-        x0, _ = to_x0_eps(out, x, a, s, prediction_type)
-        x0 = threshold_sample(x0, clip_sample=clip_sample, clip_sample_range=clip_sample_range,
-                              thresholding=thresholding, dynamic_thresholding_ratio=dynamic_thresholding_ratio,
-                              sample_max_value=sample_max_value)
-        # mean = c1_t x0_hat + c2_t x_t, in place (x0_hat is read into buf before x changes: it may alias x)
-        buf[...] = x0
-        buf *= schedule.posterior_mean_coef1[i]
-        x *= schedule.posterior_mean_coef2[i]
-        x += buf
-        if i > 0:
-            # x_{t-1} = mean + sqrt(var_t) z, z ~ N(0, I) (a fresh draw, so it is scaled in place)
-            z = rng.normal(x.shape, dtype=dtype)
-            if variance_type == "learned_range":
-                lo, hi = schedule.posterior_log_variance_clipped[i], math.log(schedule.betas[i])
-                frac = 0.5 * (v + 1.0)
-                x += xp.exp(0.5 * (frac * hi + (1.0 - frac) * lo)) * z  # an array factor in x's dtype
-            else:
-                z *= math.sqrt(schedule.posterior_variance[i] if variance_type == "fixed_small" else large[i])
-                x += z
-        if callback is not None:
-            callback(step, t_model, _snapshot(xp, x))
-    return x
+    schedule, grid = ddpm_timesteps(schedule, num_inference_steps, timestep_spacing)
+    _zero_snr_guard(schedule, grid[0], prediction_type, "ddpm_sample")
+
+    def step(x, t, t_next, denoise, noise):
+        return ddpm_step(x, t, t_next, denoise, noise, schedule=schedule, variance_type=variance_type)
+
+    return sample_loop(step, grid, model_fn, schedule, rng, shape, prediction_type=prediction_type,
+                       x0_transform=x0_transform, guidance=guidance, cond=cond, x_T=x_T, dtype=dtype,
+                       callback=callback, split_output=variance_type == "learned_range", fast=fast)
 
 
 # ---------------------------------------------------------------------------------------------------
 # DDIM
 
 
-def _ddim_grid(schedule, num_inference_steps, timestep_spacing):
-    if schedule.is_discrete:
-        return [float(t) for t in schedule.timesteps(num_inference_steps, timestep_spacing)]
-    return schedule.timesteps(num_inference_steps or 50, timestep_spacing)
+def ddim_step(x, t, t_next, denoise, noise, *, schedule, eta=0.0):
+    """x_s = alpha_s x_0_hat + sqrt(sigma_s^2 - c^2) eps_hat + c z, z ~ N(0, I), from time t to s = t_next.
 
-
-def ddim_sample(model_fn, schedule, rng, shape, *, num_inference_steps=50, eta=0.0, prediction_type="epsilon",
-                timestep_spacing="leading", clip_sample=False, clip_sample_range=1.0, thresholding=False,
-                dynamic_thresholding_ratio=0.995, sample_max_value=1.0, cond=None, x_T=None, dtype="float32",
-                callback=None):
-    """DDIM: x_s = alpha_s x_0_hat + sqrt(sigma_s^2 - c^2) eps_hat + c z, with noise c = eta * posterior std.
-
-    c = eta (sigma_s / sigma_t) sqrt(sigma_t^2 - (alpha_t sigma_s / alpha_s)^2) (for VP schedules DDIM's
-    eta sqrt((1 - abar_s)/(1 - abar_t)) sqrt(1 - abar_t / abar_s)).
-
-    eta = 0 is deterministic, eta = 1 is DDPM's posterior on the visited steps. The last step lands on
-    alpha = 1, sigma = 0 (x_0_hat). ``num_inference_steps=None`` visits every step of the schedule (use it
-    with a ``RespacedSchedule``). Works with any schedule. Returns x_0 of ``shape``.
+    c = eta (sigma_s / sigma_t) sqrt(sigma_t^2 - (alpha_t sigma_s / alpha_s)^2), for VP schedules DDIM's
+    eta sqrt((1 - abar_s) / (1 - abar_t)) sqrt(1 - abar_t / abar_s): eta = 0 is deterministic, eta = 1 DDPM's
+    posterior. After the last time s is the end: alpha = 1, sigma = 0.
     """
-    check_prediction_type(prediction_type)
-    if not 0.0 <= float(eta):
-        raise ValueError(f"eta: expected eta >= 0, got {eta!r}")
-    _check_callback(callback)
-    cond = cond or {}
-    grid = _ddim_grid(schedule, num_inference_steps, timestep_spacing)
+    a, s = schedule.marginal_host(t)
+    a_next, s_next = schedule.marginal_host(t_next) if t_next is not None else (1.0, 0.0)
+    pred = denoise(x, t)
+    c = 0.0
+    if eta > 0.0 and s_next > 0.0:
+        shrunk = a * s_next / a_next
+        c = eta * s_next / s * math.sqrt(max(s * s - shrunk * shrunk, 0.0))
+    update = [(a_next, pred.x0), (math.sqrt(max(s_next * s_next - c * c, 0.0)), pred.eps)]
+    if c > 0.0:
+        update.append((c, noise()))
+    return update
+
+
+def ddim_sample(model_fn, schedule, rng, shape, *, num_inference_steps=NUM_INFERENCE_STEPS, timestep_spacing="leading",
+                eta=0.0, prediction_type="epsilon", x0_transform=None, guidance=None, cond=None, x_T=None,
+                dtype="float32", callback=None, fast=True):
+    """DDIM (``ddim_step``) on ``ddim_timesteps``: any schedule; None steps visit every step of a discrete one.
+
+    Returns x_0 of ``shape``.
+    """
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta:
+        raise ValueError(f"eta: expected a number >= 0, got {eta!r}")
+    grid = ddim_timesteps(schedule, num_inference_steps, timestep_spacing)
     _zero_snr_guard(schedule, grid[0], prediction_type, "ddim_sample")
-    x, xp, t_array = _setup(rng, shape, dtype, x_T)
-    buf = _buffer(xp, x)
-    for step, t in enumerate(grid):
-        t_model = schedule.model_time(t)
-        a, s = schedule.marginal_host(t)
-        a_prev, s_prev = schedule.marginal_host(grid[step + 1]) if step + 1 < len(grid) else (1.0, 0.0)
-        out = model_fn(x, t_array(t_model), **cond)
-        x0, eps = to_x0_eps(out, x, a, s, prediction_type)
-        x0 = threshold_sample(x0, clip_sample=clip_sample, clip_sample_range=clip_sample_range,
-                              thresholding=thresholding, dynamic_thresholding_ratio=dynamic_thresholding_ratio,
-                              sample_max_value=sample_max_value)
-        c = 0.0
-        if eta > 0.0 and s_prev > 0.0:
-            shrunk = a * s_prev / a_prev
-            c = float(eta) * s_prev / s * math.sqrt(max(s * s - shrunk * shrunk, 0.0))
-        # x_s = alpha_s x0_hat + sqrt(sigma_s^2 - c^2) eps_hat (+ c z), in place: eps_hat goes to buf first
-        # (it may be x itself, e.g. an identity model), then x <- alpha_s x0_hat + buf
-        buf[...] = eps
-        buf *= math.sqrt(max(s_prev * s_prev - c * c, 0.0))
-        x[...] = x0
-        x *= a_prev
-        x += buf
-        if c > 0.0:
-            z = rng.normal(x.shape, dtype=dtype)
-            z *= c
-            x += z
-        if callback is not None:
-            callback(step, t_model, _snapshot(xp, x))
-    return x
+
+    def step(x, t, t_next, denoise, noise):
+        return ddim_step(x, t, t_next, denoise, noise, schedule=schedule, eta=float(eta))
+
+    return sample_loop(step, grid, model_fn, schedule, rng, shape, prediction_type=prediction_type,
+                       x0_transform=x0_transform, guidance=guidance, cond=cond, x_T=x_T, dtype=dtype,
+                       callback=callback, fast=fast)
 
 
-def ddim_invert(model_fn, schedule, x0, *, num_inference_steps=50, prediction_type="epsilon",
+def ddim_invert(model_fn, schedule, x0, *, num_inference_steps=NUM_INFERENCE_STEPS, prediction_type="epsilon",
                 timestep_spacing="leading", fixed_point_iterations=0, cond=None, callback=None):
     """Deterministic DDIM encoding x_0 -> x_T: x_t = alpha_t x_0_hat(x_s) + sigma_t eps_hat(x_t, t), steps ascending.
 
@@ -293,9 +494,10 @@ def ddim_invert(model_fn, schedule, x0, *, num_inference_steps=50, prediction_ty
     ``ddim_sample(..., eta=0, x_T=ddim_invert(...))`` return x_0 to solver precision. x0: (batch, ...).
     """
     check_prediction_type(prediction_type)
-    _check_callback(callback)
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback: expected a callable callback(step, t, x), got {type(callback).__name__}")
     cond = cond or {}
-    grid = list(reversed(_ddim_grid(schedule, num_inference_steps, timestep_spacing)))
+    grid = list(reversed(ddim_timesteps(schedule, num_inference_steps, timestep_spacing)))
     xp = namespace(x0)
     n = x0.shape[0]
     x = x0
@@ -321,88 +523,49 @@ def ddim_invert(model_fn, schedule, x0, *, num_inference_steps=50, prediction_ty
 # DPM-Solver++(2M)
 
 
-class _LambdaClipped:
-    """A schedule's time grid restricted to lambda_t = log(alpha_t / sigma_t) >= lambda_min (diffusers' clipping)."""
+def dpm_solver_pp_step(x, t, t_next, denoise, noise, *, schedule, history):
+    """x_s = (sigma_s / sigma_t) x_t - alpha_s (e^{-h} - 1) D, h = lambda_s - lambda_t, lambda = log(alpha / sigma).
 
-    def __init__(self, schedule, lambda_min):
-        self.schedule = schedule
-        self.is_discrete = schedule.is_discrete
-        t_max = schedule.t_max
-        if lambda_min > -math.inf and _lam(schedule, t_max) < lambda_min:
-            lo, hi = schedule.t_min, t_max  # lambda decreases in t: bisect for lambda(t) = lambda_min
-            for _ in range(60):
-                mid = 0.5 * (lo + hi)
-                lo, hi = (mid, hi) if _lam(schedule, mid) >= lambda_min else (lo, mid)
-            t_max = math.floor(lo) if schedule.is_discrete else lo
-        self.t_max = t_max
-
-    def timesteps(self, n, spacing):
-        if self.is_discrete:  # the multistep grid (no model call at t = 0) on the steps 0..t_max
-            T = int(self.t_max) + 1
-            return [float(t) for t in multistep_timesteps(T, min(n, T), spacing)]
-        if self.t_max == self.schedule.t_max:
-            return self.schedule.timesteps(n, spacing)
-        return [self.t_max + (self.schedule.t_min - self.t_max) * k / max(n - 1, 1) for k in range(n)]
-
-
-def _lam(schedule, t):
+    D = x_0_hat on the first step, (1 + 1/(2r)) x_0_hat - 1/(2r) x_0_hat_prev after it (r = h_prev / h); the
+    last step lands on sigma = 0: x_0 = x_0_hat. ``history`` (a dict, empty at the start) keeps x_0_hat_prev
+    and h_prev between steps. From alpha = 0 (lambda = -inf) h is inf: e^{-h} = 0, a first-order step.
+    """
     a, s = schedule.marginal_host(t)
-    return math.log(a) - math.log(s) if a > 0.0 else -math.inf
+    x0 = denoise(x, t).x0
+    if t_next is None:
+        return [(1.0, x0)]
+    a_next, s_next = schedule.marginal_host(t_next)
+    h = math.log(a_next / s_next) - math.log(a / s) if a > 0.0 else math.inf
+    if "x0" not in history:
+        D = x0
+    else:
+        r = history["h"] / h
+        D = (1.0 + 0.5 / r) * x0 - (0.5 / r) * history["x0"]
+    # a copy: x0_hat can be the model's output, which a model may reuse on its next call
+    history.update(x0=namespace(x0).asarray(x0, copy=True), h=h)
+    return [(s_next / s, x), (-(a_next * math.expm1(-h)), D)]
 
 
-def dpm_solver_pp_sample(model_fn, schedule, rng, shape, *, num_inference_steps=20, prediction_type="epsilon",
-                         timestep_spacing="linspace", clip_sample=False, clip_sample_range=1.0, thresholding=False,
-                         dynamic_thresholding_ratio=0.995, sample_max_value=1.0, lambda_min_clipped=-5.1,
-                         cond=None, x_T=None, dtype="float32", callback=None):
-    """DPM-Solver++(2M): x_s = (sigma_s/sigma_t) x_t - alpha_s (e^{-h} - 1) D, h = lambda_s - lambda_t.
+def dpm_solver_pp_sample(model_fn, schedule, rng, shape, *, num_inference_steps=NUM_INFERENCE_STEPS,
+                         timestep_spacing="linspace", lambda_min_clipped=-5.1, prediction_type="epsilon",
+                         x0_transform=None, guidance=None, cond=None, x_T=None, dtype="float32", callback=None,
+                         fast=True):
+    """DPM-Solver++(2M) (``dpm_solver_pp_step``) on ``dpm_solver_timesteps``. Any schedule. Returns x_0 of ``shape``.
 
-    lambda = log(alpha / sigma).
-    D = x_0_hat on the first step, (1 + 1/(2r)) x_0_hat_t - 1/(2r) x_0_hat_prev with r = h_prev / h after
-    it; the last step goes to sigma = 0 (first order: x_0 = x_0_hat). Any schedule. Returns x_0 of ``shape``.
-    On a discrete schedule the grid is ``schedules.multistep_timesteps`` (diffusers' DPMSolverMultistep grid:
-    n + 1 points spaced, the last, t = 0, dropped), so no model call is spent at t = 0.
     Sampling starts at the last time with lambda >= ``lambda_min_clipped`` (diffusers' option; its default
     is -inf, ours -5.1): at lower lambda an x_0 prediction divides model errors by alpha ~ 0, which the
     second-order term then carries forward (cosine schedules reach lambda = -9.7). -inf disables it.
     """
-    check_prediction_type(prediction_type)
-    _check_callback(callback)
-    cond = cond or {}
-    grid = _LambdaClipped(schedule, lambda_min_clipped).timesteps(num_inference_steps, timestep_spacing)
+    grid = dpm_solver_timesteps(schedule, num_inference_steps, timestep_spacing, lambda_min_clipped)
     _zero_snr_guard(schedule, grid[0], prediction_type, "dpm_solver_pp_sample")
-    x, xp, t_array = _setup(rng, shape, dtype, x_T)
-    D, x0_prev = _buffer(xp, x), _buffer(xp, x)  # D, and a copy of the previous step's x0_hat
-    h_prev = None
-    for step, t in enumerate(grid):
-        t_model = schedule.model_time(t)
-        a, s = schedule.marginal_host(t)
-        out = model_fn(x, t_array(t_model), **cond)
-        x0 = to_x0_eps(out, x, a, s, prediction_type)[0]
-        x0 = threshold_sample(x0, clip_sample=clip_sample, clip_sample_range=clip_sample_range,
-                              thresholding=thresholding, dynamic_thresholding_ratio=dynamic_thresholding_ratio,
-                              sample_max_value=sample_max_value)
-        if step + 1 == len(grid):
-            x[...] = x0  # the last step lands on sigma = 0: x_0 = x0_hat
-        else:
-            a_next, s_next = schedule.marginal_host(grid[step + 1])
-            # from alpha = 0 (lambda = -inf) h is inf: e^{-h} = 0 and the step is DDIM's, first order
-            h = math.log(a_next / s_next) - math.log(a / s) if a > 0.0 else math.inf
-            # D = x0_hat (first step), else (1 + 1/(2r)) x0_hat - 1/(2r) x0_hat_prev with r = h_prev / h
-            D[...] = x0
-            if h_prev is not None:
-                r = h_prev / h
-                D *= 1.0 + 0.5 / r
-                x0_prev *= 0.5 / r
-                D -= x0_prev
-            x0_prev[...] = x0
-            # x_s = (sigma_s / sigma_t) x_t - alpha_s (e^{-h} - 1) D
-            D *= -(a_next * math.expm1(-h))
-            x *= s_next / s
-            x += D
-            h_prev = h
-        if callback is not None:
-            callback(step, t_model, _snapshot(xp, x))
-    return x
+    history = {}
+
+    def step(x, t, t_next, denoise, noise):
+        return dpm_solver_pp_step(x, t, t_next, denoise, noise, schedule=schedule, history=history)
+
+    return sample_loop(step, grid, model_fn, schedule, rng, shape, prediction_type=prediction_type,
+                       x0_transform=x0_transform, guidance=guidance, cond=cond, x_T=x_T, dtype=dtype,
+                       callback=callback, fast=fast)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -436,79 +599,44 @@ def pf_ode_drift(model_fn, schedule, x, t, *, prediction_type="epsilon", cond=No
     return f * x + (0.5 * g2 / s) * eps
 
 
-def _edm_grid(schedule, num_inference_steps, sigma_spacing, rho, sigma_min=None, sigma_max=None):
-    t_hi, t_lo = schedule.t_max, schedule.t_min
-    (a_hi, s_hi), (a_lo, s_lo) = schedule.marginal_host(t_hi), schedule.marginal_host(t_lo)
-    if a_hi <= 0.0 and sigma_max is None:
-        raise ValueError("schedule: alpha at t_max is 0 (a zero-terminal-SNR schedule, rescale_betas_zero_snr=True); "
-                         "ODE samplers need alpha_T > 0 or a finite sigma_max")
-    lo, hi = s_lo / a_lo, (s_hi / a_hi if a_hi > 0.0 else math.inf)
-    if sigma_min is not None:
-        lo = max(lo, float(sigma_min))
-    if sigma_max is not None:
-        hi = min(hi, float(sigma_max))
-    if not hi > lo:
-        raise ValueError(f"sigma_max: expected sigma_max > sigma_min, got {hi} <= {lo}")
-    if sigma_spacing == "karras":
-        sigmas = karras_sigmas(num_inference_steps, lo, hi, rho)
-        times = [schedule.t_from_sigma_ratio(v) for v in sigmas]
-        if sigma_max is None:
-            times[0] = t_hi
-        if sigma_min is None and len(times) > 1:  # (one step: its one point is the start, t_max)
-            times[-1] = t_lo
-    elif sigma_spacing == "timesteps":
-        times = [float(t) for t in schedule.timesteps(num_inference_steps, "linspace")]
-        sigmas = [schedule.marginal_host(t)[1] / schedule.marginal_host(t)[0] for t in times]
-    else:
-        raise ValueError(f"sigma_spacing: expected 'karras' or 'timesteps', got {sigma_spacing!r}")
-    return sigmas, times
+def ode_step(x, point, next_point, denoise, noise, *, schedule, method="heun"):
+    """The PF-ODE dy/dsigma = eps_hat in y = x / alpha, sigma = sigma_t / alpha_t, one Euler or Heun step:
 
-
-def ode_sample(model_fn, schedule, rng, shape, *, method="heun", num_inference_steps=18, sigma_spacing="karras",
-               rho=7.0, sigma_min=None, sigma_max=None, prediction_type="epsilon", cond=None, x_T=None,
-               dtype="float32", callback=None):
-    """Probability-flow ODE in EDM coordinates: y = x / alpha_t, sigma = sigma_t / alpha_t, dy/dsigma = eps_hat.
-
-    ``method`` "euler" or "heun" (EDM's second order: Euler predictor, trapezoid corrector except on the
-    last step to sigma = 0). Noise levels: Karras spacing with ``rho`` between the schedule's ends (or
-    ``sigma_min`` / ``sigma_max``, e.g. EDM's 80, which skips the near-zero-SNR start where an eps model's
-    errors are divided by alpha), or the schedule's own ``timesteps``. Any schedule. Returns x_0 of ``shape``.
+    x_next = (alpha_next / alpha) x + alpha_next (sigma_next - sigma) d, with d = eps_hat(x, t) (Euler) or,
+    for Heun (EDM's second order, except on the last step to sigma = 0), the trapezoid (d + d') / 2 with
+    d' = eps_hat at the Euler prediction. Points are (t, sigma); after the last, sigma = 0 and alpha = 1.
     """
-    check_prediction_type(prediction_type)
+    t, sig = point
+    t_next, sig_next = next_point if next_point is not None else (None, 0.0)
+    a = schedule.marginal_host(t)[0]
+    a_next = schedule.marginal_host(t_next)[0] if t_next is not None else 1.0
+    d = denoise(x, t).eps
+    k = a_next * (sig_next - sig)
+    if method == "euler" or t_next is None:
+        return [(a_next / a, x), (k, d)]
+    d = namespace(d).asarray(d, copy=True)  # the model may reuse its output array on the next call
+    d2 = denoise((a_next / a) * x + k * d, t_next).eps  # eps_hat at the Euler prediction
+    return [(a_next / a, x), (0.5 * k, d), (0.5 * k, d2)]
+
+
+def ode_sample(model_fn, schedule, rng, shape, *, num_inference_steps=NUM_INFERENCE_STEPS, method="heun",
+               sigma_spacing="karras", rho=7.0, sigma_min=None, sigma_max=None, prediction_type="epsilon",
+               guidance=None, cond=None, x_T=None, dtype="float32", callback=None, fast=True):
+    """The probability-flow ODE (``ode_step``, "euler" or "heun") on ``edm_timesteps``. Any schedule.
+
+    ``sigma_max`` (e.g. EDM's 80) skips the near-zero-SNR start where an eps model's errors are divided by
+    alpha. Returns x_0 of ``shape``.
+    """
     if method not in ("euler", "heun"):
         raise ValueError(f"method: expected 'euler' or 'heun', got {method!r}")
-    _check_callback(callback)
-    cond = cond or {}
-    sigmas, times = _edm_grid(schedule, num_inference_steps, sigma_spacing, rho, sigma_min, sigma_max)
-    x, xp, t_array = _setup(rng, shape, dtype, x_T, scale=schedule.marginal_host(times[0])[1])
+    grid = edm_timesteps(schedule, num_inference_steps, sigma_spacing, rho, sigma_min, sigma_max)
 
-    def eps_at(y, t):
-        a, s = schedule.marginal_host(t)
-        xt = a * y
-        return to_x0_eps(model_fn(xt, t_array(schedule.model_time_any(t)), **cond), xt, a, s, prediction_type)[1]
+    def step(x, point, next_point, denoise, noise):
+        return ode_step(x, point, next_point, denoise, noise, schedule=schedule, method=method)
 
-    y = x  # our own array: y = x / alpha, updated in place from here on
-    y /= schedule.marginal_host(times[0])[0]
-    d, y_next = _buffer(xp, y), (_buffer(xp, y) if method == "heun" else None)
-    for step, (sig, t) in enumerate(zip(sigmas, times)):
-        last = step + 1 == len(sigmas)
-        sig_next = 0.0 if last else sigmas[step + 1]
-        d[...] = eps_at(y, t)  # a copy: the model may reuse its output array on the next call
-        if method == "heun" and not last:
-            # Euler predictor y_next = y + (sigma_next - sigma) d, then the trapezoid
-            # y <- y + (sigma_next - sigma) (d + d2) / 2 with d2 = eps_hat(y_next, t_next)
-            y_next[...] = d
-            y_next *= sig_next - sig
-            y_next += y
-            d += eps_at(y_next, times[step + 1])
-            d *= 0.5
-        # Euler: y <- y + (sigma_next - sigma) d  (d is the trapezoid's average after a Heun correction)
-        d *= sig_next - sig
-        y += d
-        if callback is not None:
-            a_next = 1.0 if last else schedule.marginal_host(times[step + 1])[0]
-            callback(step, schedule.model_time_any(t), a_next * y)
-    return y
+    return sample_loop(step, grid, model_fn, schedule, rng, shape, prediction_type=prediction_type,
+                       guidance=guidance, cond=cond, x_T=x_T, dtype=dtype, callback=callback,
+                       init_scale=schedule.marginal_host(grid[0][0])[1], fast=fast)
 
 
 def ode_solve_ivp_sample(model_fn, schedule, rng, shape, *, method="RK45", rtol=1e-5, atol=1e-5,
@@ -522,10 +650,14 @@ def ode_solve_ivp_sample(model_fn, schedule, rng, shape, *, method="RK45", rtol=
 
     check_prediction_type(prediction_type)
     cond = cond or {}
-    sigmas, times = _edm_grid(schedule, 2, "karras", 7.0)
-    x, dev, t_array = _setup(rng, shape, dtype, x_T, scale=schedule.marginal_host(schedule.t_max)[1])
+    (t_start, sig_start), (t_end, sig_end) = edm_timesteps(schedule, 2, "karras", 7.0)
+    x = _start(rng, shape, dtype, x_T, scale=schedule.marginal_host(schedule.t_max)[1])
+    dev = namespace(x)
     backend = dev.backend_name
-    y0 = to_numpy(x / schedule.marginal_host(times[0])[0])
+    y0 = to_numpy(x / schedule.marginal_host(t_start)[0])
+
+    def t_array(t):
+        return dev.full((x.shape[0],), float(t), dtype=x.dtype, device=dev.device_of(x))
     x_shape, x_dtype = tuple(x.shape), y0.dtype
 
     def model_at(y, sig):
@@ -538,13 +670,13 @@ def ode_solve_ivp_sample(model_fn, schedule, rng, shape, *, method="RK45", rtol=
         _, eps = model_at(to_device(_unflatten(y_flat, x_shape, x_dtype), backend), sig)
         return _flatten64(to_numpy(eps))
 
-    sol = solve_ivp(rhs, (sigmas[0], sigmas[-1]), _flatten64(y0), method=method, rtol=rtol, atol=atol)
+    sol = solve_ivp(rhs, (sig_start, sig_end), _flatten64(y0), method=method, rtol=rtol, atol=atol)
     if not sol.success:
         raise RuntimeError(f"solve_ivp failed: {sol.message}")
     y = to_device(_unflatten(sol.y[:, -1], x_shape, x_dtype), backend)
     if denoise_final:
-        return model_at(y, sigmas[-1])[0], int(sol.nfev) + 1
-    return y * schedule.marginal_host(times[-1])[0], int(sol.nfev)
+        return model_at(y, sig_end)[0], int(sol.nfev) + 1
+    return y * schedule.marginal_host(t_end)[0], int(sol.nfev)
 
 
 def _flatten64(host):
@@ -558,155 +690,132 @@ def _unflatten(flat, shape, dtype):
     return xp.astype(xp.reshape(xp.asarray(flat), shape), dtype)
 
 
-def _sde_grid(schedule, num_steps):
-    return [schedule.t_max + (schedule.t_min - schedule.t_max) * k / num_steps for k in range(num_steps + 1)]
+def _flatten64(host):
+    """A host array as a flat float64 vector (what scipy's solvers integrate)."""
+    xp = namespace(host)
+    return xp.reshape(xp.astype(host, xp.float64), (-1,))
 
 
-def euler_maruyama_sample(model_fn, schedule, rng, shape, *, num_inference_steps=500, prediction_type="epsilon",
-                          denoise_final=True, cond=None, x_T=None, dtype="float32", callback=None):
-    """Reverse SDE dx = [f x - g^2 score] dt + g dw_bar, score = -eps_hat / sigma_t, Euler-Maruyama from t_max to t_min.
+def _unflatten(flat, shape, dtype):
+    xp = namespace(flat)
+    return xp.astype(xp.reshape(xp.asarray(flat), shape), dtype)
 
-    x_{k+1} = x_k + (f x_k + g^2 eps_hat / sigma) dt + sqrt(g^2 |dt|) z (no noise on the last step); then
-    x_0_hat at t_min (``denoise_final``, Tweedie). Any schedule (f, g^2 from ``sde_coefficients``).
+
+def euler_maruyama_step(x, t, t_next, denoise, noise, *, schedule, last=False):
+    """Reverse SDE dx = [f x - g^2 score] dt + g dw_bar with score = -eps_hat / sigma_t, one Euler-Maruyama step:
+
+    x_next = (1 + f dt) x + (g^2 dt / sigma_t) eps_hat + sqrt(g^2 |dt|) z, dt = t_next - t < 0 (no noise when
+    ``last``). f, g^2 from ``sde_coefficients``.
     """
-    # Euler-Maruyama is predictor-corrector with no corrector moves: one loop serves both
-    return predictor_corrector_sample(model_fn, schedule, rng, shape, num_inference_steps=num_inference_steps,
-                                      corrector_steps=0, prediction_type=prediction_type,
-                                      denoise_final=denoise_final, cond=cond, x_T=x_T, dtype=dtype, callback=callback)
-
-
-def _eps_hat(model_fn, schedule, x, t, t_array, prediction_type, cond):
-    a, s = schedule.marginal_host(t)
-    return to_x0_eps(model_fn(x, t_array(schedule.model_time_any(t)), **cond), x, a, s, prediction_type)
-
-
-def _em_step(model_fn, schedule, rng, x, buf, t, t_next, t_array, prediction_type, cond, dtype, noise=True):
-    """One reverse Euler-Maruyama step from t to t_next, written into x in place (buf: a work array like x)."""
     f, g2 = sde_coefficients(schedule, t)
     s = schedule.marginal_host(t)[1]
-    eps = _eps_hat(model_fn, schedule, x, t, t_array, prediction_type, cond)[1]
     dt = t_next - t
-    # x <- x + (f x + g^2 eps_hat / sigma) dt = (1 + f dt) x + (g^2 dt / sigma) eps_hat
-    buf[...] = eps  # read before x changes (eps_hat may alias x)
-    buf *= g2 * dt / s
-    x *= 1.0 + f * dt
-    x += buf
-    if noise:
-        # x <- x + sqrt(g^2 |dt|) z
-        z = rng.normal(x.shape, dtype=dtype)
-        z *= math.sqrt(g2 * abs(dt))
-        x += z
-    return x
+    update = [(1.0 + f * dt, x), (g2 * dt / s, denoise(x, t).eps)]
+    if not last:
+        update.append((math.sqrt(g2 * abs(dt)), noise()))
+    return update
 
 
-def _denoise(model_fn, schedule, x, t, t_array, prediction_type, cond):
-    return _eps_hat(model_fn, schedule, x, t, t_array, prediction_type, cond)[0]
+def langevin_step(x, t, sigma, e, denoise, noise, *, schedule, t_next=None):
+    """A Langevin move at noise level sigma: y <- y + e score + sqrt(2 e) z, y = x / alpha_t, score = -eps_hat / sigma.
 
-
-def _langevin(model_fn, schedule, rng, x, score, t, t_array, prediction_type, cond, dtype, snr, steps, xp):
-    """Langevin corrector at time t: x <- x + e score + sqrt(2 e) z, e = 2 (snr |z| / |score|)^2 (batch means).
-
-    Updates x in place; ``score`` is a work array like x. e stays on the device (no host sync).
+    Written in x at the next point's alpha (within a level the same alpha):
+    x_next = (alpha' / alpha) x - alpha' (e / sigma) eps_hat + alpha' sqrt(2 e) z.
     """
-    s = schedule.marginal_host(t)[1]
-    n = x.shape[0]
-    for _ in range(steps):
-        eps = _eps_hat(model_fn, schedule, x, t, t_array, prediction_type, cond)[1]
-        score[...] = eps  # score = -eps_hat / sigma
-        score *= -1.0 / s
-        z = rng.normal(x.shape, dtype=dtype)
-        score_norm = xp.mean(xp.vector_norm(xp.reshape(score, (n, -1)), axis=-1))
-        noise_norm = xp.mean(xp.vector_norm(xp.reshape(z, (n, -1)), axis=-1))
-        e = 2.0 * xp.square(snr * noise_norm / score_norm)
-        # x <- x + e score + sqrt(2 e) z
-        score *= e
-        x += score
-        x += xp.sqrt(2.0 * e) * z  # e has x's dtype, which the noise (``dtype``) may not
-    return x
+    a = schedule.marginal_host(t)[0]
+    a_next = schedule.marginal_host(t_next)[0] if t_next is not None else a
+    eps = denoise(x, t).eps
+    return [(a_next / a, x), (-a_next * e / sigma, eps), (a_next * math.sqrt(2.0 * e), noise())]
 
 
-def predictor_corrector_sample(model_fn, schedule, rng, shape, *, num_inference_steps=500, corrector_steps=1,
-                               snr=0.16, prediction_type="epsilon", denoise_final=True, cond=None, x_T=None,
-                               dtype="float32", callback=None):
+def euler_maruyama_sample(model_fn, schedule, rng, shape, *, num_inference_steps=NUM_INFERENCE_STEPS,
+                          denoise_final=True, prediction_type="epsilon", guidance=None, cond=None, x_T=None,
+                          dtype="float32", callback=None, fast=True):
+    """The reverse SDE by Euler-Maruyama (``euler_maruyama_step``) on ``sde_timesteps``, then x_0_hat at t_min.
+
+    ``denoise_final``: Tweedie's x_0_hat at the end. Any schedule. Returns x_0 of ``shape``.
+    """
+    return predictor_corrector_sample(model_fn, schedule, rng, shape, num_inference_steps=num_inference_steps,
+                                      corrector_steps=0, denoise_final=denoise_final, prediction_type=prediction_type,
+                                      guidance=guidance, cond=cond, x_T=x_T, dtype=dtype, callback=callback, fast=fast)
+
+
+def predictor_corrector_sample(model_fn, schedule, rng, shape, *, num_inference_steps=NUM_INFERENCE_STEPS,
+                               corrector_steps=1, snr=0.16, denoise_final=True, prediction_type="epsilon",
+                               guidance=None, cond=None, x_T=None, dtype="float32", callback=None, fast=True):
     """Predictor-corrector (Song et al. 2021): per t, ``corrector_steps`` Langevin moves then an Euler-Maruyama step.
 
-    Langevin step size e = 2 (snr ||z|| / ||score||)^2 (norms averaged over the batch); x_0_hat at the end.
-    Any schedule. Returns x_0 of ``shape``. ``corrector_steps=0`` is plain Euler-Maruyama.
+    Langevin step size e = 2 (snr ||z|| / ||score||)^2 (norms averaged over the batch, kept on the device);
+    the corrector moves run out of place, the predictor through the loop. ``corrector_steps=0`` is plain
+    Euler-Maruyama. Any schedule. Returns x_0 of ``shape``.
     """
     if isinstance(corrector_steps, bool) or not isinstance(corrector_steps, int) or corrector_steps < 0:
         raise ValueError(f"corrector_steps: expected a non-negative int, got {corrector_steps!r}")
-    check_prediction_type(prediction_type)
-    check_positive_int(num_inference_steps, "num_inference_steps")
-    _check_callback(callback)
-    cond = cond or {}
-    grid = _sde_grid(schedule, num_inference_steps)
+    grid = sde_timesteps(schedule, num_inference_steps)
     _zero_snr_guard(schedule, grid[0], prediction_type, "the reverse-SDE samplers (euler_maruyama_sample, "
                     "predictor_corrector_sample)", refuse="the drift f = d log alpha / dt is infinite there; use "
                     "ddpm_sample, ddim_sample or dpm_solver_pp_sample with v_prediction")
-    x, xp, t_array = _setup(rng, shape, dtype, x_T, scale=schedule.marginal_host(schedule.t_max)[1])
-    buf = _buffer(xp, x)
-    for step in range(num_inference_steps):
-        t, t_next = grid[step], grid[step + 1]
-        if corrector_steps:
-            _langevin(model_fn, schedule, rng, x, buf, t, t_array, prediction_type, cond, dtype, snr, corrector_steps,
-                      xp)
-        _em_step(model_fn, schedule, rng, x, buf, t, t_next, t_array, prediction_type, cond, dtype,
-                 noise=step + 1 < num_inference_steps)
-        if callback is not None:
-            callback(step, schedule.model_time_any(t), _snapshot(xp, x))
+    steps = grid[:-1]
+    end = grid[-1]
+
+    def step(x, t, t_next, denoise, noise):
+        s = schedule.marginal_host(t)[1]
+        xp = namespace(x)
+        n = x.shape[0]
+        for _ in range(corrector_steps):
+            # x <- x + e score + sqrt(2 e) z, score = -eps_hat / sigma, e = 2 (snr |z| / |score|)^2
+            score = (-1.0 / s) * denoise(x, t).eps
+            z = noise()
+            score_norm = xp.mean(xp.vector_norm(xp.reshape(score, (n, -1)), axis=-1))
+            noise_norm = xp.mean(xp.vector_norm(xp.reshape(z, (n, -1)), axis=-1))
+            e = 2.0 * xp.square(snr * noise_norm / score_norm)
+            x = x + e * score + xp.sqrt(2.0 * e) * z
+        return euler_maruyama_step(x, t, end if t_next is None else t_next, denoise, noise, schedule=schedule,
+                                   last=t_next is None)
+
+    x = sample_loop(step, steps, model_fn, schedule, rng, shape, prediction_type=prediction_type,
+                    guidance=guidance, cond=cond, x_T=x_T, dtype=dtype, callback=callback,
+                    init_scale=schedule.marginal_host(schedule.t_max)[1], fast=fast)
     if denoise_final:
-        x = _denoise(model_fn, schedule, x, grid[-1], t_array, prediction_type, cond)
+        x = _final_x0(model_fn, schedule, x, end, prediction_type, guidance, cond)
     return x
 
 
-def annealed_langevin_sample(model_fn, schedule, rng, shape, *, num_levels=10, steps_per_level=100, step_lr=2e-5,
-                             prediction_type="epsilon", denoise_final=True, cond=None, x_T=None, dtype="float32",
-                             callback=None):
-    """Annealed Langevin dynamics (NCSN): for geometric sigma_1 > ... > sigma_L, y <- y + e_i score + sqrt(2 e_i) z.
+def _final_x0(model_fn, schedule, x, t, prediction_type, guidance, cond):
+    """Tweedie's x_0_hat = (x - sigma_t eps_hat) / alpha_t at the grid's last time."""
+    if guidance is not None:
+        model_fn = guidance(model_fn)
+    xp = namespace(x)
+    a, s = schedule.marginal_host(t)
+    t_arr = xp.full((x.shape[0],), schedule.model_time_any(t), dtype=x.dtype, device=xp.device_of(x))
+    out = model_fn(x, t_arr, **(cond or {}))
+    return to_x0_eps(xp.astype(out, x.dtype) if out.dtype != x.dtype else out, x, a, s, prediction_type)[0]
 
-    Works on y = x / alpha with sigma = sigma_t / alpha_t (so any schedule), e_i = step_lr sigma_i^2 / sigma_L^2,
-    score = -eps_hat / sigma; the last step adds Tweedie's denoising y + sigma_L^2 score. Returns x_0 of ``shape``.
+
+def annealed_langevin_sample(model_fn, schedule, rng, shape, *, num_inference_steps=NUM_INFERENCE_STEPS,
+                             steps_per_level=20, step_lr=2e-5, denoise_final=True, prediction_type="epsilon",
+                             guidance=None, cond=None, x_T=None, dtype="float32", callback=None, fast=True):
+    """Annealed Langevin dynamics (NCSN): ``steps_per_level`` moves (``langevin_step``) per noise level.
+
+    ``num_inference_steps`` noise levels from ``langevin_levels``; the last step adds Tweedie's denoising
+    (``denoise_final``). Works on y = x / alpha, so any schedule. Returns x_0 of ``shape``.
     """
-    check_prediction_type(prediction_type)
-    check_positive_int(num_levels, "num_levels")
-    check_positive_int(steps_per_level, "steps_per_level")
-    _check_callback(callback)
-    cond = cond or {}
     _zero_snr_guard(schedule, schedule.t_max, prediction_type, "annealed_langevin_sample",
                     refuse="its noise levels sigma_t / alpha_t start at t_max, where the ratio is infinite; use "
                     "ddpm_sample, ddim_sample or dpm_solver_pp_sample with v_prediction")
-    (a_hi, s_hi), (a_lo, s_lo) = schedule.marginal_host(schedule.t_max), schedule.marginal_host(schedule.t_min)
-    hi, lo = s_hi / a_hi, s_lo / a_lo
-    levels = [hi * (lo / hi) ** (i / max(num_levels - 1, 1)) for i in range(num_levels)]
-    x, xp, t_array = _setup(rng, shape, dtype, x_T, scale=s_hi)
-    y = x  # our own array: y = x / alpha, updated in place from here on
-    y /= a_hi
-    xt, buf = _buffer(xp, y), _buffer(xp, y)
-    step = 0
-    for sig in levels:
-        t = schedule.t_from_sigma_ratio(sig)
-        a, s = schedule.marginal_host(t)
-        e = step_lr * (sig / levels[-1]) ** 2
-        for _ in range(steps_per_level):
-            xt[...] = y  # x_t = alpha y
-            xt *= a
-            eps = to_x0_eps(model_fn(xt, t_array(schedule.model_time_any(t)), **cond), xt, a, s, prediction_type)[1]
-            # y <- y + e score + sqrt(2 e) z with score = -eps_hat / sigma
-            buf[...] = eps
-            buf *= e / sig
-            y -= buf
-            z = rng.normal(y.shape, dtype=dtype)
-            z *= math.sqrt(2.0 * e)
-            y += z
-            if callback is not None:
-                callback(step, schedule.model_time_any(t), a * y)
-            step += 1
+    grid = langevin_levels(schedule, num_inference_steps, steps_per_level, step_lr)
+
+    def step(x, point, next_point, denoise, noise):
+        t, sigma, e = point
+        return langevin_step(x, t, sigma, e, denoise, noise, schedule=schedule,
+                             t_next=next_point[0] if next_point is not None else None)
+
+    x = sample_loop(step, grid, model_fn, schedule, rng, shape, prediction_type=prediction_type,
+                    guidance=guidance, cond=cond, x_T=x_T, dtype=dtype, callback=callback,
+                    init_scale=schedule.marginal_host(schedule.t_max)[1], fast=fast)
     if denoise_final:
-        t = schedule.t_from_sigma_ratio(levels[-1])
-        a, s = schedule.marginal_host(t)
-        xt = a * y
-        y = to_x0_eps(model_fn(xt, t_array(schedule.model_time_any(t)), **cond), xt, a, s, prediction_type)[0]
-    return y
+        x = _final_x0(model_fn, schedule, x, grid[-1][0], prediction_type, guidance, cond)
+    return x
 
 
 # ---------------------------------------------------------------------------------------------------

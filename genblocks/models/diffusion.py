@@ -15,6 +15,7 @@ v = alpha_t eps - sigma_t x_0 (``prediction_type``) from (x_t, t[, y]). Read thi
 """
 
 import math
+from functools import partial
 
 from genblocks.backends import namespace
 from genblocks.blocks import samplers as S
@@ -475,8 +476,8 @@ class Diffusion(Block):
         if guidance_weight is not None:
             if self.num_classes is None or y is None:
                 raise ValueError("guidance_weight: classifier-free guidance needs a class-conditional model and y")
-            model_fn = S.classifier_free_guidance(model_fn, guidance_weight, null_label=self.num_classes,
-                                                  guidance_rescale=guidance_rescale)
+            kw["guidance"] = partial(S.classifier_free_guidance, guidance_weight=guidance_weight,
+                                     null_label=self.num_classes, guidance_rescale=guidance_rescale)
         if learned:
             kw.setdefault("variance_type", "learned_range")
         return SAMPLERS[sampler](model_fn, self.schedule, rng, (n,) + tuple(shape),

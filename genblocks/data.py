@@ -20,6 +20,7 @@ import os
 
 from genblocks.backends import Rng, float_dtype_name, namespace, resolve_dtype, to_device, to_numpy
 from genblocks.blocks.ops import logsumexp
+from genblocks.blocks.validate import check_nonnegative_int, check_positive_int
 
 __all__ = [
     "moons", "circles", "eight_gaussians", "checkerboard", "pinwheel", "two_spirals", "rings", "swiss_roll",
@@ -40,16 +41,6 @@ def _check_rng(rng):
     return rng
 
 
-def _check_n(n, name="n"):
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"{name}: expected a non-negative int, got {n!r}")
-    return n
-
-
-def _check_num_bins(num_bins):
-    if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1:
-        raise ValueError(f"num_bins: expected a positive int, got {num_bins!r}")
-    return num_bins
 
 
 def _is_floating(x):
@@ -61,7 +52,7 @@ def _is_floating(x):
 
 
 def _toy_args(rng, n, dtype):
-    return _check_rng(rng), _check_n(n), float_dtype_name(dtype)
+    return _check_rng(rng), check_nonnegative_int(n, "n"), float_dtype_name(dtype)
 
 
 def _finish(xp, a, b, dtype):
@@ -448,7 +439,7 @@ def uniform_dequantize(x, rng, *, num_bins):
     and so is y = 0 (x = 0 and u = 0, probability 2^-24 in float32), so that a logit of y is always finite.
     Pair with ``dequantization_log_det(K, D)`` to turn log p(y) into a bound on log P(x).
     """
-    num_bins = _check_num_bins(num_bins)
+    num_bins = check_positive_int(num_bins, "num_bins")
     _check_rng(rng)
     shape = getattr(x, "shape", None)
     if shape is None or not _is_floating(x):
@@ -475,7 +466,7 @@ def _bin_index(xp, y, num_bins):
 
 def quantize(y, *, num_bins):
     """x = clip(floor(K y), 0, K - 1): the inverse of ``uniform_dequantize``; y of any shape, same dtype out."""
-    num_bins = _check_num_bins(num_bins)
+    num_bins = check_positive_int(num_bins, "num_bins")
     if getattr(y, "shape", None) is None or not _is_floating(y):
         raise TypeError(f"y: expected a float32/float64 array, got {getattr(y, 'dtype', type(y).__name__)}")
     return _bin_index(namespace(y), y, num_bins)
@@ -486,7 +477,7 @@ def dequantization_log_det(num_bins, dim):
 
     log P(x) >= E_u[log p_y((x + u) / K)] + dequantization_log_det(K, D) for a density p_y on [0, 1)^D.
     """
-    _check_num_bins(num_bins)
+    check_positive_int(num_bins, "num_bins")
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
         raise ValueError(f"dim: expected a positive int, got {dim!r}")
     return -dim * math.log(num_bins)

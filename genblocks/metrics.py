@@ -13,6 +13,7 @@
 import math
 
 from genblocks.backends import Rng, namespace, to_device, to_numpy
+from genblocks.blocks.validate import check_positive_int
 
 __all__ = [
     "nats_to_bits_per_dim", "bits_per_dim_to_nats", "mmd", "mmd_permutation_test", "mode_coverage",
@@ -21,11 +22,6 @@ __all__ = [
 
 LOG_2 = math.log(2.0)
 
-
-def _check_dim(dim):
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-        raise ValueError(f"dim: expected a positive int, got {dim!r}")
-    return dim
 
 
 def _dequantization_nats(dim, num_bins):
@@ -49,13 +45,13 @@ def nats_to_bits_per_dim(nll_nats, dim, *, num_bins=None):
     makes): rescaling by 1/K adds D log K nats of density, so the discrete data's NLL is nll + D log K.
     Returns bits per dimension, same type/shape as ``nll_nats``.
     """
-    dim = _check_dim(dim)
+    dim = check_positive_int(dim, "dim")
     return (nll_nats + _dequantization_nats(dim, num_bins)) / (dim * LOG_2)
 
 
 def bits_per_dim_to_nats(bits_per_dim, dim, *, num_bins=None):
     """nll = bpd D log 2 - D log K: the inverse of ``nats_to_bits_per_dim`` (same arguments)."""
-    dim = _check_dim(dim)
+    dim = check_positive_int(dim, "dim")
     return bits_per_dim * (dim * LOG_2) - _dequantization_nats(dim, num_bins)
 
 

@@ -1,4 +1,4 @@
-"""Base classes and argument checks shared by every block.
+"""Base classes and array checks shared by every block (scalar argument checks: ``blocks.validate``).
 
 - ``Block``: ``__init__`` stores hyperparameters only; ``init(rng, dtype="float32") -> params`` returns a
   plain dict/list pytree of arrays; methods are pure and take ``params`` first.
@@ -19,12 +19,6 @@ dtype_name = float_dtype_name  # "float32"/"float64" for a string or any backend
 def check_dtype(dtype):
     """Validate a parameter dtype argument and return its name."""
     return dtype_name(dtype)
-
-
-def check_positive_int(value, name):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    return value
 
 
 _DTYPE_NAMES = {}  # (type(dtype), dtype) -> str(dtype), for check_array
@@ -164,6 +158,6 @@ class Bijector(Block):
 
 
 __all__ = [
-    "Block", "Distribution", "Bijector", "check_array", "check_dtype", "check_positive_int", "dtype_name",
+    "Block", "Distribution", "Bijector", "check_array", "check_dtype", "dtype_name",
     "namespace", "param_specs", "resolve_dtype", "spec_differences",
 ]

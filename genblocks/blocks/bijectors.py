@@ -20,8 +20,9 @@ import math
 
 from genblocks.backends import namespace, namespace_of, to_numpy
 from genblocks.blocks import ops
-from genblocks.blocks.base import Bijector, check_array, check_dtype, check_positive_int
+from genblocks.blocks.base import Bijector, check_array, check_dtype
 from genblocks.blocks.nn import MADE, MLP
+from genblocks.blocks.validate import check_nonnegative_int, check_positive_int, check_positive_real
 
 __all__ = [
     "Identity", "Shift", "Scale", "Affine", "Exp", "Sigmoid", "Logit", "Tanh", "Softplus",
@@ -70,16 +71,6 @@ def _check_mask(mask, name="mask"):
     return mask
 
 
-def _check_nonneg_int(value, name):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name}: expected a non-negative int, got {value!r}")
-    return value
-
-
-def _check_positive_float(value, name):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name}: expected a positive float, got {value!r}")
-    return float(value)
 
 
 def _bounded(xp, raw, bound):
@@ -490,7 +481,7 @@ class ActNorm(Bijector):
 
     def __init__(self, dim, *, eps=1e-6):
         self.dim = check_positive_int(dim, "dim")
-        self.eps = _check_positive_float(eps, "eps")
+        self.eps = check_positive_real(eps, "eps")
 
     def init(self, rng, dtype="float32"):
         return {"loc": _zeros(rng, (self.dim,), dtype), "log_scale": _zeros(rng, (self.dim,), dtype)}
@@ -533,7 +524,7 @@ class BatchNormFlow(Bijector):
         if not (isinstance(momentum, (int, float)) and 0 < momentum <= 1):
             raise ValueError(f"momentum: expected a float in (0, 1], got {momentum!r}")
         self.momentum = float(momentum)
-        self.eps = _check_positive_float(eps, "eps")
+        self.eps = check_positive_real(eps, "eps")
 
     def init(self, rng, dtype="float32"):
         z = _zeros(rng, (self.dim,), dtype)
@@ -715,10 +706,10 @@ class _SplineOptions:
         self.bins = check_positive_int(bins, "bins")
         if bins < 2:
             raise ValueError(f"bins: expected at least 2 bins, got {bins}")
-        self.bound = _check_positive_float(bound, "bound")
-        self.min_bin_width = _check_positive_float(min_bin_width, "min_bin_width")
-        self.min_bin_height = _check_positive_float(min_bin_height, "min_bin_height")
-        self.min_derivative = _check_positive_float(min_derivative, "min_derivative")
+        self.bound = check_positive_real(bound, "bound")
+        self.min_bin_width = check_positive_real(min_bin_width, "min_bin_width")
+        self.min_bin_height = check_positive_real(min_bin_height, "min_bin_height")
+        self.min_derivative = check_positive_real(min_derivative, "min_derivative")
         if self.min_bin_width * bins >= 1 or self.min_bin_height * bins >= 1:
             raise ValueError(f"min_bin_width: {bins} bins of the minimum size must fit, got "
                              f"{min_bin_width} and min_bin_height={min_bin_height}")
@@ -796,7 +787,7 @@ class _Coupling(Bijector):
     def __init__(self, mask, *, hidden=(64, 64), conditioner=None, context_dim=0, activation="relu"):
         self.mask = _check_mask(mask)
         self.dim = len(self.mask)
-        self.context_dim = _check_nonneg_int(context_dim, "context_dim")
+        self.context_dim = check_nonnegative_int(context_dim, "context_dim")
         self.hidden = tuple(hidden)
         self.activation = activation
         self._idx_a = tuple(i for i, m in enumerate(self.mask) if m == 1)
@@ -884,7 +875,7 @@ class AffineCoupling(_Coupling):
                  log_scale_bound=3.0):
         super().__init__(mask, hidden=hidden, conditioner=conditioner, context_dim=context_dim,
                          activation=activation)
-        self.log_scale_bound = _check_positive_float(log_scale_bound, "log_scale_bound")
+        self.log_scale_bound = check_positive_real(log_scale_bound, "log_scale_bound")
 
     def _extra_repr(self):
         return f", log_scale_bound={self.log_scale_bound}"
@@ -933,7 +924,7 @@ class _Autoregressive(Bijector):
     def __init__(self, dim, *, hidden=(64, 64), context_dim=0, activation="relu", order=None):
         self.dim = check_positive_int(dim, "dim")
         self.hidden = tuple(hidden)
-        self.context_dim = _check_nonneg_int(context_dim, "context_dim")
+        self.context_dim = check_nonnegative_int(context_dim, "context_dim")
         self.activation = activation
         self.made = MADE(dim, self.hidden, out_multiplier=self.params_per_dim, context_dim=self.context_dim,
                          activation=activation, order=order)
@@ -986,7 +977,7 @@ class MaskedAutoregressive(_Autoregressive):
 
     def __init__(self, dim, *, hidden=(64, 64), context_dim=0, activation="relu", order=None,
                  log_scale_bound=3.0):
-        self.log_scale_bound = _check_positive_float(log_scale_bound, "log_scale_bound")
+        self.log_scale_bound = check_positive_real(log_scale_bound, "log_scale_bound")
         super().__init__(dim, hidden=hidden, context_dim=context_dim, activation=activation, order=order)
 
     def _transform(self, xp, v, theta, inverse):

@@ -12,7 +12,8 @@ import math
 
 from genblocks.backends import namespace, namespace_of, to_numpy
 from genblocks.backends.activations import ACTIVATIONS, check_activation
-from genblocks.blocks.base import Block, check_array, check_dtype, check_positive_int
+from genblocks.blocks.base import Block, check_array, check_dtype
+from genblocks.blocks.validate import check_positive_int
 
 __all__ = [
     "ACTIVATIONS", "INITS", "glorot", "he", "zeros", "get_init", "Dense", "MLP", "MaskedDense",

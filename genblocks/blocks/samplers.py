@@ -40,8 +40,15 @@ import math
 from collections import namedtuple
 
 from genblocks.backends import grad, namespace, record, to_device, to_numpy
-from genblocks.blocks.base import check_positive_int
 from genblocks.blocks.schedules import karras_sigmas, multistep_timesteps
+from genblocks.blocks.validate import (
+    check_callable,
+    check_choice,
+    check_nonnegative_int,
+    check_positive_int,
+    check_positive_real,
+    check_real,
+)
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range")
@@ -63,9 +70,7 @@ __all__ = [
 
 
 def check_prediction_type(prediction_type):
-    if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"prediction_type: expected one of {PREDICTION_TYPES}, got {prediction_type!r}")
-    return prediction_type
+    return check_choice(prediction_type, "prediction_type", PREDICTION_TYPES)
 
 
 def check_num_inference_steps(num_inference_steps, schedule=None):
@@ -127,24 +132,16 @@ def threshold_sample(x0, *, clip_sample=False, clip_sample_range=1.0, thresholdi
     return x0
 
 
-def _positive(value, name):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0.0:
-        raise ValueError(f"{name}: expected a positive number, got {value!r}")
-    return float(value)
-
-
 def clip_sample(clip_sample_range=1.0):
     """An ``x0_transform``: x_0_hat clipped to [-r, r] (diffusers' clip_sample=True, clip_sample_range=r)."""
-    r = _positive(clip_sample_range, "clip_sample_range")
+    r = check_positive_real(clip_sample_range, "clip_sample_range")
     return lambda x0: threshold_sample(x0, clip_sample=True, clip_sample_range=r)
 
 
 def thresholding(dynamic_thresholding_ratio=0.995, sample_max_value=1.0):
     """An ``x0_transform``: Imagen's dynamic thresholding (diffusers' thresholding=True with these options)."""
-    p = float(dynamic_thresholding_ratio)
-    if not 0.0 < p <= 1.0:
-        raise ValueError(f"dynamic_thresholding_ratio: expected a value in (0, 1], got {dynamic_thresholding_ratio!r}")
-    m = _positive(sample_max_value, "sample_max_value")
+    p = check_real(dynamic_thresholding_ratio, "dynamic_thresholding_ratio", low=0.0, high=1.0, low_open=True)
+    m = check_positive_real(sample_max_value, "sample_max_value")
     return lambda x0: threshold_sample(x0, thresholding=True, dynamic_thresholding_ratio=p, sample_max_value=m)
 
 
@@ -353,15 +350,12 @@ def sample_loop(step, grid, model_fn, schedule, rng, shape, *, prediction_type="
     ``fast=False`` adds the terms out of place. Returns the final x (batch, ...).
     """
     check_prediction_type(prediction_type)
-    if callback is not None and not callable(callback):
-        raise TypeError(f"callback: expected a callable callback(step, t, x), got {type(callback).__name__}")
-    if x0_transform is not None and not callable(x0_transform):
-        raise TypeError(f"x0_transform: expected a callable x0 -> x0 such as clip_sample(1.0), got "
-                        f"{type(x0_transform).__name__}")
+    if callback is not None:
+        check_callable(callback, "callback", "a callable callback(step, t, x)")
+    if x0_transform is not None:
+        check_callable(x0_transform, "x0_transform", "a callable x0 -> x0 such as clip_sample(1.0)")
     if guidance is not None:
-        if not callable(guidance):
-            raise TypeError(f"guidance: expected a wrapper model_fn -> model_fn, got {type(guidance).__name__}")
-        model_fn = guidance(model_fn)
+        model_fn = check_callable(guidance, "guidance", "a wrapper model_fn -> model_fn")(model_fn)
     cond = cond or {}
     x = _start(rng, shape, dtype, x_T, init_scale)
     xp = namespace(x)
@@ -428,8 +422,7 @@ def ddpm_sample(model_fn, schedule, rng, shape, *, num_inference_steps=NUM_INFER
     Respacing with ``timestep_spacing`` is Improved DDPM's; None visits every step. ``variance_type``
     "learned_range" reads v from the second half of model_fn's last axis. Returns x_0 with ``shape``.
     """
-    if variance_type not in VARIANCE_TYPES:
-        raise ValueError(f"variance_type: expected one of {VARIANCE_TYPES}, got {variance_type!r}")
+    check_choice(variance_type, "variance_type", VARIANCE_TYPES)
     schedule, grid = ddpm_timesteps(schedule, num_inference_steps, timestep_spacing)
     _zero_snr_guard(schedule, grid[0], prediction_type, "ddpm_sample")
 
@@ -472,8 +465,7 @@ def ddim_sample(model_fn, schedule, rng, shape, *, num_inference_steps=NUM_INFER
 
     Returns x_0 of ``shape``.
     """
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta:
-        raise ValueError(f"eta: expected a number >= 0, got {eta!r}")
+    eta = check_real(eta, "eta", low=0.0)
     grid = ddim_timesteps(schedule, num_inference_steps, timestep_spacing)
     _zero_snr_guard(schedule, grid[0], prediction_type, "ddim_sample")
 
@@ -494,8 +486,8 @@ def ddim_invert(model_fn, schedule, x0, *, num_inference_steps=NUM_INFERENCE_STE
     ``ddim_sample(..., eta=0, x_T=ddim_invert(...))`` return x_0 to solver precision. x0: (batch, ...).
     """
     check_prediction_type(prediction_type)
-    if callback is not None and not callable(callback):
-        raise TypeError(f"callback: expected a callable callback(step, t, x), got {type(callback).__name__}")
+    if callback is not None:
+        check_callable(callback, "callback", "a callable callback(step, t, x)")
     cond = cond or {}
     grid = list(reversed(ddim_timesteps(schedule, num_inference_steps, timestep_spacing)))
     xp = namespace(x0)
@@ -627,8 +619,7 @@ def ode_sample(model_fn, schedule, rng, shape, *, num_inference_steps=NUM_INFERE
     ``sigma_max`` (e.g. EDM's 80) skips the near-zero-SNR start where an eps model's errors are divided by
     alpha. Returns x_0 of ``shape``.
     """
-    if method not in ("euler", "heun"):
-        raise ValueError(f"method: expected 'euler' or 'heun', got {method!r}")
+    check_choice(method, "method", ("euler", "heun"))
     grid = edm_timesteps(schedule, num_inference_steps, sigma_spacing, rho, sigma_min, sigma_max)
 
     def step(x, point, next_point, denoise, noise):
@@ -749,8 +740,7 @@ def predictor_corrector_sample(model_fn, schedule, rng, shape, *, num_inference_
     the corrector moves run out of place, the predictor through the loop. ``corrector_steps=0`` is plain
     Euler-Maruyama. Any schedule. Returns x_0 of ``shape``.
     """
-    if isinstance(corrector_steps, bool) or not isinstance(corrector_steps, int) or corrector_steps < 0:
-        raise ValueError(f"corrector_steps: expected a non-negative int, got {corrector_steps!r}")
+    check_nonnegative_int(corrector_steps, "corrector_steps")
     grid = sde_timesteps(schedule, num_inference_steps)
     _zero_snr_guard(schedule, grid[0], prediction_type, "the reverse-SDE samplers (euler_maruyama_sample, "
                     "predictor_corrector_sample)", refuse="the drift f = d log alpha / dt is infinite there; use "
@@ -839,8 +829,7 @@ def ode_log_likelihood(model_fn, schedule, x, *, prediction_type="epsilon", trac
         raise TypeError(f"x: ode_log_likelihood needs gradients (numpy backend), got a {xp.backend_name} array; "
                         "move it with genblocks.backends.to_device(x, 'numpy')")
     check_prediction_type(prediction_type)
-    if trace not in ("exact", "hutchinson"):
-        raise ValueError(f"trace: expected 'exact' or 'hutchinson', got {trace!r}")
+    check_choice(trace, "trace", ("exact", "hutchinson"))
     cond = cond or {}
     n = x.shape[0]
     shape = tuple(x.shape)

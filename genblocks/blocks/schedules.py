@@ -19,7 +19,7 @@ drift coefficient f(t) and squared diffusion g(t)^2 of dx = f(t) x dt + g(t) dw.
 import math
 
 from genblocks.backends import namespace
-from genblocks.blocks.base import check_positive_int
+from genblocks.blocks.validate import check_positive_int, check_real
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
@@ -54,15 +54,6 @@ def _sigmoid(z):
     return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
 
 
-def _check_float(value, name, *, low=None, high=None, low_open=True):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name}: expected a finite float, got {value!r}")
-    if low is not None and (value <= low if low_open else value < low):
-        raise ValueError(f"{name}: expected a value {'>' if low_open else '>='} {low}, got {value!r}")
-    if high is not None and value > high:
-        raise ValueError(f"{name}: expected a value <= {high}, got {value!r}")
-    return float(value)
-
 
 def cosine_alpha_bar(t, s=0.008):
     """Improved DDPM's f(t) = cos^2(((t + s) / (1 + s)) pi / 2) for t in [0, 1]; alpha_bar(t) = f(t) / f(0)."""
@@ -88,9 +79,9 @@ def karras_sigmas(num_steps, sigma_min, sigma_max, rho=7.0):
     Returns a descending list of ``num_steps`` Python floats from ``sigma_max`` to ``sigma_min``.
     """
     check_positive_int(num_steps, "num_steps")
-    sigma_min = _check_float(sigma_min, "sigma_min", low=0.0)
-    sigma_max = _check_float(sigma_max, "sigma_max", low=sigma_min)
-    rho = _check_float(rho, "rho", low=0.0)
+    sigma_min = check_real(sigma_min, "sigma_min", low=0.0, low_open=True)
+    sigma_max = check_real(sigma_max, "sigma_max", low=sigma_min, low_open=True)
+    rho = check_real(rho, "rho", low=0.0, low_open=True)
     lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
     if num_steps == 1:
         return [sigma_max]
@@ -313,9 +304,9 @@ class DiscreteSchedule(_Discrete):
         check_positive_int(num_train_timesteps, "num_train_timesteps")
         self.beta_schedule = beta_schedule
         self.num_train_timesteps = num_train_timesteps
-        self.beta_start = _check_float(beta_start, "beta_start", low=0.0)
-        self.beta_end = _check_float(beta_end, "beta_end", low=0.0, high=1.0)
-        self.max_beta = _check_float(max_beta, "max_beta", low=0.0, high=1.0)
+        self.beta_start = check_real(beta_start, "beta_start", low=0.0, low_open=True)
+        self.beta_end = check_real(beta_end, "beta_end", low=0.0, high=1.0, low_open=True)
+        self.max_beta = check_real(max_beta, "max_beta", low=0.0, high=1.0, low_open=True)
         self.rescale_betas_zero_snr = bool(rescale_betas_zero_snr)
         self.trained_betas = trained_betas
         T = num_train_timesteps
@@ -422,9 +413,9 @@ class VPSDE(_Continuous):
     """
 
     def __init__(self, beta_min=0.1, beta_max=20.0, *, eps=1e-3):
-        self.beta_min = _check_float(beta_min, "beta_min", low=0.0)
-        self.beta_max = _check_float(beta_max, "beta_max", low=self.beta_min)
-        self.eps = self.t_min = _check_float(eps, "eps", low=0.0, high=1.0)
+        self.beta_min = check_real(beta_min, "beta_min", low=0.0, low_open=True)
+        self.beta_max = check_real(beta_max, "beta_max", low=self.beta_min, low_open=True)
+        self.eps = self.t_min = check_real(eps, "eps", low=0.0, high=1.0, low_open=True)
 
     def __repr__(self):
         return f"VPSDE(beta_min={self.beta_min}, beta_max={self.beta_max}, eps={self.eps})"
@@ -480,9 +471,9 @@ class VESDE(_Continuous):
     """
 
     def __init__(self, sigma_min=0.01, sigma_max=50.0, *, eps=1e-5):
-        self.sigma_min = _check_float(sigma_min, "sigma_min", low=0.0)
-        self.sigma_max = _check_float(sigma_max, "sigma_max", low=self.sigma_min)
-        self.eps = self.t_min = _check_float(eps, "eps", low=0.0, high=1.0)
+        self.sigma_min = check_real(sigma_min, "sigma_min", low=0.0, low_open=True)
+        self.sigma_max = check_real(sigma_max, "sigma_max", low=self.sigma_min, low_open=True)
+        self.eps = self.t_min = check_real(eps, "eps", low=0.0, high=1.0, low_open=True)
 
     def __repr__(self):
         return f"VESDE(sigma_min={self.sigma_min}, sigma_max={self.sigma_max}, eps={self.eps})"

@@ -13,9 +13,10 @@ outputs a ``variance_type="learned_range"`` model needs.
 """
 
 from genblocks.backends import namespace, resolve_dtype
-from genblocks.blocks.base import Block, check_array, check_dtype, check_positive_int
+from genblocks.blocks.base import Block, check_array, check_dtype
 from genblocks.blocks.nn import Conv2d, Dense, LayerNorm, SinusoidalEmbedding, upsample_nearest
 from genblocks.blocks.ops import get_activation, silu
+from genblocks.blocks.validate import check_positive_int
 
 __all__ = ["TimeEmbedding", "ClassEmbedding", "FiLM", "MLPScoreNet", "UNet", "ResBlock", "upsample_nearest"]
 

@@ -22,8 +22,9 @@ discrete NLL in nats per example and bits per dimension) join a flow to that dat
 
 from genblocks.backends import namespace, namespace_of
 from genblocks.blocks import bijectors as bj
-from genblocks.blocks.base import Block, Distribution, check_array, check_dtype, check_positive_int, dtype_name
+from genblocks.blocks.base import Block, Distribution, check_array, check_dtype, dtype_name
 from genblocks.blocks.distributions import Independent, Normal
+from genblocks.blocks.validate import check_positive_int
 
 __all__ = [
     "StandardNormal", "Flow", "real_nvp", "glow", "maf", "iaf", "neural_spline_flow",
@@ -275,9 +276,6 @@ def _context_for(z, context):
 # Factories
 
 
-def _check_layers(layers, name="layers"):
-    return check_positive_int(layers, name)
-
 
 def real_nvp(dim, *, layers=6, hidden=(64, 64), context_dim=0, activation="relu", log_scale_bound=3.0,
              batch_norm=False, actnorm=True):
@@ -286,7 +284,7 @@ def real_nvp(dim, *, layers=6, hidden=(64, 64), context_dim=0, activation="relu"
     ``actnorm`` puts an ActNorm on the data side (call ``flow.init_from_data`` before training);
     ``batch_norm`` puts a BatchNormFlow between couplings. Returns a :class:`Flow` over (..., dim).
     """
-    layers = _check_layers(layers)
+    layers = check_positive_int(layers, "layers")
     parts = []
     for i in range(layers):
         if batch_norm and i:
@@ -304,7 +302,7 @@ def glow(dim, *, steps=4, hidden=(64, 64), context_dim=0, activation="relu", log
 
     Call ``flow.init_from_data`` on a batch before training. Returns a :class:`Flow` over (..., dim).
     """
-    steps = _check_layers(steps, "steps")
+    steps = check_positive_int(steps, "steps")
     parts = []
     for i in range(steps):
         # chain order is noise -> data, so the data-side ActNorm of a step comes last
@@ -328,7 +326,7 @@ def maf(dim, *, layers=5, hidden=(64, 64), context_dim=0, activation="relu", log
 
     Returns a :class:`Flow` over (..., dim).
     """
-    layers = _check_layers(layers)
+    layers = check_positive_int(layers, "layers")
     parts = []
     for i, order in enumerate(_orders(dim, layers)):
         if batch_norm and i:
@@ -345,7 +343,7 @@ def iaf(dim, *, layers=5, hidden=(64, 64), context_dim=0, activation="relu", log
 
     Suited to variational posteriors. Returns a :class:`Flow` over (..., dim).
     """
-    layers = _check_layers(layers)
+    layers = check_positive_int(layers, "layers")
     parts = [bj.InverseAutoregressive(dim, hidden=hidden, context_dim=context_dim, activation=activation,
                                       order=order, log_scale_bound=log_scale_bound)
              for order in _orders(dim, layers)]
@@ -360,7 +358,7 @@ def neural_spline_flow(dim, *, layers=4, bins=8, bound=3.0, hidden=(64, 64), kin
     ``linear`` adds an LU linear layer before each spline layer (as in the paper); ``actnorm`` an ActNorm on
     the data side (call ``flow.init_from_data`` before training). Returns a :class:`Flow` over (..., dim).
     """
-    layers = _check_layers(layers)
+    layers = check_positive_int(layers, "layers")
     if kind not in ("coupling", "autoregressive"):
         raise ValueError(f"kind: expected 'coupling' or 'autoregressive', got {kind!r}")
     if kind == "coupling" and dim < 2:

@@ -10,7 +10,8 @@ import math
 
 from genblocks.backends import namespace
 from genblocks.blocks import ops
-from genblocks.blocks.base import Block, check_array, check_dtype, check_positive_int, resolve_dtype
+from genblocks.blocks.base import Block, check_array, check_dtype, resolve_dtype
+from genblocks.blocks.validate import check_positive_int
 
 LOG_2PI = math.log(2.0 * math.pi)
 

@@ -27,9 +27,10 @@ from dataclasses import dataclass, field
 from tqdm.auto import tqdm
 
 from genblocks.backends import Rng, backend_of, namespace, stop_gradient, value_and_grad
+from genblocks.blocks.validate import check_int, check_real
 
 from . import checkpoint
-from .optim import _check_optimizer, _check_real, _scale_to, ema
+from .optim import _check_optimizer, _scale_to, ema
 from .tree import global_norm, tree_all_finite, tree_leaves, tree_map
 
 __all__ = ["fit", "FitResult", "NonFiniteLossError"]
@@ -76,14 +77,6 @@ class FitResult:
 # argument checks
 
 
-def _check_int(value, name, low):
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
-    return value
-
-
-def _check_optional_int(value, name, low):
-    return None if value is None else _check_int(value, name, low)
 
 
 def _check_numpy(tree, name):
@@ -186,11 +179,11 @@ def fit(loss, params, data, rng, optimizer, steps, *, state=None, batch_size=128
     if not callable(loss):
         raise TypeError(f"loss: expected a function loss(params, batch, rng) -> scalar, got {loss!r}")
     init, update = _check_optimizer(optimizer)
-    steps = _check_int(steps, "steps", 0)
-    batch_size = _check_int(batch_size, "batch_size", 1)
-    log_every = _check_int(log_every, "log_every", 1)
-    eval_every = _check_optional_int(eval_every, "eval_every", 1)
-    checkpoint_every = _check_optional_int(checkpoint_every, "checkpoint_every", 1)
+    steps = check_int(steps, "steps", low=0)
+    batch_size = check_int(batch_size, "batch_size", low=1)
+    log_every = check_int(log_every, "log_every", low=1)
+    eval_every = check_int(eval_every, "eval_every", low=1, optional=True)
+    checkpoint_every = check_int(checkpoint_every, "checkpoint_every", low=1, optional=True)
     if eval_every is not None and eval_fn is None:
         raise ValueError("eval_every: given without an eval_fn to call")
     if eval_fn is not None and not callable(eval_fn):
@@ -199,7 +192,7 @@ def fit(loss, params, data, rng, optimizer, steps, *, state=None, batch_size=128
         what = "checkpoint_every" if checkpoint_every is not None else "resume"
         raise ValueError(f"{what}: needs a checkpoint_path")
     if clip_norm is not None:
-        clip_norm = _check_real(clip_norm, "clip_norm", low=0.0, low_open=True)
+        clip_norm = check_real(clip_norm, "clip_norm", low=0.0, low_open=True)
     averager = None if ema_decay is None else ema(ema_decay)
     checkpoint._check_json(config, "config")
     if not isinstance(rng, Rng):

@@ -15,10 +15,10 @@ array. Moments are kept in each parameter's dtype: float32 params give float32 s
 """
 
 import math
-import numbers
 from collections import namedtuple
 
 from genblocks.backends import namespace
+from genblocks.blocks.validate import check_int, check_real
 
 from .tree import global_norm, tree_leaves, tree_map
 
@@ -35,31 +35,13 @@ Optimizer.__doc__ = "An optimizer: ``init(params) -> state`` and ``update(grads,
 # argument checks
 
 
-def _check_real(value, name, *, low=None, high=None, low_open=False, high_open=False):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{name}: expected a finite real number, got {value!r}")
-    bad_low = low is not None and (value <= low if low_open else value < low)
-    bad_high = high is not None and (value >= high if high_open else value > high)
-    if bad_low or bad_high:
-        left = "(" if low_open else "["
-        right = ")" if high_open else "]"
-        lo = "-inf" if low is None else low
-        hi = "inf" if high is None else high
-        raise ValueError(f"{name}: expected a value in {left}{lo}, {hi}{right}, got {value!r}")
-    return float(value)
-
-
-def _check_int(value, name, *, low):
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
-    return value
 
 
 def _as_schedule(lr, name="lr"):
     """A float learning rate becomes ``constant(lr)``; a callable is used as is."""
     if callable(lr):
         return lr
-    return constant(_check_real(lr, name, low=0.0, low_open=True))
+    return constant(check_real(lr, name, low=0.0, low_open=True))
 
 
 def _lr_at(schedule, t):
@@ -99,7 +81,7 @@ def _cast_like(xp, g, p):
 
 def constant(lr):
     """``lr_t = lr`` for every step ``t``."""
-    lr = _check_real(lr, "lr", low=0.0, low_open=True)
+    lr = check_real(lr, "lr", low=0.0, low_open=True)
 
     def schedule(step):
         return lr
@@ -112,9 +94,9 @@ def cosine_decay(lr, total_steps, final_lr=0.0):
 
     Starts at ``lr`` (t = 0), reaches ``final_lr`` at ``t = T`` and stays there.
     """
-    lr = _check_real(lr, "lr", low=0.0, low_open=True)
-    total_steps = _check_int(total_steps, "total_steps", low=1)
-    final_lr = _check_real(final_lr, "final_lr", low=0.0, high=lr)
+    lr = check_real(lr, "lr", low=0.0, low_open=True)
+    total_steps = check_int(total_steps, "total_steps", low=1)
+    final_lr = check_real(final_lr, "final_lr", low=0.0, high=lr)
 
     def schedule(step):
         frac = min(int(step), total_steps) / total_steps
@@ -130,7 +112,7 @@ def linear_warmup(lr, warmup_steps):
     warmup, so ``linear_warmup(cosine_decay(lr, T), W)`` warms up for ``W`` steps then decays over ``T``.
     """
     base = _as_schedule(lr)
-    warmup_steps = _check_int(warmup_steps, "warmup_steps", low=0)
+    warmup_steps = check_int(warmup_steps, "warmup_steps", low=0)
 
     def schedule(step):
         step = int(step)
@@ -152,7 +134,7 @@ def sgd(lr, momentum=0.0, nesterov=False):
     ``p <- p - lr_t g`` and keeps no velocity (state ``{"step", "velocity": None}``).
     """
     schedule = _as_schedule(lr)
-    momentum = _check_real(momentum, "momentum", low=0.0, high=1.0, high_open=True)
+    momentum = check_real(momentum, "momentum", low=0.0, high=1.0, high_open=True)
     if nesterov and momentum == 0.0:
         raise ValueError("nesterov: Nesterov momentum needs momentum > 0, got momentum=0.0")
 
@@ -181,10 +163,10 @@ def sgd(lr, momentum=0.0, nesterov=False):
 
 def _adam(lr, b1, b2, eps, weight_decay):
     schedule = _as_schedule(lr)
-    b1 = _check_real(b1, "b1", low=0.0, high=1.0, high_open=True)
-    b2 = _check_real(b2, "b2", low=0.0, high=1.0, high_open=True)
-    eps = _check_real(eps, "eps", low=0.0, low_open=True)
-    weight_decay = _check_real(weight_decay, "weight_decay", low=0.0)
+    b1 = check_real(b1, "b1", low=0.0, high=1.0, high_open=True)
+    b2 = check_real(b2, "b2", low=0.0, high=1.0, high_open=True)
+    eps = check_real(eps, "eps", low=0.0, low_open=True)
+    weight_decay = check_real(weight_decay, "weight_decay", low=0.0)
 
     def init(params):
         xp = _check_params(params)
@@ -259,7 +241,7 @@ def clip_by_global_norm(grads, max_norm):
     ``||g||`` is a Python float. A non-finite norm leaves the gradients unchanged (so the caller can see
     and report the NaN/inf rather than get silently zeroed gradients).
     """
-    max_norm = _check_real(max_norm, "max_norm", low=0.0, low_open=True)
+    max_norm = check_real(max_norm, "max_norm", low=0.0, low_open=True)
     norm = global_norm(grads)
     return _scale_to(grads, norm, max_norm), norm
 
@@ -274,7 +256,7 @@ def _scale_to(grads, norm, max_norm):
 def clipped(optimizer, max_norm):
     """``optimizer`` applied to ``clip_by_global_norm(grads, max_norm)``; same state as ``optimizer``."""
     init, inner_update = _check_optimizer(optimizer)
-    max_norm = _check_real(max_norm, "max_norm", low=0.0, low_open=True)
+    max_norm = check_real(max_norm, "max_norm", low=0.0, low_open=True)
 
     def update(grads, state, params):
         grads, _ = clip_by_global_norm(grads, max_norm)
@@ -300,7 +282,7 @@ def ema(decay):
     (an average started at zero would, like Adam's moments); the state is the averaged tree itself.
     ``update(params, avg) -> avg``; dtypes follow the params.
     """
-    decay = _check_real(decay, "decay", low=0.0, high=1.0, high_open=True)
+    decay = check_real(decay, "decay", low=0.0, high=1.0, high_open=True)
 
     def init(params):
         xp = _check_params(params)

@@ -6,7 +6,8 @@
 """
 
 from genblocks.backends import namespace, to_numpy
-from genblocks.blocks.base import check_array, check_positive_int
+from genblocks.blocks.base import check_array
+from genblocks.blocks.validate import check_positive_int
 from genblocks.data import dequantization_log_det, uniform_dequantize
 from genblocks.metrics import nats_to_bits_per_dim
 

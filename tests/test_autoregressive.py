@@ -278,6 +278,10 @@ def test_class_context_reaches_every_conditional_and_each_class_is_normalised():
     assert np.all(np.abs(a - b) > 1e-6)
     with pytest.raises(ValueError, match="context: this model expects a vector of size 2"):
         vector.log_prob(vp, x)
+    with pytest.raises(ValueError, match=r"context: expected integer class labels in 0..2, got values \[3.0\]"):
+        model.log_prob(params, configs, np.full(8, 3))
+    with pytest.raises(ValueError, match="context: this model expects an integer label in 0..2"):
+        model.sample(params, Rng(0), 2)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ sums to less than 1.)
 
 import math
 
-from genblocks.backends import Rng, namespace, to_numpy
+from genblocks.backends import Rng, is_traced, namespace, to_numpy
 from genblocks.blocks import ops
 from genblocks.blocks.base import Block, check_array, check_dtype, check_positive_int
 from genblocks.blocks.distributions import Bernoulli, Categorical, Logistic, MixtureSameFamily, Normal
@@ -234,6 +234,13 @@ class MADEModel(Block):
             if not hasattr(context, "shape"):
                 context = xp.asarray(context, device=device)
             labels = xp.astype(context, dt)
+            if not is_traced(labels):  # a label outside 0..N-1 would be an all-zero one-hot, silently
+                ok = xp.logical_and(xp.logical_and(labels >= 0, labels <= self.context_classes - 1),
+                                    xp.floor(labels) == labels)
+                if not bool(to_numpy(xp.all(ok))):
+                    bad = sorted({float(v) for v in to_numpy(labels)[~to_numpy(ok)]})[:5]
+                    raise ValueError(f"context: expected integer class labels in 0..{self.context_classes - 1}, "
+                                     f"got values {bad}")
             classes = xp.arange(self.context_classes, dtype=dt, device=device)
             context = xp.astype(xp.expand_dims(labels, axis=-1) == classes, dt)  # one-hot (..., N)
         else:

@@ -278,6 +278,8 @@ def test_class_context_reaches_every_conditional_and_each_class_is_normalised():
     assert np.all(np.abs(a - b) > 1e-6)
     with pytest.raises(ValueError, match="context: this model expects a vector of size 2"):
         vector.log_prob(vp, x)
+    draws = to_numpy(vector.sample(vp, Rng(0), 4, context=np.arange(8.0).reshape(4, 2)))
+    assert draws.shape == (4, 3) and np.all(np.isfinite(draws))
     with pytest.raises(ValueError, match=r"context: expected integer class labels in 0..2, got values \[3.0\]"):
         model.log_prob(params, configs, np.full(8, 3))
     with pytest.raises(ValueError, match="context: this model expects an integer label in 0..2"):

@@ -9,6 +9,7 @@ import pytest
 from genblocks.backends import Rng, namespace, to_device, to_numpy
 from genblocks.blocks.schedules import DiscreteSchedule
 from genblocks.blocks.score_nets import MLPScoreNet
+from genblocks.models.autoregressive import MADEModel
 from genblocks.models.diffusion import Diffusion
 from genblocks.models.flow import real_nvp
 from genblocks.models.mixture import GaussianMixture
@@ -17,6 +18,7 @@ DATA = np.random.default_rng(0).standard_normal((16, 2))
 MODELS = {
     "mixture": lambda: GaussianMixture(2, 4),
     "realnvp": lambda: real_nvp(2, layers=2, hidden=(8,)),
+    "made": lambda: MADEModel(2, (8,), output="gaussian"),
     "diffusion": lambda: Diffusion(MLPScoreNet(2, (8,), time_embed_dim=4), DiscreteSchedule("linear", 20)),
 }
 

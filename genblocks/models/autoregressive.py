@@ -32,9 +32,10 @@ import math
 
 from genblocks.backends import Rng, is_traced, namespace, to_numpy
 from genblocks.blocks import ops
-from genblocks.blocks.base import Block, check_array, check_dtype, check_positive_int
+from genblocks.blocks.base import Block, check_array, check_dtype
 from genblocks.blocks.distributions import Bernoulli, Categorical, Logistic, MixtureSameFamily, Normal
 from genblocks.blocks.nn import MaskedDense, made_degrees
+from genblocks.blocks.validate import check_choice, check_nonnegative_int, check_positive_int
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -123,12 +124,6 @@ OUTPUTS = {
 }
 
 
-def _check_int(value, name, low):
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
-    return value
-
-
 # ---------------------------------------------------------------------------------------------------
 # The model
 
@@ -154,9 +149,7 @@ class MADEModel(Block):
         self.hidden = tuple(hidden)
         for i, width in enumerate(self.hidden):
             check_positive_int(width, f"hidden[{i}]")
-        if output not in OUTPUTS:
-            raise ValueError(f"output: expected one of {tuple(OUTPUTS)}, got {output!r}")
-        self.output = output
+        self.output = check_choice(output, "output", tuple(OUTPUTS))
         if output == "categorical":
             if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
                 raise ValueError(f"num_classes: expected an int >= 2 with output='categorical', got {num_classes!r}")
@@ -167,9 +160,9 @@ class MADEModel(Block):
         self.order = resolve_order(dim, order, order_seed)
         self.order_seed = order_seed
         self.num_masks = check_positive_int(num_masks, "num_masks")
-        self.mask_seed = _check_int(mask_seed, "mask_seed", 0)
-        self.context_dim = _check_int(context_dim, "context_dim", 0)
-        self.context_classes = _check_int(context_classes, "context_classes", 0)
+        self.mask_seed = check_nonnegative_int(mask_seed, "mask_seed")
+        self.context_dim = check_nonnegative_int(context_dim, "context_dim")
+        self.context_classes = check_nonnegative_int(context_classes, "context_classes")
         if self.context_dim and self.context_classes:
             raise ValueError(f"context_dim, context_classes: expected at most one of them, got "
                              f"context_dim={context_dim}, context_classes={context_classes}")

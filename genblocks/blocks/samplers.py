@@ -40,7 +40,7 @@ import math
 from collections import namedtuple
 
 from genblocks.backends import grad, namespace, record, to_device, to_numpy
-from genblocks.blocks.schedules import karras_sigmas, multistep_timesteps
+from genblocks.blocks.schedules import check_discrete, karras_sigmas, multistep_timesteps
 from genblocks.blocks.validate import (
     check_callable,
     check_choice,
@@ -145,12 +145,6 @@ def thresholding(dynamic_thresholding_ratio=0.995, sample_max_value=1.0):
     return lambda x0: threshold_sample(x0, thresholding=True, dynamic_thresholding_ratio=p, sample_max_value=m)
 
 
-def _discrete(schedule, who):
-    if not getattr(schedule, "is_discrete", False):
-        raise TypeError(f"schedule: {who} needs a DiscreteSchedule or RespacedSchedule, got {schedule!r}")
-    return schedule
-
-
 def _zero_snr_guard(schedule, t_first, prediction_type, who, *, refuse=None):
     """Refuse what a zero-terminal-SNR start (alpha = 0 at the first time visited) cannot do, with a clear error.
 
@@ -174,7 +168,7 @@ def _zero_snr_guard(schedule, t_first, prediction_type, who, *, refuse=None):
 
 def ddpm_timesteps(schedule, num_inference_steps=None, timestep_spacing="leading"):
     """DDPM's grid: (schedule respaced to the visited steps, [T'-1, ..., 0] on it); None keeps every step."""
-    schedule = _discrete(schedule, "ddpm_sample")
+    schedule = check_discrete(schedule, "ddpm_sample")
     if check_num_inference_steps(num_inference_steps, schedule) is not None:
         schedule = schedule.respace(schedule.timesteps(num_inference_steps, timestep_spacing))
     return schedule, list(range(schedule.num_train_timesteps - 1, -1, -1))

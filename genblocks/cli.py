@@ -9,20 +9,7 @@ import time
 
 import genblocks
 from genblocks.demo import FAMILIES as DEMO_FAMILIES  # (family, row) pairs
-
-
-def _atomic_write(path, write):
-    """Write through ``write(file)`` to a temporary file beside ``path``, then rename it into place."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder, suffix=os.path.splitext(path)[1])
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+from genblocks.io import write_atomic
 
 
 def format_table(rows):
@@ -51,9 +38,22 @@ def _plot(rows, path):
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
     return None
+
+
+def check_out_folder(out, what="demo.md, demo.json and demo.png"):
+    """``out`` as a writable folder (created if missing), checked before any work starts; ValueError otherwise."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out: {out!r} is a file; expected a folder for {what}")
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".genblocks-write-test-"):
+            pass
+    except OSError as err:
+        raise ValueError(f"--out: cannot write into {out!r} ({err.strerror or err})") from None
+    return out
 
 
 def run_demo(out, *, seed=0, smoke=False, families=None, stream=None):
@@ -62,9 +62,10 @@ def run_demo(out, *, seed=0, smoke=False, families=None, stream=None):
     names = [f for f, _ in DEMO_FAMILIES]
     chosen = names if families is None else families
     unknown = [f for f in chosen if f not in names]
-    if unknown:
-        raise ValueError(f"families: expected names from {names}, got {unknown}")
-    os.makedirs(out, exist_ok=True)
+    if unknown or not chosen:
+        raise ValueError(f"--families: expected a comma-separated subset of {','.join(names)}, got "
+                         f"{unknown if unknown else 'none'}")
+    check_out_folder(out)  # before any training: a bad --out costs nothing
     rng = genblocks.Rng(seed, "numpy")
     rows = []
     for (family, row), child in zip(DEMO_FAMILIES, rng.split(len(DEMO_FAMILIES))):
@@ -74,9 +75,9 @@ def run_demo(out, *, seed=0, smoke=False, families=None, stream=None):
         rows.append(row(child, smoke=smoke))
     table = format_table(rows)
     print(table, file=stream)
-    _atomic_write(os.path.join(out, "demo.md"), lambda f: f.write((table + "\n").encode()))
+    write_atomic(os.path.join(out, "demo.md"), lambda f: f.write((table + "\n").encode()))
     summary = [{k: v for k, v in r.items() if k != "samples"} for r in rows]
-    _atomic_write(os.path.join(out, "demo.json"), lambda f: f.write(json.dumps(summary, indent=2).encode()))
+    write_atomic(os.path.join(out, "demo.json"), lambda f: f.write(json.dumps(summary, indent=2).encode()))
     note = _plot(rows, os.path.join(out, "demo.png"))
     print(note or f"wrote {os.path.join(out, 'demo.md')}, demo.json and demo.png", file=stream)
     return rows
@@ -111,7 +112,8 @@ def main(argv=None):
         try:
             run_demo(args.out, seed=args.seed, smoke=args.smoke, families=families)
         except ValueError as err:
-            parser.error(str(err))
+            print(f"genblocks demo: {err}", file=sys.stderr)
+            return 2
         print(f"[demo] done in {time.perf_counter() - start:.1f} s")
     return 0
 

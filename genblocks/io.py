@@ -1,8 +1,9 @@
 """File I/O: the one place that opens, writes and renames files of arrays (the byte formats are in
 ``genblocks.backends.npz``, since only ``backends/`` imports numpy).
 
-- ``save_npz_atomic(path, arrays)``: write a ``.npz`` to a temporary file in the same folder, fsync, then
-  rename into place, so a failed or interrupted write never leaves a half file under ``path``.
+- ``write_atomic(path, write)`` and ``save_npz_atomic(path, arrays)``: write to a temporary file in the same
+  folder, fsync, then rename into place, so a failed or interrupted write never leaves a half file under
+  ``path``; the result honours the umask.
 - ``load_npz(path)``: read every array eagerly with ``allow_pickle=False`` (a file cannot run code);
   truncated, foreign or corrupt files raise ``ValueError`` naming the path.
 - ``read_idx(path)``: parse an IDX file (the MNIST / Fashion-MNIST format, optionally gzipped).
@@ -15,26 +16,43 @@ import zipfile
 
 from genblocks.backends.npz import idx_array, read_npz, write_npz
 
-__all__ = ["save_npz_atomic", "load_npz", "read_idx"]
+__all__ = ["write_atomic", "save_npz_atomic", "load_npz", "read_idx"]
 
 
-def save_npz_atomic(path, arrays):
-    """Write ``arrays`` (name -> array-like) to ``path`` atomically; returns the final path."""
+def _umask():
+    """The process umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_atomic(path, write):
+    """Write ``path`` through ``write(file)`` atomically: a temporary file in the same folder, fsync, rename.
+
+    A failed or interrupted write never leaves a half file under ``path``; the file gets the permissions a
+    plain ``open(path, "wb")`` would (0o666 minus the umask), not the temporary file's 0o600.
+    """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            write_npz(f, arrays)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
     return path
+
+
+def save_npz_atomic(path, arrays):
+    """Write ``arrays`` (name -> array-like) to ``path`` atomically (``write_atomic``); returns the final path."""
+    return write_atomic(path, lambda f: write_npz(f, arrays))
 
 
 def load_npz(path):

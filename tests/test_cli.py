@@ -105,3 +105,62 @@ def test_flow_drives_bijectors_through_public_call_bijector():
     assert "._call(" not in text and "call_bijector" in text
     with pytest.raises(ValueError, match="direction"):
         bj.call_bijector(bj.Identity(), "sideways", {}, None)
+
+
+def test_a_bad_out_or_empty_families_fail_in_one_line_before_any_training(tmp_path, monkeypatch):
+    def no_training(*args, **kwargs):
+        raise AssertionError("a demo row ran although the arguments were bad")
+
+    monkeypatch.setattr(cli, "DEMO_FAMILIES", [(f, no_training) for f, _ in cli.DEMO_FAMILIES])
+    occupied = tmp_path / "a-file"
+    occupied.write_text("keep me")
+    cases = [(["--out", str(occupied)], "is a file; expected a folder"),
+             (["--out", str(occupied / "sub")], "cannot write into"),
+             (["--families", ",,", "--out", str(tmp_path / "new")], "--families: expected a comma-separated subset")]
+    for args, message in cases:
+        err = []
+        monkeypatch.setattr(sys, "stderr", type("E", (), {"write": lambda self, s: err.append(s),
+                                                           "flush": lambda self: None})())
+        assert cli.main(["demo", *args]) == 2
+        text = "".join(err).strip()
+        assert message in text and len(text.splitlines()) == 1, text
+    assert occupied.read_text() == "keep me" and not (tmp_path / "new").exists()
+
+
+def test_a_bad_backend_variable_names_itself_and_spares_help_and_version():
+    import os
+
+    env = dict(os.environ, GENBLOCKS_BACKEND="bogus")
+    for args in (["--version"], ["--help"]):
+        out = subprocess.run([sys.executable, "-m", "genblocks", *args], capture_output=True, text=True, env=env)
+        assert out.returncode == 0, out.stderr
+    out = subprocess.run([sys.executable, "-c", "from genblocks.backends import Rng; Rng(0)"], capture_output=True,
+                         text=True, env=env)
+    assert out.returncode != 0 and "GENBLOCKS_BACKEND: expected one of ('numpy', 'cupy', 'strict')" in out.stderr
+    assert "'bogus'" in out.stderr
+
+
+def test_training_under_a_strict_default_says_which_variable_to_unset():
+    import os
+
+    code = ("from genblocks.backends import Rng\nfrom genblocks.data import moons\n"
+            "from genblocks.models.mixture import GaussianMixture\nfrom genblocks.train.loop import fit\n"
+            "from genblocks.train.optim import adam\nrng = Rng(0)\nm = GaussianMixture(2, 2)\n"
+            "fit(m.loss, m.init(rng), moons(rng, 64), rng, adam(0.1), steps=1, progress=False)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=dict(os.environ, GENBLOCKS_BACKEND="strict"))
+    assert out.returncode != 0 and "GENBLOCKS_BACKEND=strict" in out.stderr and "unset it" in out.stderr
+
+
+def test_output_files_honour_the_umask(tmp_path):
+    import os
+    import stat
+
+    from genblocks.io import write_atomic
+
+    old = os.umask(0o027)
+    try:
+        write_atomic(tmp_path / "a.bin", lambda f: f.write(b"x"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "a.bin").st_mode) == 0o640

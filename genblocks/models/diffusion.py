@@ -19,7 +19,7 @@ from functools import partial
 
 from genblocks.backends import namespace
 from genblocks.blocks import samplers as S
-from genblocks.blocks.base import Block, check_array
+from genblocks.blocks.base import Block, check_array, warn_if_far_from_unit_scale
 from genblocks.blocks.ops import log_softmax, stop_gradient
 from genblocks.blocks.schedules import check_discrete
 
@@ -316,6 +316,7 @@ class Diffusion(Block):
         self.check_params(params)
         x0, y = self._unpack(batch)
         check_array(x0, "x", min_ndim=2)
+        warn_if_far_from_unit_scale(x0, "Diffusion (its noise schedule ends at x_T ~ N(0, I))")
         xp = namespace(x0, params)
         n = x0.shape[0]
         dtype = "float64" if "64" in str(x0.dtype) else "float32"

@@ -6,6 +6,7 @@
   ``path``; the result honours the umask.
 - ``load_npz(path)``: read every array eagerly with ``allow_pickle=False`` (a file cannot run code);
   truncated, foreign or corrupt files raise ``ValueError`` naming the path.
+- ``save_npy_atomic(path, array)`` / ``load_npy(path)``: one array as ``.npy``, never unpickling.
 - ``read_idx(path)``: parse an IDX file (the MNIST / Fashion-MNIST format, optionally gzipped).
 """
 
@@ -14,9 +15,9 @@ import os
 import tempfile
 import zipfile
 
-from genblocks.backends.npz import idx_array, read_npz, write_npz
+from genblocks.backends.npz import idx_array, read_npy, read_npz, write_npy, write_npz
 
-__all__ = ["write_atomic", "save_npz_atomic", "load_npz", "read_idx"]
+__all__ = ["write_atomic", "save_npz_atomic", "load_npz", "save_npy_atomic", "load_npy", "read_idx"]
 
 
 def _umask():
@@ -65,6 +66,23 @@ def load_npz(path):
             return read_npz(f)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as err:
         raise ValueError(f"path: {path!r} is not a readable genblocks .npz file ({err})") from err
+
+
+def save_npy_atomic(path, array):
+    """Write one array to ``path`` as ``.npy`` atomically (``write_atomic``); returns the final path."""
+    return write_atomic(path, lambda f: write_npy(f, array))
+
+
+def load_npy(path):
+    """The array in the ``.npy`` file at ``path`` (never unpickles: object arrays are refused)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"path: no file at {path!r}")
+    try:
+        with open(path, "rb") as f:
+            return read_npy(f)
+    except (ValueError, OSError, EOFError) as err:
+        raise ValueError(f"path: {path!r} is not a readable .npy array file ({err})") from err
 
 
 def read_idx(path):

@@ -106,6 +106,8 @@ class GAN(Block):
     def init_state(self, params=None, dtype="float32"):
         """``{"disc": the discriminator's state}`` (spectral-norm vectors u; ``{}`` without them)."""
         check_dtype(dtype)
+        if params is not None:
+            self.check_params(params)
         disc = None if params is None else params["disc"]
         return {"disc": self.discriminator.init_state(disc, dtype)}
 

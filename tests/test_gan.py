@@ -147,3 +147,13 @@ def test_non_saturating_gan_covers_the_eight_gaussians():
     cover = mixture_modes(samples, "eight_gaussians", min_count=40)
     assert cover["n_modes_covered"] >= 7, cover
     assert high_quality_rate(samples, "eight_gaussians") > 0.6
+
+
+def test_demo_row_reports_mmd_and_says_there_is_no_likelihood():
+    from genblocks.demo import FAMILIES, gan_row
+
+    assert ("gan", gan_row) in FAMILIES
+    row = gan_row(Rng(0), smoke=True)
+    assert row["family"] == "gan" and "no likelihood" in row["metric"] and "MMD" in row["metric"]
+    assert np.isfinite(row["value"]) and row["samples"].shape == (256, 2)
+    assert 0 <= row["modes_covered"] <= 8 and 0.0 <= row["high_quality"] <= 1.0

@@ -135,8 +135,9 @@ def test_class_conditional_gan_trains_on_labelled_batches():
 def test_non_saturating_gan_covers_the_eight_gaussians():
     """Fixed seeds; 600 two-player steps of a 3x64 MLP GAN, samples from the generator EMA.
 
-    Measured: 8/8 modes (high-quality rate about 0.9); the test asks for >= 7 of 8 with at least 1% of
-    the 4000 samples (40) within 3 std of a centre, and a high-quality rate above 0.6.
+    Measured with these seeds: 8/8 modes, 337 to 572 of the 4000 EMA samples per mode, high-quality rate
+    0.86 (0.96 from the raw params: the 0.99 EMA still lags at 600 steps). The test asks for >= 7 of 8
+    modes with at least 1% of the samples (40) within 3 std of their centre, and a rate above 0.6.
     """
     data = eight_gaussians(Rng(0), 8192, dtype="float64")
     gan = GAN(MLPGenerator(2, 2, (64, 64, 64)), MLPDiscriminator(2, (64, 64, 64)), loss="non_saturating")

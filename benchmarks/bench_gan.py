@@ -86,7 +86,9 @@ def train(target, loss_name, args):
     data = to_numpy(toy(target, Rng(0), args.n_train))
     test = to_numpy(toy(target, Rng(9), 2000))
     w = args.width
-    gan = GAN(MLPGenerator(2, 2, (w,) * 3), MLPDiscriminator(2, (w,) * 3), **LOSSES[loss_name])
+    gan = GAN(MLPGenerator(args.latent, 2, (w,) * 3),
+              MLPDiscriminator(2, (w,) * 3, minibatch_std=args.minibatch_std, spectral_norm=args.spectral_norm),
+              **LOSSES[loss_name])
     params = gan.init(Rng(1))
     total = args.steps
     lr = cosine_decay(args.lr, total, args.lr * 0.05)
@@ -180,18 +182,25 @@ def main(argv=None):
     p.add_argument("--n-train", type=int, default=20000)
     p.add_argument("--targets", nargs="+", default=["eight_gaussians", "grid_gaussians"])
     p.add_argument("--losses", nargs="+", default=list(LOSSES), choices=list(LOSSES))
+    p.add_argument("--latent", type=int, default=2)
+    p.add_argument("--minibatch-std", action="store_true", help="the batch-std feature in the discriminator")
+    p.add_argument("--spectral-norm", action="store_true", help="a spectral-normalised discriminator")
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch twin")
     p.add_argument("--threads", type=int, default=1, help="BLAS threads (default 1)")
     args = p.parse_args(argv)
     if args.quick:
         args.seconds, args.steps, args.chunk, args.width, args.n_train, args.batch_size = 5.0, 20, 10, 16, 2000, 64
     threads = set_blas_threads(args.threads)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, {platform.python_version()}, BLAS threads "
-          f"{threads}; budget {args.seconds:.0f} s or {args.steps} steps per run, {args.width}-wide 3-layer MLPs")
+          f"{threads}; budget {args.seconds:.0f} s or {args.steps} steps per run, {args.width}-wide 3-layer MLPs, "
+          f"latent {args.latent}, lr {args.lr}, minibatch_std {args.minibatch_std}, spectral_norm {args.spectral_norm}")
     print("| run | steps | s | modes (>= 20 of 2500 within 3 std) | high quality | MMD^2 | ms/D step | ms/G step |")
     print("|---|---|---|---|---|---|---|---|")
     for target in args.targets:
         for loss_name in args.losses:
             print(row(f"genblocks {loss_name}, {target}", train(target, loss_name, args)), flush=True)
+        if args.no_torch:
+            continue
         theirs = torch_twin(target, args)
         if theirs is None:
             print(f"| PyTorch non_saturating, {target} | [torch not importable] | | | | | | |")

@@ -29,7 +29,7 @@ __all__ = [
     "FASHION_MNIST_CLASSES",
     "load_digits", "DIGITS_SPLIT_SIZES", "DIGITS_SPLIT_SEED", "load_fashion_mnist", "FASHION_MNIST_ENV",
     "FASHION_MNIST_DEFAULT_DIR", "uniform_dequantize", "quantize", "dequantization_log_det",
-    "train_valid_test_split",
+    "train_valid_test_split", "standardize", "unstandardize",
 ]
 
 # ---------------------------------------------------------------------------------------------------
@@ -516,6 +516,27 @@ def dequantization_log_det(num_bins, dim):
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
         raise ValueError(f"dim: expected a positive int, got {dim!r}")
     return -dim * math.log(num_bins)
+
+
+def standardize(x, *, min_std=1e-8):
+    """z = (x - mean) / std per feature (statistics over axis 0): (n, ...) -> (z, scaling).
+
+    scaling = {"mean": (...), "std": (...)} in x's dtype (std floored at ``min_std``, so a constant feature
+    stays finite); ``unstandardize(z, scaling)`` undoes it. Models whose defaults assume unit scale
+    (diffusion) train on z; their samples go back through ``unstandardize``.
+    """
+    if not _is_floating(x) or len(x.shape) < 2 or x.shape[0] < 2:
+        raise ValueError(f"x: expected a float array (n, ...) with n >= 2, got {getattr(x, 'dtype', type(x))} "
+                         f"{tuple(getattr(x, 'shape', ()))}")
+    xp = namespace(x)
+    mean = xp.mean(x, axis=0)
+    std = xp.maximum(xp.std(x, axis=0), min_std)
+    return (x - mean) / std, {"mean": mean, "std": std}
+
+
+def unstandardize(z, scaling):
+    """x = z std + mean: the inverse of ``standardize`` for (n, ...) arrays."""
+    return z * scaling["std"] + scaling["mean"]
 
 
 def train_valid_test_split(x, rng, sizes):

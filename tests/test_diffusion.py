@@ -486,3 +486,28 @@ def test_networks_without_shared_time_support_get_every_time():
     model = Diffusion(PerExample(), DiscreteSchedule("linear", 10), data_shape=(2,))
     model.sample({}, Rng(0), 3, sampler="ddim", num_inference_steps=2)
     assert seen == [(3,), (3,)]
+
+
+def test_unscaled_data_warns_once_with_the_fix_and_standardised_data_does_not():
+    import warnings
+
+    from genblocks.data import standardize, unstandardize
+
+    raw = np.random.default_rng(0).normal([100.0, -20.0], [30.0, 5.0], size=(256, 2))
+    model = Diffusion(MLPScoreNet(2, (8,)), DiscreteSchedule("linear", 20))
+    params = model.init(Rng(0), dtype="float64")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("default")
+        for _ in range(3):
+            model.loss(params, raw, Rng(1))
+    msgs = [str(w.message) for w in seen if issubclass(w.category, UserWarning)]
+    assert len(msgs) == 1 and "standardise it first" in msgs[0] and "means up to |9" in msgs[0], msgs
+    z, scaling = standardize(raw)
+    np.testing.assert_allclose(z.mean(0), 0.0, atol=1e-12)
+    np.testing.assert_allclose(z.std(0), 1.0, atol=1e-12)
+    np.testing.assert_allclose(unstandardize(z, scaling), raw, rtol=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.loss(params, z, Rng(1))
+    with pytest.raises(ValueError, match="x: expected a float array"):
+        standardize(np.arange(4))

@@ -120,8 +120,17 @@ def _check_numpy(tree, name):
             what = f"{found} arrays" if found else f"a {type(leaf).__name__} leaf"
             raise TypeError(
                 f"{name}: training runs on the numpy backend (autograd gradients), got {what}; "
-                f"move them first with genblocks.backends.to_device({name}, 'numpy')"
+                f"move them first with genblocks.backends.to_device({name}, 'numpy'){_env_hint()}"
             )
+
+
+def _env_hint():
+    """Why arrays may be on another backend than the user meant: a GENBLOCKS_BACKEND default."""
+    name = os.environ.get("GENBLOCKS_BACKEND", "")
+    if name in ("", "numpy"):
+        return ""
+    return (f" (GENBLOCKS_BACKEND={name} makes Rng() and new arrays {name} by default: unset it to train, or "
+            f"pass Rng(seed, 'numpy'))")
 
 
 def _check_data(data):
@@ -237,7 +246,7 @@ def fit(loss, params, data, rng, optimizer, steps, *, state=None, batch_size=128
     if rng.backend != "numpy":
         raise TypeError(
             f"rng: training runs on the numpy backend (autograd gradients), got an Rng on {rng.backend!r}; "
-            "use Rng(seed, backend='numpy')"
+            f"use Rng(seed, backend='numpy'){_env_hint()}"
         )
     _check_numpy(params, "params")
     if state is not None:

@@ -140,12 +140,19 @@ class GAN(Block):
     # ------------------------------------------------------------------------------------------------
     # the two losses
 
-    def loss_terms(self, params, state, batch, rng):
-        """{"d_real": D(x) (n,), "d_fake": D(G(z)) (n,), "penalty": scalar (0 without), "state": new state}.
+    def loss_terms(self, params, batch, rng, state=None):
+        """{"d_real": D(x) (n,), "d_fake": D(G(z)) (n,), "penalty": scalar (0 without one)}.
 
-        The discriminator's forward on the real batch advances its power iteration (with spectral norm),
-        the fake and penalty passes use the advanced state. "gp" draws one eps ~ U(0, 1) per row.
+        ``state``: the model state (``init_state``); None is allowed for a discriminator without
+        spectral norm. Training uses ``loss_d_and_state``, which also returns the advanced state.
         """
+        if state is None:
+            state = self._default_state(params, "loss_terms")
+        return self._terms(params, state, batch, rng)[0]
+
+    def _terms(self, params, state, batch, rng):
+        """(terms, new state): the real batch's forward advances the power iteration (with spectral norm),
+        the fake and penalty passes use the advanced state; "gp" draws one eps ~ U(0, 1) per row."""
         self.check_params(params)
         x, y = self._split(batch)
         check_array(x, "x", min_ndim=2)
@@ -171,16 +178,16 @@ class GAN(Block):
                 penalty = gradient_penalty(critic, x, fake, eps)
             else:
                 penalty = r1_penalty(critic, x)
-        return {"d_real": d_real, "d_fake": d_fake, "penalty": penalty, "state": {"disc": d_state}}
+        return {"d_real": d_real, "d_fake": d_fake, "penalty": penalty}, {"disc": d_state}
 
     def loss_d_and_state(self, params, state, batch, rng):
         """(L_D = d_loss(D(x), D(G(z))) + weight * penalty, new state): the discriminator's objective."""
-        terms = self.loss_terms(params, state, batch, rng)
+        terms, new_state = self._terms(params, state, batch, rng)
         value = d_loss(self.loss, terms["d_real"], terms["d_fake"])
         if self.penalty in ("gp", "r1"):
             scale = self.penalty_weight if self.penalty == "gp" else 0.5 * self.penalty_weight
             value = value + scale * terms["penalty"]
-        return value, terms["state"]
+        return value, new_state
 
     def loss_g_and_state(self, params, state, batch, rng):
         """(L_G = g_loss(D(G(z))), new state) for a batch of z as large as the real batch (its labels reused)."""
@@ -191,12 +198,16 @@ class GAN(Block):
         d_fake, d_state = self.discriminator.apply(params["disc"], state["disc"], fake, y)
         return g_loss(self.loss, d_fake), {"disc": d_state}
 
-    def _stateless(self, method, params, batch, rng):
+    def _default_state(self, params, method):
         if getattr(self.discriminator, "spectral_norm", False):
+            hint = ("pass state=model.init_state(params)" if method == "loss_terms" else
+                    f"use {method}_and_state(params, state, batch, rng) with state=model.init_state(params)")
             raise ValueError("state: the spectral-normalised discriminator carries its power-iteration vectors in a "
-                             f"state; use {method}_and_state(params, state, batch, rng) with "
-                             "state=model.init_state(params)")
-        return getattr(self, f"{method}_and_state")(params, self.init_state(params), batch, rng)[0]
+                             f"state; {hint}")
+        return self.init_state(params)
+
+    def _stateless(self, method, params, batch, rng):
+        return getattr(self, f"{method}_and_state")(params, self._default_state(params, method), batch, rng)[0]
 
     def loss_d(self, params, batch, rng):
         """L_D (scalar) for a discriminator without state (see ``loss_d_and_state``)."""

@@ -56,16 +56,21 @@ def save_npz_atomic(path, arrays):
     return write_atomic(path, lambda f: write_npz(f, arrays))
 
 
-def load_npz(path):
-    """All arrays of the ``.npz`` at ``path`` as a dict of host arrays (never unpickles)."""
+def _read(path, reader, what):
+    """``reader(file)`` on the file at ``path``; FileNotFoundError / ValueError naming the path otherwise."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"path: no file at {path!r}")
     try:
         with open(path, "rb") as f:
-            return read_npz(f)
+            return reader(f)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as err:
-        raise ValueError(f"path: {path!r} is not a readable genblocks .npz file ({err})") from err
+        raise ValueError(f"path: {path!r} is not a readable {what} ({err})") from err
+
+
+def load_npz(path):
+    """All arrays of the ``.npz`` at ``path`` as a dict of host arrays (never unpickles)."""
+    return _read(path, read_npz, "genblocks .npz file")
 
 
 def save_npy_atomic(path, array):
@@ -75,14 +80,7 @@ def save_npy_atomic(path, array):
 
 def load_npy(path):
     """The array in the ``.npy`` file at ``path`` (never unpickles: object arrays are refused)."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"path: no file at {path!r}")
-    try:
-        with open(path, "rb") as f:
-            return read_npy(f)
-    except (ValueError, OSError, EOFError) as err:
-        raise ValueError(f"path: {path!r} is not a readable .npy array file ({err})") from err
+    return _read(path, read_npy, ".npy array file")
 
 
 def read_idx(path):

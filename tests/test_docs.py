@@ -37,15 +37,7 @@ def python_blocks(relpath):
 def test_writing_a_block_runs_top_to_bottom():
     blocks = python_blocks(WRITING_A_BLOCK)
     assert len(blocks) >= 5, f"{WRITING_A_BLOCK}: expected its python blocks, found {len(blocks)}"
-    scope = {"__name__": "writing_a_block"}
-    for i, (line, code) in enumerate(blocks):
-        # padded so that a traceback's line numbers are the page's
-        compiled = compile("\n" * (line - 1) + code, WRITING_A_BLOCK, "exec")
-        try:
-            exec(compiled, scope)
-        except Exception as err:
-            raise AssertionError(f"{WRITING_A_BLOCK}: python block {i} (line {line}) raised "
-                                 f"{type(err).__name__}: {err}") from err
+    scope = _run_page(WRITING_A_BLOCK)
     assert {"TailPower", "GatedResidual", "gaussian_eps"} <= scope.keys()
 
 

@@ -182,3 +182,12 @@ def warn_if_far_from_unit_scale(x, who, *, mean_limit=5.0, std_range=(0.05, 20.0
             f"{lo:.3g} to {hi:.3g}; standardise it first (z = (x - mean) / std, then samples * std + mean), "
             f"e.g. with genblocks.data.standardize",
             UserWarning, stacklevel=3)
+
+
+def unpack_batch(batch):
+    """(x, context) from a batch given as x or as the pair (x, context) (context None for a bare x)."""
+    if isinstance(batch, (tuple, list)):
+        if len(batch) != 2:
+            raise ValueError(f"batch: expected x or (x, context), got a sequence of {len(batch)} items")
+        return batch[0], batch[1]
+    return batch, None

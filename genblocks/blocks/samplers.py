@@ -690,17 +690,6 @@ def _unflatten(flat, shape, dtype):
     return xp.astype(xp.reshape(xp.asarray(flat), shape), dtype)
 
 
-def _flatten64(host):
-    """A host array as a flat float64 vector (what scipy's solvers integrate)."""
-    xp = namespace(host)
-    return xp.reshape(xp.astype(host, xp.float64), (-1,))
-
-
-def _unflatten(flat, shape, dtype):
-    xp = namespace(flat)
-    return xp.astype(xp.reshape(xp.asarray(flat), shape), dtype)
-
-
 def euler_maruyama_step(x, t, t_next, denoise, noise, *, schedule, last=False):
     """Reverse SDE dx = [f x - g^2 score] dt + g dw_bar with score = -eps_hat / sigma_t, one Euler-Maruyama step:
 

@@ -18,8 +18,9 @@ Measured here (2 shared cores, load average about 10, one BLAS thread; ``python 
 MMD^2 0.0017 in 1750 steps (PyTorch twin: 8/8 at 98.5%, 1804 steps); on the 5x5 grid 1/25 modes at 7.8%
 (PyTorch twin 3/25 at 9.3%), far from the >= 20/25 target. With --minibatch-std --steps 1300 --lr 1e-3 the
 grid gave 1/25 at 6.6%, and 4000 steps (--seconds 240, 189 s) 4/25 at 13.2%. WGAN-GP gave 1/25 (250
-steps) on the grid and 2/8 at 28.5% (750 steps) on eight Gaussians. ms per D step 40, per G step 22
-(PyTorch 29 and 25) at that load.
+steps) on the grid and 2/8 at 28.5% (750 steps) on eight Gaussians (at --lr 1e-4: 1/8 at 4.0% after
+1500 steps; the cause is not established). ms per D step 40, per G step 22 (PyTorch 29 and 25) at that
+load.
 
 Figures are indicative: they move with the machine's load and the BLAS build. Not done here: the
 Frechet distance on digits features (the issue's digits classifier is not built yet).

@@ -7,11 +7,13 @@ import numpy as np
 import pytest
 
 from genblocks.backends import Rng, namespace, to_device, to_numpy
+from genblocks.blocks.discriminators import MLPDiscriminator, MLPGenerator
 from genblocks.blocks.schedules import DiscreteSchedule
 from genblocks.blocks.score_nets import MLPScoreNet
 from genblocks.models.autoregressive import MADEModel
 from genblocks.models.diffusion import Diffusion
 from genblocks.models.flow import real_nvp
+from genblocks.models.gan import GAN
 from genblocks.models.mixture import GaussianMixture
 
 DATA = np.random.default_rng(0).standard_normal((16, 2))
@@ -20,7 +22,15 @@ MODELS = {
     "realnvp": lambda: real_nvp(2, layers=2, hidden=(8,)),
     "made": lambda: MADEModel(2, (8,), output="gaussian"),
     "diffusion": lambda: Diffusion(MLPScoreNet(2, (8,), time_embed_dim=4), DiscreteSchedule("linear", 20)),
+    "gan": lambda: GAN(MLPGenerator(2, 2, (8,)), MLPDiscriminator(2, (8,)), loss="wasserstein", penalty="gp"),
 }
+
+
+def _loss(model, params, x, rng):
+    """The training loss; a GAN has two and no likelihood: its discriminator's (with the gradient penalty)."""
+    if isinstance(model, GAN):
+        return model.loss_d(params, x, rng)
+    return model.loss(params, x, rng)
 
 
 def _sample(model, params, rng):
@@ -34,7 +44,7 @@ def _sample(model, params, rng):
 def test_loss_is_a_finite_scalar_in_the_params_dtype(name, dtype):
     model = MODELS[name]()
     params = model.init(Rng(0), dtype=dtype)
-    value = model.loss(params, DATA.astype(dtype), Rng(1))
+    value = _loss(model, params, DATA.astype(dtype), Rng(1))
     assert value.shape == () and np.isfinite(value) and str(value.dtype) == dtype
 
 
@@ -58,7 +68,7 @@ def test_params_of_another_model_are_refused_with_every_difference(name, other, 
     with pytest.raises(ValueError, match=rf"(?s)params: do not match {type(model).__name__}'s parameters.*missing"):
         _sample(model, params, Rng(2, backend=backend))
     with pytest.raises(ValueError, match="params: do not match"):
-        model.loss(to_numpy(params), DATA, Rng(1))  # not a bare KeyError
+        _loss(model, to_numpy(params), DATA, Rng(1))  # not a bare KeyError
 
 
 def test_a_mixture_of_another_size_is_refused_not_silently_used():
@@ -120,5 +130,5 @@ def test_checkpoint_round_trip_keeps_params_state_and_loss_bit_for_bit(name, tmp
         np.testing.assert_array_equal(a, b)
     assert len(leaves(state)) == len(leaves(loaded["state"]))
     batch = DATA.astype("float32")
-    np.testing.assert_array_equal(to_numpy(model.loss(loaded["params"], batch, Rng(1))),
-                                  to_numpy(model.loss(params, batch, Rng(1))))
+    np.testing.assert_array_equal(to_numpy(_loss(model, loaded["params"], batch, Rng(1))),
+                                  to_numpy(_loss(model, params, batch, Rng(1))))

@@ -55,3 +55,13 @@ def test_writing_a_block_follows_its_own_rules(tmp_path):
     code.write_text("\n".join(c for _, c in python_blocks(WRITING_A_BLOCK)))
     assert violations(code) == []
     assert "import numpy" not in code.read_text()
+
+
+def test_autoregressive_page_runs_top_to_bottom():
+    page = "docs/autoregressive.md"
+    scope = {"__name__": "autoregressive_page"}
+    blocks = python_blocks(page)
+    assert blocks, f"{page}: expected its python blocks"
+    for line, code in blocks:
+        exec(compile("\n" * (line - 1) + code, page, "exec"), scope)
+    assert "report" in scope

@@ -80,7 +80,7 @@ def ms_per_step(model, params, batch, repeats):
     state = {"params": params, "opt": init(params)}
 
     def step():
-        _, grads = grad_fn(state["params"], batch)
+        _, grads = grad_fn(state["params"], batch, Rng(0))  # with an rng: one mask per step, as in training
         state["params"], state["opt"] = update(grads, state["opt"], state["params"])
 
     return _time(step, repeats)
@@ -200,6 +200,7 @@ def main():
     parser.add_argument("--pixelcnn-steps", type=int, default=3000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--made-hidden", type=int, nargs="+", default=[512, 512])
+    parser.add_argument("--made-masks", type=int, default=1, help="MADE connectivity masks (probabilities averaged)")
     parser.add_argument("--features", type=int, default=32)
     parser.add_argument("--blocks", type=int, default=4)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -223,10 +224,11 @@ def main():
     print(f"\n{'model':<26} {'steps':>6} {'train s':>8} {'valid':>7} {'test nats':>9} {'ms/step':>8} "
           f"{'torch ms':>8} {'ratio':>6} {'naive img/s':>11} {'cached img/s':>12} {'speed-up':>8}", flush=True)
     if "made" in args.models:
-        made = MADEModel(64, tuple(args.made_hidden), output="categorical", num_classes=LEVELS)
+        made = MADEModel(64, tuple(args.made_hidden), output="categorical", num_classes=LEVELS,
+                         num_masks=args.made_masks)
         params, seconds, valid, test = train(made, data, (64,), args, args.made_steps, args.lr)
         ms = ms_per_step(made, params, batch, args.repeats)
-        row("MADE " + "x".join(map(str, args.made_hidden)), args.made_steps, seconds, valid, test, ms,
+        row("MADE " + "x".join(map(str, args.made_hidden)) + f" masks={args.made_masks}", args.made_steps, seconds, valid, test, ms,
             with_torch(torch_made_ms, made, batch, args.repeats), None, None)
     if "pixelcnn" in args.models:
         pcnn = PixelCNN(8, 8, 1, LEVELS, features=args.features, num_blocks=args.blocks)

@@ -228,8 +228,9 @@ def main():
                          num_masks=args.made_masks)
         params, seconds, valid, test = train(made, data, (64,), args, args.made_steps, args.lr)
         ms = ms_per_step(made, params, batch, args.repeats)
-        row("MADE " + "x".join(map(str, args.made_hidden)) + f" masks={args.made_masks}", args.made_steps, seconds, valid, test, ms,
-            with_torch(torch_made_ms, made, batch, args.repeats), None, None)
+        name = "MADE " + "x".join(map(str, args.made_hidden)) + f" masks={args.made_masks}"
+        row(name, args.made_steps, seconds, valid, test, ms, with_torch(torch_made_ms, made, batch, args.repeats),
+            None, None)
     if "pixelcnn" in args.models:
         pcnn = PixelCNN(8, 8, 1, LEVELS, features=args.features, num_blocks=args.blocks)
         params, seconds, valid, test = train(pcnn, data, (8, 8, 1), args, args.pixelcnn_steps, args.lr)

@@ -40,7 +40,7 @@ def main():
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--frame-every", type=int, default=250)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="gan_frames", help="folder for the PNG frames")
+    parser.add_argument("--out", default="examples-out/gan_frames", help="folder for the PNG frames")
     args = parser.parse_args()
     steps, every, width, n_train = args.steps, args.frame_every, 128, 20000
     if args.smoke:

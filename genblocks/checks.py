@@ -6,6 +6,8 @@
   data under a diffusion schedule (known-truth ``model_fn`` for every sampler); ``check_score(score_fn, x,
   log_prob=... | reference=...)``: a score function equals grad log p.
 - ``check_bijector(bijector, params, x)``: round trips, log_det = log|det| of autograd's Jacobian, shapes.
+- ``check_autoregressive(fn, x, order)``: output i has a zero Jacobian w.r.t. every input not before i in
+  ``order`` (and, with ``complete=True``, a nonzero one w.r.t. every input before it: no blind spot).
 """
 
 import math
@@ -392,4 +394,73 @@ def check_bijector(bijector, params, x, *, atol=None, context=None):
             note = (f" (Jacobian condition number {report['max_jacobian_condition']:.3g}: round-trip errors up to "
                     f"about {report['roundtrip_error_floor']:.3g} are ill-conditioning, not a defect)")
         raise AssertionError(f"check_bijector: {type(bijector).__name__} failed: " + "; ".join(failures) + note)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------
+# check_autoregressive: output i sees only the inputs before i
+
+
+def check_autoregressive(fn, x, order=None, *, atol=0.0, complete=False):
+    """d fn(x)[n, i, ...] / d x[n, j] = 0 unless order[j] < order[i], with autograd's Jacobian on numpy.
+
+    fn maps x (n, D) to (n, D) or (n, D, P) (P parameters per dimension, e.g. logits); ``order[j]`` is the
+    step at which x_j is generated (a permutation of range(D); None = natural order 0..D-1, raster order
+    for a flattened image). Examples are assumed independent: the Jacobian of the sum over the batch is
+    taken, one reverse pass per output (i, p). A dependency counts when |J| > ``atol`` for any example and
+    parameter. With ``complete=True`` every input before i must also reach output i (for some example): a
+    missing one is a *blind spot* (the masked-convolution PixelCNN's upper-right corner).
+
+    Returns {"dependencies": D x D list of bools (row i: the inputs output i depends on), "violations":
+    [(i, j), ...], "blind_spots": [(i, j), ...], "max_violation": largest |J| at a violating pair}; raises
+    AssertionError listing the violating (i, j) pairs (and the blind spots with ``complete=True``).
+    """
+    from genblocks.backends import jacobian, to_device
+
+    if not callable(fn):
+        raise TypeError(f"fn: expected a callable x (n, D) -> (n, D) or (n, D, P), got {type(fn).__name__}")
+    if getattr(x, "shape", None) is None or len(x.shape) != 2:
+        raise ValueError(f"x: expected an array (n, D), got {getattr(x, 'shape', type(x).__name__)}")
+    x = to_device(x, "numpy")
+    xp = namespace(x)
+    if not xp.isdtype(x.dtype, "real floating"):
+        raise TypeError(f"x: expected a float32 or float64 array, got dtype {x.dtype}")
+    n, d = (int(s) for s in x.shape)
+    if order is None:
+        ranks = list(range(d))
+    else:
+        try:
+            ranks = [int(v) for v in (to_numpy(order) if hasattr(order, "shape") else order)]
+        except (TypeError, ValueError):
+            raise ValueError(f"order: expected a permutation of range({d}), got {order!r}") from None
+        if sorted(ranks) != list(range(d)):
+            raise ValueError(f"order: expected a permutation of range({d}) (each of 0..{d - 1} once), got {ranks}")
+    out = fn(x)
+    shape = tuple(getattr(out, "shape", ()))
+    if len(shape) not in (2, 3) or shape[:2] != (n, d):
+        raise ValueError(f"fn: expected an output of shape ({n}, {d}) or ({n}, {d}, P), got {shape}")
+
+    def summed(v):  # (n, D) -> (D, P): the batch summed, so one reverse pass per output serves every example
+        y = fn(v)
+        return xp.sum(xp.reshape(y, (n, d, -1)), axis=0)
+
+    jac = to_numpy(jacobian(summed)(x))  # (D, P, n, D)
+    size = xp.max(xp.max(xp.abs(jac), axis=1), axis=1)  # (D_out, D_in): largest |J| over P and examples
+    depends = size > atol
+    before = xp.asarray([[ranks[j] < ranks[i] for j in range(d)] for i in range(d)])
+    violations = [(i, j) for i in range(d) for j in range(d) if bool(depends[i, j]) and not bool(before[i, j])]
+    blind = [(i, j) for i in range(d) for j in range(d) if bool(before[i, j]) and not bool(depends[i, j])]
+    report = {"dependencies": [[bool(v) for v in row] for row in depends], "violations": violations,
+              "blind_spots": blind,
+              "max_violation": max((float(size[i, j]) for i, j in violations), default=0.0)}
+    problems = []
+    if violations:
+        problems.append(f"{len(violations)} outputs depend on inputs not before them (output i, input j): "
+                        f"{violations[:20]}{' ...' if len(violations) > 20 else ''} (largest |J| "
+                        f"{report['max_violation']:.3g})")
+    if complete and blind:
+        problems.append(f"{len(blind)} blind spots: inputs before the output that never reach it (output i, "
+                        f"input j): {blind[:20]}{' ...' if len(blind) > 20 else ''}")
+    if problems:
+        raise AssertionError("check_autoregressive: " + "; ".join(problems))
     return report

@@ -1,4 +1,5 @@
-"""MADE as a density model: exact normalisation, autoregressive structure, sampling, inpainting, training."""
+"""MADE and PixelCNN as density models: exact normalisation, autoregressive structure (``check_autoregressive``),
+sampling (naive and cached), inpainting, backends, training."""
 
 import itertools
 import math
@@ -10,8 +11,9 @@ from scipy.special import logsumexp
 
 from genblocks.backends import Rng, jacobian, to_device, to_numpy
 from genblocks.blocks.distributions import Bernoulli, Categorical, Logistic, MixtureSameFamily, Normal
-from genblocks.blocks.nn import made_masks
-from genblocks.models.autoregressive import MADE, OUTPUTS, MADEModel, resolve_order
+from genblocks.blocks.nn import MaskedConv2d, made_masks
+from genblocks.checks import check_autoregressive
+from genblocks.models.autoregressive import MADE, OUTPUTS, MADEModel, PixelCNN, resolve_order
 from genblocks.train.loop import fit
 from genblocks.train.optim import adam
 
@@ -348,3 +350,251 @@ def test_demo_row_smoke_learns_two_moons():
     # row reaches about 2.57, the Gaussian-mixture baseline about 2.58)
     assert row["family"] == "autoregressive" and row["value"] < 3.45
     assert row["samples"].shape == (1000, 2) and np.all(np.isfinite(row["samples"]))
+
+
+# ===================================================================================================
+# check_autoregressive
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_check_autoregressive_passes_on_made_with_random_orders(seed):
+    model = MADEModel(5, (16, 16), output="categorical", num_classes=3, order="random", order_seed=seed,
+                      num_masks=2, activation="tanh")
+    params = _params(model, seed)
+    x = Rng(seed).normal((4, 5), "float64")
+    for k in range(2):
+        report = check_autoregressive(lambda v: model.network_outputs(params, v, mask_index=k), x, model.order,
+                                      complete=True)
+        assert report["violations"] == [] and report["blind_spots"] == []
+    # the conditionals' log-densities log p(x_i | x_<i) do depend on x_i itself: not a parameter map
+    gaussian = MADEModel(4, (12,), output="gaussian", order="random", order_seed=seed)
+    gp = _params(gaussian, seed)
+    check_autoregressive(lambda v: gaussian.network_outputs(gp, v), x[:, :4], gaussian.order)
+    with pytest.raises(AssertionError, match=r"\(\d, \d\)"):
+        check_autoregressive(lambda v: gaussian.conditional_log_probs(gp, v), x[:, :4], gaussian.order)
+
+
+def test_check_autoregressive_catches_a_wrong_order_and_a_dense_net_and_names_the_pairs():
+    model = MADEModel(4, (12,), output="bernoulli", order=[2, 0, 3, 1], activation="tanh")
+    params = _params(model)
+    x = Rng(3).normal((3, 4), "float64")
+    fn = lambda v: model.network_outputs(params, v)  # noqa: E731
+    check_autoregressive(fn, x, [2, 0, 3, 1])
+    with pytest.raises(AssertionError, match=r"outputs depend on inputs not before them .*\(0, 1\)"):
+        check_autoregressive(fn, x)  # the natural order is not this net's order
+    W = np.triu(np.ones((4, 4)))  # output i sees inputs j <= i: x_i itself leaks in
+    with pytest.raises(AssertionError, match=r"4 outputs depend .*\[\(0, 0\), \(1, 1\), \(2, 2\), \(3, 3\)\]"):
+        check_autoregressive(lambda v: np.tanh(v @ W), x)
+    report = check_autoregressive(lambda v: np.tanh(v @ np.triu(np.ones((4, 4)), 1)), x, complete=True)
+    assert report["dependencies"][3] == [True, True, True, False]
+    with pytest.raises(ValueError, match=r"order: expected a permutation of range\(4\)"):
+        check_autoregressive(fn, x, [0, 0, 1, 2])
+    with pytest.raises(ValueError, match=r"x: expected an array \(n, D\)"):
+        check_autoregressive(fn, x[0])
+    with pytest.raises(ValueError, match=r"fn: expected an output of shape \(3, 4\)"):
+        check_autoregressive(lambda v: v[:, :2], x)
+
+
+# ===================================================================================================
+# PixelCNN
+
+
+def _pixelcnn(h=3, w=3, c=1, levels=2, **kw):
+    return PixelCNN(h, w, c, levels, **{"features": 4 * c if c > 1 else 4, "num_blocks": 2, **kw})
+
+
+def _images(levels, shape):
+    return np.array(list(itertools.product(range(levels), repeat=math.prod(shape))),
+                    dtype=np.float64).reshape((-1,) + shape)
+
+
+def _flat(model, params, context=None):
+    """x (n, D) -> theta (n, D, P) in raster-then-channel order, for check_autoregressive."""
+    shape = (model.height, model.width, model.channels)
+    return lambda v: np.reshape(model.network_outputs(params, np.reshape(v, (v.shape[0],) + shape), context),
+                                (v.shape[0], model.dim, -1))
+
+
+def test_pixelcnn_sums_to_one_over_every_3x3_binary_image():
+    model = _pixelcnn()
+    params = _params(model)
+    lp = to_numpy(model.log_prob(params, _images(2, (3, 3, 1))))
+    assert lp.shape == (512,)
+    assert abs(np.exp(lp).sum() - 1.0) < 1e-10
+    assert np.ptp(lp) > 1.0  # perturbed: far from uniform
+
+
+@pytest.mark.parametrize("output", ["categorical", "logistic_mixture"])
+def test_pixelcnn_with_channels_and_classes_sums_to_one_per_class(output):
+    model = _pixelcnn(1, 2, 2, 3, output=output, num_components=2, context_classes=2)
+    params = _params(model)
+    xs = _images(3, (1, 2, 2))  # 81 images of two 3-level channels
+    totals = [np.exp(to_numpy(model.log_prob(params, xs, np.full(81, y)))).sum() for y in (0, 1)]
+    np.testing.assert_allclose(totals, 1.0, atol=1e-10)
+    a, b = (to_numpy(model.log_prob(params, xs, np.full(81, y))) for y in (0, 1))
+    assert np.max(np.abs(a - b)) > 1e-2  # the class matters
+
+
+def test_pixelcnn_is_autoregressive_in_raster_and_channel_order_with_no_blind_spot():
+    model = _pixelcnn(4, 4, activation="tanh")
+    report = check_autoregressive(_flat(model, _params(model)), Rng(0).normal((3, 16), "float64"), complete=True)
+    assert report["dependencies"][15] == [True] * 15 + [False]  # the last pixel sees every other pixel
+    colour = _pixelcnn(3, 3, 3, 4, output="logistic_mixture", num_components=2, context_classes=3, activation="tanh")
+    check_autoregressive(_flat(colour, _params(colour), np.array([0, 2, 1])), Rng(1).normal((3, 27), "float64"),
+                         complete=True)
+
+
+class _MaskedConvStack:
+    """The original PixelCNN's stack of 3x3 masked convolutions (type A, then B): it has a blind spot."""
+
+    def __init__(self, layers=3, features=8):
+        self.layers = [MaskedConv2d(1, features, 3, mask_type="A", activation="tanh")]
+        self.layers += [MaskedConv2d(features, features, 3, mask_type="B", activation="tanh")
+                        for _ in range(layers - 2)]
+        self.layers += [MaskedConv2d(features, 2, 3, mask_type="B")]
+        self.params = [perturb_params(layer.init(r, "float64"), 0, 0.3)
+                       for layer, r in zip(self.layers, Rng(0).split(layers))]
+
+    def __call__(self, v):
+        h = np.reshape(v, (v.shape[0], 5, 5, 1))
+        for layer, p in zip(self.layers, self.params):
+            h = layer.apply(p, h)
+        return np.reshape(h, (v.shape[0], 25, 2))
+
+
+def test_check_autoregressive_catches_the_blind_spot_of_a_masked_conv_stack():
+    net, x = _MaskedConvStack(), Rng(2).normal((3, 25), "float64")
+    report = check_autoregressive(net, x)  # causal: nothing after a pixel leaks in
+    # ... but pixel (2, 2) = 12 never sees (1, 4) = 9, up and to the right, though it comes first
+    assert (12, 9) in report["blind_spots"] and report["violations"] == []
+    with pytest.raises(AssertionError, match=r"blind spots: .*\(12, 9\)"):
+        check_autoregressive(net, x, complete=True)
+    gated = _pixelcnn(5, 5, num_blocks=3, activation="tanh")  # the gated stacks have none
+    check_autoregressive(_flat(gated, _params(gated)), x, complete=True)
+
+
+def test_pixelcnn_samples_match_log_prob_by_chi_square():
+    from scipy.stats import chisquare
+
+    model = _pixelcnn(2, 2)
+    params = _params(model, scale=1.0)
+    configs = _images(2, (2, 2, 1))
+    p = np.exp(to_numpy(model.log_prob(params, configs)))
+    n = 20000
+    samples = to_numpy(model.sample(params, Rng(7), n, cached=True)).reshape(n, 4)
+    counts = np.array([np.sum(np.all(samples == c.reshape(4), axis=1)) for c in configs])
+    assert counts.sum() == n
+    assert chisquare(counts, n * p).pvalue > 1e-3
+    # inpainting the bottom row given the top row samples p(bottom | top)
+    top = np.array([1.0, 0.0])
+    given = np.zeros((2, 2, 1), dtype=bool)
+    given[0] = True
+    x_init = np.zeros((2, 2, 1))
+    x_init[0, :, 0] = top
+    out = to_numpy(model.sample(params, Rng(8), n, x_init=x_init, mask=given)).reshape(n, 4)
+    assert np.all(out[:, :2] == top)
+    rows = [c for c in range(16) if np.all(configs[c].reshape(4)[:2] == top)]
+    counts = np.array([np.sum(np.all(out == configs[c].reshape(4), axis=1)) for c in rows])
+    assert chisquare(counts, n * p[rows] / p[rows].sum()).pvalue > 1e-3
+
+
+@pytest.mark.parametrize("kw", [{}, {"c": 3, "levels": 5, "output": "logistic_mixture", "num_components": 2,
+                                     "context_classes": 3}, {"h": 4, "w": 5, "kernel_size": 5, "num_blocks": 3}])
+def test_cached_sampling_gives_the_naive_loop_s_images(kw):
+    model = _pixelcnn(**kw)
+    params = _params(model)
+    context = np.array([0, 2, 1, 1, 0]) if model.context_classes else None
+    naive = model.sample(params, Rng(3), 5, context=context)
+    fast = model.sample(params, Rng(3), 5, context=context, cached=True)
+    np.testing.assert_array_equal(fast, naive)
+    assert np.ptp(naive) > 0  # not a constant image
+    # and inpainting: the top row given, the same completions either way
+    x_init = to_numpy(model.sample(params, Rng(4), 5, context=context))
+    given = np.zeros(x_init.shape, dtype=bool)
+    given[:, 0] = True
+    a = model.sample(params, Rng(5), 5, context=context, x_init=x_init, mask=given)
+    b = model.sample(params, Rng(5), 5, context=context, x_init=x_init, mask=given, cached=True)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a[:, 0], x_init[:, 0])
+
+
+def test_pixelcnn_on_every_backend_gives_numpy_s_numbers(backend):
+    model = _pixelcnn(3, 3, 3, 4, output="logistic_mixture", num_components=2, context_classes=2)
+    params = _params(model)
+    x = np.random.default_rng(0).integers(0, 4, (6, 3, 3, 3)).astype(np.float64)
+    y = np.array([0, 1, 1, 0, 1, 0])
+    want = to_numpy(model.log_prob(params, x, y))
+    got = model.log_prob(to_device(params, backend), to_device(x, backend), to_device(y, backend))
+    assert_backend(got, backend)
+    np.testing.assert_allclose(to_numpy(got), want, atol=1e-10)
+    ref = to_numpy(model.sample(params, Rng(1, host_draws=True), 4, context=y[:4]))
+    for cached in (False, True):
+        out = model.sample(to_device(params, backend), Rng(1, backend, host_draws=True), 4,
+                           context=to_device(y[:4], backend), cached=cached)
+        assert_backend(out, backend)
+        np.testing.assert_array_equal(to_numpy(out), ref)
+
+
+def test_pixelcnn_loss_terms_add_up_and_the_dtype_follows_the_params():
+    model = _pixelcnn(2, 3, 2, 4, features=4)
+    params = _params(model)
+    x = to_numpy(model.sample(params, Rng(0), 7))
+    terms = model.loss_terms(params, x)
+    assert tuple(terms["nll_per_dim"].shape) == (2, 3, 2)
+    np.testing.assert_allclose(float(terms["nll"]), float(model.loss(params, x)), atol=1e-10)
+    np.testing.assert_allclose(float(np.sum(terms["nll_per_dim"])), -float(np.mean(model.log_prob(params, x))),
+                               atol=1e-10)
+    p32 = to_device(params, "numpy", dtype="float32")
+    assert str(model.log_prob(p32, x.astype(np.int64)).dtype) == "float32"
+    assert str(model.sample(p32, Rng(0), 2, cached=True).dtype) == "float32"
+    assert np.isfinite(float(model.loss(p32, x)))
+
+
+def test_pixelcnn_bad_arguments_raise_errors_naming_them():
+    model = _pixelcnn(2, 2, 1, 3)
+    params = model.init(Rng(0), dtype="float64")
+    good = np.zeros((2, 2, 2, 1))
+    with pytest.raises(ValueError, match=r"x: expected images of shape \(n, 2, 2, 1\), got shape \(2, 2, 3, 1\)"):
+        model.log_prob(params, np.zeros((2, 2, 3, 1)))
+    with pytest.raises(ValueError, match=r"x: expected a 4-d array"):
+        model.log_prob(params, np.zeros((2, 4)))
+    with pytest.raises(ValueError, match=r"x: expected integer levels in \[0, 3\), got values \[3.0\]"):
+        model.log_prob(params, good + 3.0)
+    with pytest.raises(ValueError, match=r"x: expected integer levels .* got values \[-1.0, 0.5\]"):
+        model.loss(params, np.concatenate([good - 1.0, good + 0.5]))
+    with pytest.raises(ValueError, match="context: this PixelCNN was built without classes"):
+        model.log_prob(params, good, np.zeros(2))
+    with pytest.raises(ValueError, match=r"features: expected a multiple of channels=3"):
+        PixelCNN(2, 2, 3, 4, features=4)
+    with pytest.raises(ValueError, match=r"kernel_size: expected an odd int >= 3"):
+        PixelCNN(2, 2, 1, 4, kernel_size=4)
+    with pytest.raises(ValueError, match=r"levels: expected an int >= 2"):
+        PixelCNN(2, 2, 1, 1)
+    with pytest.raises(ValueError, match=r"output: expected one of"):
+        PixelCNN(2, 2, 1, 4, output="gaussian")
+    with pytest.raises(TypeError, match=r"mask: expected a boolean array"):
+        model.sample(params, Rng(0), 2, x_init=good, mask=np.ones((2, 2, 2, 1)))
+    with pytest.raises(ValueError, match=r"x_init: expected integer levels in \[0, 3\)"):
+        model.sample(params, Rng(0), 2, x_init=good + 7.0, mask=np.ones((2, 2, 2, 1), dtype=bool))
+    with pytest.raises(ValueError, match=r"mask: expected shape \(2, 2, 2, 1\) or \(2, 2, 1\)"):
+        model.sample(params, Rng(0), 2, x_init=good, mask=np.ones((2, 3, 2, 1), dtype=bool))
+    with pytest.raises(ValueError, match="x_init, mask: expected both"):
+        model.sample(params, Rng(0), 2, x_init=good)
+    with pytest.raises(ValueError, match=r"params: do not match PixelCNN"):
+        model.log_prob(_pixelcnn(2, 2, 1, 4).init(Rng(0)), good)
+    labelled = _pixelcnn(2, 2, 1, 3, context_classes=2)
+    lparams = labelled.init(Rng(0), dtype="float64")
+    with pytest.raises(ValueError, match=r"context: this PixelCNN expects an integer class label in 0..1"):
+        labelled.sample(lparams, Rng(0), 2)
+    with pytest.raises(ValueError, match=r"context: expected integer class labels in 0..1, got values \[2.0\]"):
+        labelled.log_prob(lparams, good, np.array([0, 2]))
+
+
+def test_pixelcnn_fit_lowers_the_nll_of_tiny_binary_images():
+    model = _pixelcnn(3, 3, features=8)
+    data = np.tile(np.array([[1, 0, 1], [0, 1, 0], [1, 0, 1]], dtype=np.float64).reshape(1, 3, 3, 1), (64, 1, 1, 1))
+    data[::2] = 1.0 - data[::2]  # two checkerboards
+    start = model.init(Rng(0), dtype="float64")
+    result = fit(model.loss, start, data, Rng(1), adam(0.02), steps=60, batch_size=32, progress=False)
+    before, after = float(model.loss(start, data)), float(model.loss(result.params, data))
+    assert after < 0.5 * before and after < 1.5  # log 2 nats is the floor

@@ -16,6 +16,9 @@ from genblocks.models.flow import real_nvp
 from genblocks.models.gan import GAN
 from genblocks.models.mixture import GaussianMixture
 
+# PixelCNN (genblocks.models.autoregressive) is not in MODELS: it models integer-level images (n, H, W, C), and
+# this battery feeds every family the same real-valued (16, 2) batch; its own tests (tests/test_autoregressive.py)
+# cover the same ground: params checked at the entry points, loss dtypes, samples on every backend.
 DATA = np.random.default_rng(0).standard_normal((16, 2))
 MODELS = {
     "mixture": lambda: GaussianMixture(2, 4),

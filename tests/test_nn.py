@@ -292,6 +292,22 @@ def test_masked_conv_receptive_field_by_jacobian(mask_type):
     np.testing.assert_array_equal(seen, expected)
 
 
+def test_conv_kernel_mask_multiplies_the_kernel_and_bad_masks_are_named():
+    mask = np.zeros((3, 3, 2, 3))
+    mask[0, 1, 1, 2] = 1.0  # output channel 2 sees input channel 1 one row up, nothing else
+    block = nn.Conv2d(2, 3, 3, mask=mask)
+    params = _params(block)
+    x = _normal((1, 5, 5, 2), 4)
+    want = nn.Conv2d(2, 3, 3).apply({"W": params["W"] * mask, "b": params["b"]}, x)
+    np.testing.assert_allclose(to_numpy(block.apply(params, x)), to_numpy(want), atol=1e-12)
+    J = jacobian(lambda x: block.apply(params, x)[0, 2, 2, :])(x)  # (3, 1, 5, 5, 2)
+    assert np.array_equal(np.argwhere(J != 0.0), [[2, 0, 1, 2, 1]])
+    with pytest.raises(ValueError, match=r"mask: expected a 0/1 array broadcasting to the kernel shape \(3, 3, 2, 3\)"):
+        nn.Conv2d(2, 3, 3, mask=np.ones((2, 2)))
+    with pytest.raises(ValueError, match="mask: expected only 0/1 entries"):
+        nn.Conv2d(2, 3, 3, mask=np.full((3, 3, 1, 1), 0.5))
+
+
 def _conv_reference(x, W, b, stride, pads):
     (pt, pb), (pl, pr) = pads
     xp_ = np.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))

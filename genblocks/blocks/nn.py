@@ -406,9 +406,12 @@ class Conv2d(Block):
 
     x (N, H, W, c_in) -> (N, H_out, W_out, c_out); params {"W": (kh, kw, c_in, c_out), "b": (c_out,)}.
     padding: "same" (H_out = ceil(H / stride)), "valid", or an int / (ph, pw) of zeros on each side.
+    mask: an optional constant 0/1 array broadcasting to (kh, kw, c_in, c_out): the kernel used is W * mask
+    (e.g. gated PixelCNN's channel masks); not a parameter.
     """
 
-    def __init__(self, c_in, c_out, kernel_size, *, stride=1, padding="same", activation=None, init="glorot"):
+    def __init__(self, c_in, c_out, kernel_size, *, stride=1, padding="same", activation=None, init="glorot",
+                 mask=None):
         self.c_in = check_positive_int(c_in, "c_in")
         self.c_out = check_positive_int(c_out, "c_out")
         self.kernel_size = _pair(kernel_size, "kernel_size")
@@ -423,6 +426,7 @@ class Conv2d(Block):
         self.activation = _check_activation_arg(activation)
         get_init(init)
         self.init_scheme = init
+        self._kernel_mask = None if mask is None else _ConstantCache(_host_kernel_mask(mask, self))
 
     def __repr__(self):
         act = getattr(self.activation, "__name__", self.activation)
@@ -436,7 +440,7 @@ class Conv2d(Block):
         return {"W": W, "b": zeros(rng, (self.c_out,), dtype)}
 
     def _kernel(self, xp, W):
-        return W
+        return W if self._kernel_mask is None else W * self._kernel_mask.on(xp, W)
 
     def apply(self, params, x):
         check_array(x, "x", ndim=4, last_dim=self.c_in)
@@ -445,6 +449,21 @@ class Conv2d(Block):
         kh, kw = self.kernel_size
         W = xp.reshape(self._kernel(xp, params["W"]), (kh * kw * self.c_in, self.c_out))
         return _dense(xp, cols, W, params["b"], self.activation)
+
+
+def _host_kernel_mask(mask, conv):
+    """A 0/1 host mask broadcasting to the conv's (kh, kw, c_in, c_out) kernel; ValueError naming ``mask``."""
+    xp = _host_xp()
+    m = xp.asarray(to_numpy(mask) if hasattr(mask, "shape") else mask, dtype=xp.float64)
+    full = tuple(conv.kernel_size) + (conv.c_in, conv.c_out)
+    try:
+        xp.broadcast_to(m, full)
+    except ValueError:
+        raise ValueError(f"mask: expected a 0/1 array broadcasting to the kernel shape {full}, got shape "
+                         f"{tuple(m.shape)}") from None
+    if m.ndim > 4 or not bool(xp.all(xp.logical_or(m == 0, m == 1))):
+        raise ValueError(f"mask: expected only 0/1 entries broadcasting to {full}")
+    return m
 
 
 def pixelcnn_mask(kernel_size, mask_type):

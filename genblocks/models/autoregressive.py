@@ -1,4 +1,4 @@
-"""Autoregressive models: p(x) = prod_i p(x_i | x_<i), every conditional from one masked network (MADE).
+"""Autoregressive models: p(x) = prod_i p(x_i | x_<i), every conditional from one masked network (MADE, PixelCNN).
 
 The chain rule factorises any density over D variables, in any order of the variables:
 
@@ -17,7 +17,9 @@ inputs x_j with order(j) < order(i), so
 
 Read top to bottom: the order, the degrees and masks, the output families (conditionals), the network,
 the density (with the mixture over masks), the loss and its per-dimension decomposition, and sampling with
-optional inpainting.
+optional inpainting. Part 2 (``PixelCNN``) does the same for images with masked convolutions: a type-A
+input layer, gated vertical and horizontal stacks without a blind spot, colour-channel masks, and a cached
+sampler. ``genblocks.checks.check_autoregressive`` tests either network's masks with autograd's Jacobian.
 
 Masks as an ensemble (connectivity-agnostic training, Germain et al. 2015 section 3.3): ``num_masks`` sets
 of hidden degrees, all sharing the variable order and the weights. Mask 0 is plain MADE's
@@ -33,13 +35,21 @@ import math
 from genblocks.backends import Rng, is_traced, namespace, to_numpy
 from genblocks.blocks import ops
 from genblocks.blocks.base import Block, check_array, check_dtype, unpack_batch
-from genblocks.blocks.distributions import Bernoulli, Categorical, Logistic, MixtureSameFamily, Normal
-from genblocks.blocks.nn import MaskedDense, made_degrees
+from genblocks.blocks.distributions import (
+    Bernoulli,
+    Categorical,
+    DiscretizedLogisticMixture,
+    Logistic,
+    MixtureSameFamily,
+    Normal,
+)
+from genblocks.blocks.nn import Conv2d, Dense, MaskedDense, made_degrees
 from genblocks.blocks.validate import check_choice, check_nonnegative_int, check_positive_int
 
 LOG_2PI = math.log(2.0 * math.pi)
 
-__all__ = ["OUTPUTS", "MADEModel", "MADE", "resolve_order", "hidden_degrees", "masks_from_degrees"]
+__all__ = ["OUTPUTS", "MADEModel", "MADE", "resolve_order", "hidden_degrees", "masks_from_degrees", "PIXEL_OUTPUTS",
+           "PixelCNN", "channel_groups", "channel_mask", "horizontal_mask"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -477,3 +487,413 @@ def _log_scaled(xp, family, x, loc, log_scale):
 
 
 MADE = MADEModel  # the family's public name (genblocks.blocks.nn.MADE is the masked layer it is built from)
+
+
+# ===================================================================================================
+# Part 2. PixelCNN: the same chain rule over the pixels of an image, with convolutions
+#
+# An image x (H, W, C) with integer levels is D = H W C variables in raster order: row by row, left to
+# right, and within a pixel the channels in order R -> G -> B. A masked convolution lets each output
+# position see only earlier positions, so one forward pass gives all H W C conditionals, exactly as MADE
+# does for a vector. Stacking 3x3 masked convolutions (van den Oord et al. 2016a) leaves a *blind spot*:
+# the pixels up and to the right of (i, j) that a raster order has already generated but that no chain
+# of masked kernels reaches. The gated PixelCNN (van den Oord et al. 2016b) removes it with two stacks:
+#
+# - the vertical stack V sees every pixel in the rows above (a (r+1) x k kernel over rows i-r..i, whose
+#   output at row i-1 is handed down to row i: V(i-1, .) depends on rows <= i-1 only);
+# - the horizontal stack Hh sees the current row to the left (a 1 x (r+1) kernel over columns j-r..j)
+#   plus V of the row above at its own column, through a 1x1 link;
+#
+# each block gating both, y = tanh(a) * sigmoid(b), with a residual connection on Hh. Channels are split
+# into C groups of features; at the current pixel a group-c feature may see input channels < c (mask
+# "A", the first layer) and feature groups <= c (mask "B", every later layer), and the output logits of
+# channel c read group c and earlier. Class conditioning adds a learned bias per class to every gate.
+#
+# Sampling is H W C sequential steps. The naive loop runs the whole network each step; the cached loop
+# (``sample(..., cached=True)``, the "fast PixelCNN" idea) keeps every layer's activations and computes
+# only what the new sub-pixel changes: one row of the vertical stack when a row is finished, and one
+# column of each horizontal layer per step. Both draw the same numbers from the same generator, so they
+# give the same images.
+
+
+PIXEL_OUTPUTS = {
+    "categorical": "x in {0, ..., L-1}: P = L logits per sub-pixel, log p = log_softmax(logits)[x]",
+    "logistic_mixture": "x in {0, ..., L-1}: P = 3K, DiscretizedLogisticMixture(logits, loc, log_scale) on [-1, 1]",
+}
+
+
+def channel_groups(features, channels):
+    """The colour group (0..C-1) of each of ``features`` feature maps: contiguous blocks of F / C."""
+    size = features // channels
+    return tuple(f // size for f in range(features))
+
+
+def channel_mask(groups_in, groups_out, mask_type):
+    """M[a, b] = [g_out(b) > g_in(a)] ("A": strictly earlier channels) or [g_out(b) >= g_in(a)] ("B").
+
+    The mask at the current pixel: an "A" unit of channel c never sees channel c of its own pixel.
+    Returns nested lists (len(groups_in), len(groups_out)).
+    """
+    if mask_type == "A":
+        return [[1.0 if go > gi else 0.0 for go in groups_out] for gi in groups_in]
+    return [[1.0 if go >= gi else 0.0 for go in groups_out] for gi in groups_in]
+
+
+def horizontal_mask(radius, groups_in, groups_out, mask_type):
+    """Kernel mask (1, r+1, c_in, c_out) of a 1 x (r+1) conv over columns j-r..j: the r taps to the left
+    are open, the centre tap (the current pixel) gets the channel mask of ``mask_type``."""
+    ones = [[1.0] * len(groups_out) for _ in groups_in]
+    return [[ones] * radius + [channel_mask(groups_in, groups_out, mask_type)]]
+
+
+class PixelCNN(Block):
+    """p(x | y) = prod_{i, j, c} p(x[i, j, c] | x before (i, j, c) in raster order, y): x (n, H, W, C) -> (n,).
+
+    height, width, channels (H, W, C); levels: L, x holds integers in {0, ..., L-1} (float or int arrays);
+    features: F feature maps per stack (a multiple of C); num_blocks: gated residual blocks after the
+    type-A input layer; kernel_size: k (odd), r = k // 2; output: one of ``PIXEL_OUTPUTS`` (``num_components``
+    K for "logistic_mixture", with ``min_log_scale`` a smooth floor on its log-scales); context_classes: N
+    > 0 for class conditioning (a label y in 0..N-1 per image); activation: of the output head.
+
+    params {"input": {"v", "h", "link"}, "blocks": [{"v", "h", "link", "res"[, "cond"]}, ...], "head": [2]}.
+    Pixels enter the network as 2 x / (L - 1) - 1 in [-1, 1].
+    """
+
+    def __init__(self, height, width, channels, levels, *, features=32, num_blocks=4, kernel_size=3,
+                 output="categorical", num_components=5, context_classes=0, activation="relu", min_log_scale=-7.0):
+        self.height = check_positive_int(height, "height")
+        self.width = check_positive_int(width, "width")
+        self.channels = check_positive_int(channels, "channels")
+        self.levels = check_positive_int(levels, "levels")
+        if levels < 2:
+            raise ValueError(f"levels: expected an int >= 2, got {levels!r}")
+        self.features = check_positive_int(features, "features")
+        if features % channels:
+            raise ValueError(f"features: expected a multiple of channels={channels} (one group of feature maps "
+                             f"per colour channel), got {features}")
+        self.num_blocks = check_nonnegative_int(num_blocks, "num_blocks")
+        self.kernel_size = check_positive_int(kernel_size, "kernel_size")
+        if kernel_size % 2 == 0 or kernel_size < 3:
+            raise ValueError(f"kernel_size: expected an odd int >= 3, got {kernel_size!r}")
+        self.output = check_choice(output, "output", tuple(PIXEL_OUTPUTS))
+        self.num_components = check_positive_int(num_components, "num_components")
+        self.context_classes = check_nonnegative_int(context_classes, "context_classes")
+        if not (isinstance(min_log_scale, (int, float)) and math.isfinite(min_log_scale)):
+            raise ValueError(f"min_log_scale: expected a finite float, got {min_log_scale!r}")
+        self.min_log_scale = float(min_log_scale)
+        self.activation = activation
+        self.dim = height * width * channels
+        self.params_per_dim = levels if output == "categorical" else 3 * self.num_components
+        r, k, F, C, P = kernel_size // 2, kernel_size, features, channels, self.params_per_dim
+        self.radius = r
+        g_in, g_feat = tuple(range(C)), channel_groups(F, C)
+        g_gate = g_feat + g_feat  # the 2F pre-activations: the tanh half and the sigmoid half
+        g_out = tuple(c for c in range(C) for _ in range(P))  # output unit c P + p belongs to channel c
+        self.in_v = Conv2d(C, F, (r + 1, k), padding="valid")
+        self.in_h = Conv2d(C, F, (1, r + 1), padding="valid", mask=horizontal_mask(r, g_in, g_feat, "A"))
+        self.in_link = Dense(F, F)
+        self.v_convs = [Conv2d(F, 2 * F, (r + 1, k), padding="valid") for _ in range(num_blocks)]
+        self.h_convs = [Conv2d(F, 2 * F, (1, r + 1), padding="valid", mask=horizontal_mask(r, g_feat, g_gate, "B"))
+                        for _ in range(num_blocks)]
+        self.links = [Dense(2 * F, 2 * F) for _ in range(num_blocks)]
+        self.residuals = [MaskedDense(channel_mask(g_feat, g_feat, "B")) for _ in range(num_blocks)]
+        self.conds = [Dense(self.context_classes, 4 * F, bias=False) for _ in range(num_blocks)] \
+            if self.context_classes else []
+        self.head = [MaskedDense(channel_mask(g_feat, g_feat, "B"), activation=activation),
+                     MaskedDense(channel_mask(g_feat, g_out, "B"))]
+
+    def __repr__(self):
+        extra = "" if self.output == "categorical" else f", num_components={self.num_components}"
+        extra += f", context_classes={self.context_classes}" if self.context_classes else ""
+        return (f"PixelCNN(height={self.height}, width={self.width}, channels={self.channels}, levels={self.levels}, "
+                f"features={self.features}, num_blocks={self.num_blocks}, kernel_size={self.kernel_size}, "
+                f"output={self.output!r}{extra})")
+
+    def init(self, rng, dtype="float32"):
+        dtype = check_dtype(dtype)
+        r_in, r_blocks, r_head = rng.split(3)
+        a, b, c = r_in.split(3)
+        params = {"input": {"v": self.in_v.init(a, dtype), "h": self.in_h.init(b, dtype),
+                            "link": self.in_link.init(c, dtype)}, "blocks": []}
+        for i, rb in enumerate(r_blocks.split(max(self.num_blocks, 1))[:self.num_blocks]):
+            a, b, c, d, e = rb.split(5)
+            block = {"v": self.v_convs[i].init(a, dtype), "h": self.h_convs[i].init(b, dtype),
+                     "link": self.links[i].init(c, dtype), "res": self.residuals[i].init(d, dtype)}
+            if self.context_classes:
+                block["cond"] = self.conds[i].init(e, dtype)
+            params["blocks"].append(block)
+        params["head"] = [layer.init(rh, dtype) for layer, rh in zip(self.head, r_head.split(2))]
+        return params
+
+    # -- inputs ------------------------------------------------------------------------------------
+    def _images(self, xp, x, dt, name="x", check_levels=True):
+        """x (n, H, W, C) in dtype dt, checked: the shape, and (when concrete) integer levels in [0, L)."""
+        check_array(x, name, ndim=4, floating=False)
+        want = (self.height, self.width, self.channels)
+        if tuple(x.shape[1:]) != want:
+            raise ValueError(f"{name}: expected images of shape (n, {want[0]}, {want[1]}, {want[2]}), "
+                             f"got shape {tuple(x.shape)}")
+        x = x if x.dtype == dt else xp.astype(x, dt)
+        if check_levels and not is_traced(x):
+            ok = xp.logical_and(xp.logical_and(x >= 0.0, x <= self.levels - 1.0), xp.floor(x) == x)
+            if not bool(to_numpy(xp.all(ok))):
+                host = to_numpy(x)[~to_numpy(ok)]
+                raise ValueError(f"{name}: expected integer levels in [0, {self.levels}), got values "
+                                 f"{sorted({float(v) for v in host})[:5]}")
+        return x
+
+    def _onehot(self, xp, context, n, dt, device):
+        """The class labels as one-hot rows (n, N), or None without class conditioning."""
+        if not self.context_classes:
+            if context is not None:
+                raise ValueError("context: this PixelCNN was built without classes (context_classes=0), "
+                                 "but a context was given")
+            return None
+        if context is None:
+            raise ValueError(f"context: this PixelCNN expects an integer class label in 0..{self.context_classes - 1} "
+                             f"per image, got None")
+        if not hasattr(context, "shape"):
+            context = xp.asarray(context, device=device)
+        labels = xp.astype(context, dt)
+        if labels.ndim == 0:
+            labels = xp.broadcast_to(labels, (n,))
+        if tuple(labels.shape) != (n,):
+            raise ValueError(f"context: expected one label per image, shape ({n},), got shape {tuple(labels.shape)}")
+        ok = xp.logical_and(xp.logical_and(labels >= 0, labels <= self.context_classes - 1),
+                            xp.floor(labels) == labels)
+        if not bool(to_numpy(xp.all(ok))):
+            raise ValueError(f"context: expected integer class labels in 0..{self.context_classes - 1}, got values "
+                             f"{sorted({float(v) for v in to_numpy(labels)[~to_numpy(ok)]})[:5]}")
+        classes = xp.arange(self.context_classes, dtype=dt, device=device)
+        return xp.astype(xp.expand_dims(labels, axis=-1) == classes, dt)
+
+    def _scale(self, x):
+        """Levels {0..L-1} -> [-1, 1]: 2 x / (L - 1) - 1."""
+        return x * (2.0 / (self.levels - 1)) - 1.0
+
+    # -- the network ------------------------------------------------------------------------------
+    def _gate(self, a):
+        """tanh(a[..., :F]) * sigmoid(a[..., F:]): (..., 2F) -> (..., F)."""
+        xp = namespace(a)
+        F = self.features
+        return xp.tanh(a[..., :F]) * ops.sigmoid(a[..., F:])
+
+    def _conds(self, xp, params, onehot):
+        """Per block, the class biases (b_v, b_h), each (n, 1, 1, 2F), or None."""
+        if onehot is None:
+            return [(None, None)] * self.num_blocks
+        out, F = [], self.features
+        for layer, p in zip(self.conds, params["blocks"]):
+            e = layer.apply(p["cond"], onehot)
+            e = xp.reshape(e, (e.shape[0], 1, 1, 4 * F))
+            out.append((e[..., :2 * F], e[..., 2 * F:]))
+        return out
+
+    def _head(self, params, h):
+        """theta (n, H', W', C, P) from the last horizontal features h (n, H', W', F)."""
+        xp = namespace(h)
+        a = self.head[1].apply(params["head"][1], self.head[0].apply(params["head"][0], ops.get_activation(
+            self.activation)(h)))
+        return xp.reshape(a, tuple(a.shape[:-1]) + (self.channels, self.params_per_dim))
+
+    def network_outputs(self, params, x, context=None):
+        """theta (n, H, W, C, P): the parameters of every conditional, in one pass (teacher forcing).
+
+        theta[:, i, j, c] depends on x only at sub-pixels before (i, j, c) in raster-then-channel order.
+        x (n, H, W, C): levels as floats (not checked for integrality, so autograd can differentiate).
+        """
+        self.check_params(params)
+        xp = namespace(params, x)
+        dt = params["head"][0]["W"].dtype
+        x = self._images(xp, x, dt, check_levels=False)
+        onehot = self._onehot(xp, context, x.shape[0], dt, xp.device_of(params["head"][0]["W"]))
+        return self._forward(xp, params, x, onehot)
+
+    def _forward(self, xp, params, x, onehot):
+        r = self.radius
+        u = self._scale(x)
+        pin = params["input"]
+        v = self.in_v.apply(pin["v"], _pad(xp, u, r, r, r))  # V(i, .) sees rows <= i
+        h = self.in_h.apply(pin["h"], _pad(xp, u, 0, r, 0)) + self.in_link.apply(pin["link"], _down(xp, v))
+        for i, (p, (cond_v, cond_h)) in enumerate(zip(params["blocks"], self._conds(xp, params, onehot))):
+            a_v = self.v_convs[i].apply(p["v"], _pad(xp, v, r, r, r))
+            if cond_v is not None:
+                a_v = a_v + cond_v
+            a_h = self.h_convs[i].apply(p["h"], _pad(xp, h, 0, r, 0)) + self.links[i].apply(p["link"], _down(xp, a_v))
+            if cond_h is not None:
+                a_h = a_h + cond_h
+            v = self._gate(a_v)
+            h = h + self.residuals[i].apply(p["res"], self._gate(a_h))
+        return self._head(params, h)
+
+    # -- the conditionals ---------------------------------------------------------------------------
+    def _log_scale(self, raw):
+        return self.min_log_scale + ops.softplus(raw - self.min_log_scale)
+
+    def conditional(self, theta):
+        """The conditionals as one Distribution with batch shape theta.shape[:-1], from theta (..., P)."""
+        if self.output == "categorical":
+            return Categorical(logits=theta, validate=False)
+        K = self.num_components
+        return DiscretizedLogisticMixture(theta[..., :K], theta[..., K:2 * K], self._log_scale(theta[..., 2 * K:]),
+                                          num_bins=self.levels, validate=False)
+
+    def _log_probs(self, params, x, context):
+        """log p(x[i, j, c] | earlier sub-pixels, y) for every sub-pixel: (n, H, W, C)."""
+        self.check_params(params)
+        xp = namespace(params, x, context)
+        W = params["head"][0]["W"]
+        x = self._images(xp, x, W.dtype)
+        onehot = self._onehot(xp, context, x.shape[0], W.dtype, xp.device_of(W))
+        return self.conditional(self._forward(xp, params, x, onehot)).log_prob(x)
+
+    def log_prob(self, params, x, context=None):
+        """log p(x | y) = sum_{i, j, c} log p(x[i, j, c] | x_<(i, j, c), y): x (n, H, W, C) -> (n,), one pass."""
+        lp = self._log_probs(params, x, context)
+        return namespace(lp).sum(lp, axis=(1, 2, 3))
+
+    def loss(self, params, batch, rng=None):
+        """Mean NLL in nats per image; batch = x (n, H, W, C) or (x, labels)."""
+        x, context = unpack_batch(batch)
+        xp = namespace(params, x)
+        return -xp.mean(self.log_prob(params, x, context))
+
+    def loss_terms(self, params, batch, rng=None):
+        """{"nll": mean NLL per image, "nll_per_dim": (H, W, C) mean -log p per sub-pixel}; they add up.
+
+        The map of nll_per_dim shows where the model is unsure: the first pixel, the stroke edges.
+        """
+        x, context = unpack_batch(batch)
+        lp = self._log_probs(params, x, context)
+        xp = namespace(lp)
+        per_dim = -xp.mean(lp, axis=0)
+        return {"nll": xp.sum(per_dim), "nll_per_dim": per_dim}
+
+    # -- sampling ----------------------------------------------------------------------------------
+    def sample(self, params, rng, n, context=None, x_init=None, mask=None, cached=False):
+        """x ~ p(x | y) by H W C sequential steps in raster-then-channel order: (n, H, W, C) levels as floats.
+
+        Step t = (i W + j) C + c draws x[:, i, j, c] from its conditional with ``rng``'s t-th child, into one
+        buffer reused by every step. ``cached=False`` runs the whole network each step; ``cached=True``
+        keeps every layer's activations and recomputes only what the new sub-pixel changes (one row of the
+        vertical stack per image row, one column of each horizontal layer per step): the same draws, the
+        same images. Inpainting: ``x_init`` ((n, H, W, C) or (H, W, C) levels) and a boolean ``mask`` of the
+        same shape (True = given) keep the given sub-pixels and sample the others; an exact draw from
+        p(missing | given) when the given ones come first in raster order (e.g. the top half of an image).
+        ``context``: n class labels (or one) for a class-conditional model.
+        """
+        self.check_params(params)
+        check_positive_int(n, "n")
+        xp = namespace(params, context, x_init, mask)
+        W = params["head"][0]["W"]
+        dt, device = W.dtype, xp.device_of(W)
+        onehot = self._onehot(xp, context, n, dt, device)
+        given, x = self._given(xp, n, x_init, mask, dt, device)
+        steps = rng.split(self.dim)
+        if cached:
+            return self._sample_cached(xp, params, x, given, onehot, steps)
+        H, Wd, C = self.height, self.width, self.channels
+        for i in range(H):
+            for j in range(Wd):
+                for c in range(C):
+                    theta = self._forward(xp, params, x, onehot)[:, i, j, c, :]
+                    self._draw(xp, x, given, theta, steps[(i * Wd + j) * C + c], i, j, c)
+        return x
+
+    def _draw(self, xp, x, given, theta, rng, i, j, c):
+        """x[:, i, j, c] <- a draw from the conditional theta (n, P), kept where given; returns the new column."""
+        draw = self.conditional(theta).sample(rng)
+        draw = draw if draw.dtype == x.dtype else xp.astype(draw, x.dtype)
+        if given is not None:
+            draw = xp.where(given[:, i, j, c], x[:, i, j, c], draw)
+        x[:, i, j, c] = draw
+        return draw
+
+    def _given(self, xp, n, x_init, mask, dt, device):
+        """(given (n, H, W, C) bool or None, the buffer: x_init where given, 0 elsewhere)."""
+        shape = (n, self.height, self.width, self.channels)
+        if x_init is None and mask is None:
+            return None, xp.zeros(shape, dtype=dt, device=device)
+        if x_init is None or mask is None:
+            raise ValueError(f"x_init, mask: expected both (inpainting) or neither, got "
+                             f"x_init={'None' if x_init is None else 'an array'}, "
+                             f"mask={'None' if mask is None else 'an array'}")
+        for name, v in (("x_init", x_init), ("mask", mask)):
+            check_array(v, name, min_ndim=3, floating=False)
+            if tuple(v.shape[-3:]) != shape[1:] or v.ndim > 4 or (v.ndim == 4 and v.shape[0] not in (1, n)):
+                raise ValueError(f"{name}: expected shape {shape} or {shape[1:]}, got {tuple(v.shape)}")
+        if mask.dtype != xp.bool:
+            raise TypeError(f"mask: expected a boolean array (True = given), got dtype {mask.dtype}")
+        given = xp.broadcast_to(mask if mask.ndim == 4 else xp.expand_dims(mask, axis=0), shape)
+        x_init = x_init if x_init.ndim == 4 else xp.expand_dims(x_init, axis=0)
+        x_init = xp.broadcast_to(x_init if x_init.dtype == dt else xp.astype(x_init, dt), shape)
+        buffer = xp.where(given, x_init, xp.zeros(shape, dtype=dt, device=device))
+        self._images(xp, buffer, dt, "x_init")  # given levels must be valid (the rest is 0)
+        return given, buffer
+
+    def _sample_cached(self, xp, params, x, given, onehot, steps):
+        """The cached loop: every layer's activations kept in padded buffers, updated where they change.
+
+        Before row i: the vertical stack's row i-1 (its inputs, rows <= i-1, are final), and from it the
+        links into row i. At step (i, j, c): column j of the input layer and of every horizontal layer,
+        from the cached columns j-r..j-1 and the link at column j; then the head at (i, j) only.
+        """
+        H, Wd, C, F, r = self.height, self.width, self.channels, self.features, self.radius
+        n, dt, device = x.shape[0], x.dtype, xp.device_of(x)
+        pin, blocks = params["input"], params["blocks"]
+        conds = self._conds(xp, params, onehot)
+        u = _pad(xp, self._scale(x), r, r, r)  # the scaled image, padded like the full pass pads it
+        vstack = [xp.zeros((n, H + r, Wd + 2 * r, F), dtype=dt, device=device) for _ in range(self.num_blocks)]
+        zero_f = xp.zeros((n, 1, Wd, F), dtype=dt, device=device)
+        zero_2f = xp.zeros((n, 1, Wd, 2 * F), dtype=dt, device=device)
+        for i in range(H):
+            # the vertical stack at row i-1 and the links it sends down to row i
+            if i == 0:
+                link_in = self.in_link.apply(pin["link"], zero_f)
+                links = [self.links[b].apply(p["link"], zero_2f) for b, p in enumerate(blocks)]
+            else:
+                v = self.in_v.apply(pin["v"], u[:, i - 1:i + r, :, :])
+                link_in = self.in_link.apply(pin["link"], v)
+                links = []
+                for b, p in enumerate(blocks):
+                    vstack[b][:, i - 1 + r, r:r + Wd, :] = v[:, 0, :, :]
+                    a_v = self.v_convs[b].apply(p["v"], vstack[b][:, i - 1:i + r, :, :])
+                    if conds[b][0] is not None:
+                        a_v = a_v + conds[b][0]
+                    links.append(self.links[b].apply(p["link"], a_v))
+                    v = self._gate(a_v)
+            # the horizontal stack along row i: one column per step
+            hrow = [xp.zeros((n, 1, Wd + r, F), dtype=dt, device=device) for _ in range(self.num_blocks)]
+            for j in range(Wd):
+                for c in range(C):
+                    h = self.in_h.apply(pin["h"], u[:, i + r:i + r + 1, j:j + r + 1, :]) + link_in[:, :, j:j + 1, :]
+                    for b, p in enumerate(blocks):
+                        hrow[b][:, :, j + r, :] = h[:, :, 0, :]
+                        a_h = self.h_convs[b].apply(p["h"], hrow[b][:, :, j:j + r + 1, :]) + links[b][:, :, j:j + 1, :]
+                        if conds[b][1] is not None:
+                            a_h = a_h + conds[b][1]
+                        h = h + self.residuals[b].apply(p["res"], self._gate(a_h))
+                    theta = self._head(params, h)[:, 0, 0, c, :]
+                    draw = self._draw(xp, x, given, theta, steps[(i * Wd + j) * C + c], i, j, c)
+                    u[:, i + r, j + r, c] = self._scale(draw)
+        return x
+
+
+def _pad(xp, a, top, left, right):
+    """Zero-pad NHWC feature maps: ``top`` rows above, ``left`` / ``right`` columns at the sides."""
+    n, H, W, F = a.shape
+    if left or right:
+        parts = [xp.zeros((n, H, left, F), dtype=a.dtype, device=xp.device_of(a))] if left else []
+        parts.append(a)
+        if right:
+            parts.append(xp.zeros((n, H, right, F), dtype=a.dtype, device=xp.device_of(a)))
+        a = xp.concat(parts, axis=2)
+    if top:
+        a = xp.concat([xp.zeros((n, top, W + left + right, F), dtype=a.dtype, device=xp.device_of(a)), a], axis=1)
+    return a
+
+
+def _down(xp, a):
+    """Row i gets row i-1 (row 0 gets zeros): what the vertical stack hands to the horizontal one."""
+    n, _, W, F = a.shape
+    return xp.concat([xp.zeros((n, 1, W, F), dtype=a.dtype, device=xp.device_of(a)), a[:, :-1, :, :]], axis=1)

@@ -1,0 +1,251 @@
+"""Autoregressive benchmark: MADE and gated PixelCNN on the 17-level 8x8 digits, exact test NLL in nats.
+
+Trains a categorical MADE (64 variables, 17 levels each) and a gated PixelCNN (8 x 8 x 1, 17 levels) on
+the 1000 training digits of ``genblocks.data.load_digits`` (the fixed 1000/350/447 split), keeps the
+checkpoint with the best valid NLL and reports the test NLL in nats per image (the independent-pixel
+floor is 106.4). Then: training ms/step (loss, gradient, Adam) at the same batch size, and, when torch
+is importable, the same network (same masks, same widths, float32) in PyTorch with the ratio genblocks /
+torch; then sampling
+images/s for PixelCNN's naive loop (the whole network per sub-pixel) and its cached loop (one vertical
+row per image row, one horizontal column per step), which give the same images.
+
+    python benchmarks/bench_autoregressive.py            # the full run (minutes on 2 cores)
+    python benchmarks/bench_autoregressive.py --quick    # a smoke run (seconds, numbers meaningless)
+    python benchmarks/bench_autoregressive.py --threads 1   # single-threaded BLAS and torch (like for like)
+
+Figures are indicative: they move with the machine's load and the BLAS build.
+"""
+
+import argparse
+import math
+import os
+import pathlib
+import platform
+import sys
+import time
+
+if "--threads" in sys.argv[:-1]:  # BLAS reads these when numpy is first imported
+    _threads = sys.argv[sys.argv.index("--threads") + 1]
+    for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[_var] = _threads
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from genblocks.backends import Rng, to_numpy, value_and_grad  # noqa: E402
+from genblocks.data import load_digits  # noqa: E402
+from genblocks.models.autoregressive import MADEModel, PixelCNN  # noqa: E402
+from genblocks.train.loop import fit  # noqa: E402
+from genblocks.train.optim import adam, cosine_decay  # noqa: E402
+
+LEVELS = 17
+
+
+def digits():
+    parts = load_digits(backend="numpy", dtype="float32")
+    return {name: to_numpy(parts[name][0]) for name in ("train", "valid", "test")}
+
+
+def nll(model, params, x, batch=500):
+    """Mean exact NLL in nats per image over x."""
+    total = sum(float(np.sum(-to_numpy(model.log_prob(params, x[i:i + batch])))) for i in range(0, len(x), batch))
+    return total / len(x)
+
+
+def train(model, data, shape, args, steps, lr, seed=0):
+    """fit with Adam + cosine decay; the valid split picks the best of ``eval_points`` checkpoints."""
+    r_init, r_fit = Rng(seed).split(2)
+    params = model.init(r_init)
+    x = {k: v.reshape((-1,) + shape) for k, v in data.items()}
+    best = {"nats": math.inf, "params": params}
+
+    def keep_best(p):
+        nats = nll(model, p, x["valid"])
+        if nats < best["nats"]:
+            best.update(nats=nats, params=p)
+        return nats
+
+    t0 = time.perf_counter()
+    fit(model.loss, params, x["train"], r_fit, adam(cosine_decay(lr, steps)), steps, batch_size=args.batch_size,
+        progress=args.progress, eval_fn=keep_best, eval_every=max(steps // args.eval_points, 1))
+    seconds = time.perf_counter() - t0
+    return best["params"], seconds, best["nats"], nll(model, best["params"], x["test"])
+
+
+def ms_per_step(model, params, batch, repeats):
+    """ms per training step: loss + gradient + Adam update (what the torch twins time too)."""
+    grad_fn = value_and_grad(model.loss)
+    init, update = adam(1e-3)
+    state = {"params": params, "opt": init(params)}
+
+    def step():
+        _, grads = grad_fn(state["params"], batch, Rng(0))  # with an rng: one mask per step, as in training
+        state["params"], state["opt"] = update(grads, state["opt"], state["params"])
+
+    return _time(step, repeats)
+
+
+# ---------------------------------------------------------------------------------------------------
+# PyTorch twins: the same masks, widths and activations; ms per loss + backward + Adam step
+
+
+def torch_made_ms(model, batch, repeats):
+    import torch
+
+    masks = [torch.tensor(layer.mask, dtype=torch.float32) for layer in model.nets[0]]
+    Ws = [torch.nn.Parameter(0.1 * torch.randn(m.shape)) for m in masks]
+    bs = [torch.nn.Parameter(torch.zeros(m.shape[1])) for m in masks]
+    opt = torch.optim.Adam(Ws + bs, lr=1e-3)
+    x = torch.tensor(batch)
+
+    def step():
+        h = x
+        for i, (W, b, m) in enumerate(zip(Ws, bs, masks)):
+            h = h @ (W * m) + b
+            h = torch.relu(h) if i < len(masks) - 1 else h
+        logits = h.reshape(-1, model.dim, LEVELS)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, LEVELS), x.reshape(-1).long(),
+                                                 reduction="sum") / x.shape[0]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    return _time(step, repeats)
+
+
+def torch_pixelcnn_ms(model, batch, repeats):
+    """The gated PixelCNN of ``PixelCNN._forward`` in torch (one channel: the channel masks are all ones)."""
+    import torch
+    import torch.nn.functional as tf
+
+    F, r, k, L = model.features, model.radius, model.kernel_size, model.levels
+    params = []
+
+    def p(*shape):
+        t = torch.nn.Parameter(0.1 * torch.randn(*shape))
+        params.append(t)
+        return t
+
+    in_v, in_h, in_link = (p(F, 1, r + 1, k), p(F)), (p(F, 1, 1, r + 1), p(F)), (p(F, F, 1, 1), p(F))
+    h_mask = torch.ones(1, 1, 1, r + 1)
+    h_mask[..., r] = 0.0  # type A centre (one channel)
+    blocks = [((p(2 * F, F, r + 1, k), p(2 * F)), (p(2 * F, F, 1, r + 1), p(2 * F)), (p(2 * F, 2 * F, 1, 1), p(2 * F)),
+               (p(F, F, 1, 1), p(F))) for _ in range(model.num_blocks)]
+    head = [(p(F, F, 1, 1), p(F)), (p(L, F, 1, 1), p(L))]
+    opt = torch.optim.Adam(params, lr=1e-3)
+    x = torch.tensor(batch).reshape(-1, 1, model.height, model.width)
+    target = x.long().reshape(-1, model.height, model.width)
+
+    def down(a):
+        return tf.pad(a, (0, 0, 1, 0))[:, :, :-1, :]
+
+    def gate(a):
+        return torch.tanh(a[:, :F]) * torch.sigmoid(a[:, F:])
+
+    def step():
+        u = x * (2.0 / (L - 1)) - 1.0
+        v = tf.conv2d(tf.pad(u, (r, r, r, 0)), *in_v)
+        h = tf.conv2d(tf.pad(u, (r, 0, 0, 0)), in_h[0] * h_mask, in_h[1]) + tf.conv2d(down(v), *in_link)
+        for (cv, ch, link, res) in blocks:
+            a_v = tf.conv2d(tf.pad(v, (r, r, r, 0)), *cv)
+            a_h = tf.conv2d(tf.pad(h, (r, 0, 0, 0)), *ch) + tf.conv2d(down(a_v), *link)
+            v = gate(a_v)
+            h = h + tf.conv2d(gate(a_h), *res)
+        logits = tf.conv2d(torch.relu(tf.conv2d(torch.relu(h), *head[0])), *head[1])
+        loss = tf.cross_entropy(logits, target, reduction="sum") / x.shape[0]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    return _time(step, repeats)
+
+
+def _time(step, repeats):
+    step()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    return 1e3 * (time.perf_counter() - t0) / repeats
+
+
+def with_torch(fn, *args):
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.manual_seed(0)
+    if os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    return fn(*args)
+
+
+def sampling_rate(model, params, n, cached):
+    t0 = time.perf_counter()
+    model.sample(params, Rng(1), n, cached=cached)
+    return n / (time.perf_counter() - t0)
+
+
+def row(name, steps, seconds, valid, test, ms, tms, naive, cached):
+    torch_part = f"{tms:8.1f} {ms / tms:6.2f}" if tms else f"{'-':>8} {'-':>6}"
+    sample_part = f"{naive:11.1f} {cached:12.1f} {cached / naive:7.1f}x" if naive else f"{'-':>11} {'-':>12} {'-':>8}"
+    print(f"{name:<26} {steps:6d} {seconds:8.1f} {valid:7.2f} {test:9.2f} {ms:8.1f} {torch_part} {sample_part}",
+          flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run: a few steps, tiny nets")
+    parser.add_argument("--made-steps", type=int, default=3000)
+    parser.add_argument("--pixelcnn-steps", type=int, default=3000)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--made-hidden", type=int, nargs="+", default=[512, 512])
+    parser.add_argument("--made-masks", type=int, default=1, help="MADE connectivity masks (probabilities averaged)")
+    parser.add_argument("--features", type=int, default=32)
+    parser.add_argument("--blocks", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--eval-points", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--n-sample", type=int, default=100)
+    parser.add_argument("--models", nargs="+", default=["made", "pixelcnn"], choices=["made", "pixelcnn"])
+    parser.add_argument("--progress", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="BLAS and torch threads (default: theirs)")
+    args = parser.parse_args()
+    if args.quick:
+        args.made_steps = args.pixelcnn_steps = 20
+        args.made_hidden, args.features, args.blocks, args.repeats, args.n_sample = [64], 8, 1, 2, 10
+        args.eval_points = 2
+    print(f"machine: {platform.machine()} {platform.processor() or ''} {os.cpu_count()} cpus, python "
+          f"{platform.python_version()}, numpy {np.__version__}")
+    data = digits()
+    print(f"digits: {len(data['train'])}/{len(data['valid'])}/{len(data['test'])} images, {LEVELS} levels; "
+          f"independent-pixel floor 106.4 test nats")
+    batch = data["train"][:args.batch_size]
+    print(f"\n{'model':<26} {'steps':>6} {'train s':>8} {'valid':>7} {'test nats':>9} {'ms/step':>8} "
+          f"{'torch ms':>8} {'ratio':>6} {'naive img/s':>11} {'cached img/s':>12} {'speed-up':>8}", flush=True)
+    if "made" in args.models:
+        made = MADEModel(64, tuple(args.made_hidden), output="categorical", num_classes=LEVELS,
+                         num_masks=args.made_masks)
+        params, seconds, valid, test = train(made, data, (64,), args, args.made_steps, args.lr)
+        ms = ms_per_step(made, params, batch, args.repeats)
+        name = "MADE " + "x".join(map(str, args.made_hidden)) + f" masks={args.made_masks}"
+        row(name, args.made_steps, seconds, valid, test, ms, with_torch(torch_made_ms, made, batch, args.repeats),
+            None, None)
+    if "pixelcnn" in args.models:
+        pcnn = PixelCNN(8, 8, 1, LEVELS, features=args.features, num_blocks=args.blocks)
+        params, seconds, valid, test = train(pcnn, data, (8, 8, 1), args, args.pixelcnn_steps, args.lr)
+        ms = ms_per_step(pcnn, params, batch.reshape(-1, 8, 8, 1), args.repeats)
+        naive = sampling_rate(pcnn, params, args.n_sample, cached=False)
+        cached = sampling_rate(pcnn, params, args.n_sample, cached=True)
+        row(f"PixelCNN F={args.features} blocks={args.blocks}", args.pixelcnn_steps, seconds, valid, test, ms,
+            with_torch(torch_pixelcnn_ms, pcnn, batch, args.repeats), naive, cached)
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        print("  [torch not importable: no PyTorch twin]")
+    print(f"(batch {args.batch_size}; ms/step = loss + gradient + Adam on both sides, float32; "
+          f"sampling {args.n_sample} images)")
+
+
+if __name__ == "__main__":
+    main()

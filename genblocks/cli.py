@@ -12,12 +12,29 @@ from genblocks.demo import FAMILIES as DEMO_FAMILIES  # (family, row) pairs
 from genblocks.io import write_atomic
 
 
+def add_mmd(row):
+    """The row with "mmd": the unbiased MMD^2 (median-heuristic bandwidths) of its samples against its held-out
+    points, in float64 on the first min(1000, n) of each: the one figure every family has."""
+    from genblocks.backends import namespace_of
+    from genblocks.metrics import mmd
+
+    xp = namespace_of("numpy")
+    m = min(row["samples"].shape[0], row["test"].shape[0], 1000)
+    a = xp.asarray(row["samples"][:m], dtype=xp.float64)
+    b = xp.asarray(row["test"][:m], dtype=xp.float64)
+    return {**row, "mmd": float(mmd(a, b))}
+
+
 def format_table(rows):
-    """A Markdown table of the demo rows."""
-    lines = ["| family | model | data | metric | value | seconds |", "|---|---|---|---|---|---|"]
+    """A Markdown table of the demo rows: test NLL and how it was computed, MMD^2, size and times."""
+    lines = ["| family | model | data | test NLL (nats) | how | MMD^2 | held-out points | params | train s "
+             "| sample ms / 1000 |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['family']} | {r['model']} | {r.get('data', '-')} | {r['metric']} | {r['value']:.4f} "
-                     f"| {r['seconds']:.1f} |")
+        value = "-" if r.get("value") is None else f"{r['value']:.4f}"
+        how = r["metric"].split("(", 1)[-1].rstrip(")") if "(" in r["metric"] else r["metric"]
+        how = how[len("nats, "):] if how.startswith("nats, ") else how
+        lines.append(f"| {r['family']} | {r['model']} | {r.get('data', '-')} | {value} | {how} | {r['mmd']:.5f} "
+                     f"| {r['test'].shape[0]} | {r['params']} | {r['seconds']:.1f} | {r['sample_ms']:.1f} |")
     return "\n".join(lines)
 
 
@@ -29,16 +46,26 @@ def _plot(rows, path):
         import matplotlib.pyplot as plt
     except ImportError:
         return 'matplotlib is not installed: pip install "genblocks[plot]" for the picture'
-    fig, axes = plt.subplots(1, len(rows), figsize=(3.2 * len(rows), 3.2), squeeze=False)
-    for ax, r in zip(axes[0], rows):
-        s = r["samples"]
-        ax.scatter(s[:, 0], s[:, 1], s=2, alpha=0.5)
-        ax.set_title(f"{r['family']}: {r['model']}\n{r['metric']} {r['value']:.3f}", fontsize=8)
-        ax.set_aspect("equal")
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.tight_layout()
-    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    # top row: each row's held-out data; bottom row: its model's samples, on the same axes
+    fig, axes = plt.subplots(2, len(rows), figsize=(3.0 * len(rows), 6.4), squeeze=False)
+    for k, r in enumerate(rows):
+        top, bottom = axes[0][k], axes[1][k]
+        t, s = r["test"], r["samples"]
+        top.scatter(t[:, 0], t[:, 1], s=2, alpha=0.5, color="gray")
+        top.set_title(f"data: {r.get('data', '-')}\n({t.shape[0]} held-out points)", fontsize=8)
+        bottom.scatter(s[:, 0], s[:, 1], s=2, alpha=0.5)
+        value = "" if r.get("value") is None else f"NLL {r['value']:.3f}, "
+        bottom.set_title(f"{r['family']}: {r['model']}\n{value}MMD^2 {r['mmd']:.4f}", fontsize=7, wrap=True)
+        lo, hi = t.min(axis=0), t.max(axis=0)
+        pad = 0.1 * (hi - lo)
+        for ax in (top, bottom):
+            ax.set_xlim(lo[0] - pad[0], hi[0] + pad[0])
+            ax.set_ylim(lo[1] - pad[1], hi[1] + pad[1])
+            ax.set_aspect("equal")
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.tight_layout(h_pad=2.0)
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
     plt.close(fig)
     return None
 
@@ -72,11 +99,11 @@ def run_demo(out, *, seed=0, smoke=False, families=None, stream=None):
         if family not in chosen:
             continue
         print(f"[demo] {family} ...", file=stream, flush=True)
-        rows.append(row(child, smoke=smoke))
+        rows.append(add_mmd(row(child, smoke=smoke)))
     table = format_table(rows)
     print(table, file=stream)
     write_atomic(os.path.join(out, "demo.md"), lambda f: f.write((table + "\n").encode()))
-    summary = [{k: v for k, v in r.items() if k != "samples"} for r in rows]
+    summary = [{k: v for k, v in r.items() if k not in ("samples", "test")} for r in rows]
     write_atomic(os.path.join(out, "demo.json"), lambda f: f.write(json.dumps(summary, indent=2).encode()))
     note = _plot(rows, os.path.join(out, "demo.png"))
     print(note or f"wrote {os.path.join(out, 'demo.md')}, demo.json and demo.png", file=stream)

@@ -1,8 +1,11 @@
 """The rows of ``genblocks demo``: one small model per family, trained with train/, scored on held-out data.
 
-Each row is ``row(rng, *, smoke=False) -> dict`` with keys family, model, data, metric, value, seconds and
-samples; ``FAMILIES`` is the table the CLI runs. The model files hold only the lecture; training, data and
-metrics come together here.
+Each row is ``row(rng, *, smoke=False) -> dict`` with keys family, model, data, metric, value (the test NLL
+in nats where the family has a likelihood, with how it is computed in ``metric``), seconds (training and
+scoring), samples (1000 draws), sample_ms (milliseconds per 1000 samples), test (the held-out points:
+``test_points(smoke)`` of them for every row) and params (how many numbers were trained). The CLI adds the
+MMD^2 of samples against test for every row. ``FAMILIES`` is the table the CLI runs. The model files hold
+only the lecture; training, data and metrics come together here.
 """
 
 import math
@@ -14,7 +17,7 @@ from genblocks.blocks.samplers import clip_sample
 from genblocks.blocks.schedules import DiscreteSchedule
 from genblocks.blocks.score_nets import MLPScoreNet
 from genblocks.data import checkerboard, eight_gaussians, moons
-from genblocks.metrics import mixture_modes, mmd
+from genblocks.metrics import mixture_modes
 from genblocks.models.autoregressive import MADEModel
 from genblocks.models.diffusion import Diffusion
 from genblocks.models.flow import neural_spline_flow
@@ -22,6 +25,26 @@ from genblocks.models.gan import GAN
 from genblocks.models.mixture import GaussianMixture
 from genblocks.train.loop import fit
 from genblocks.train.optim import adam, cosine_decay
+from genblocks.train.tree import tree_leaves
+
+TEST_POINTS = 2000  # held-out points per row, the same for every family (256 with smoke=True)
+
+
+def test_points(smoke):
+    """How many held-out points each row scores: the same number for every family."""
+    return 256 if smoke else TEST_POINTS
+
+
+def count_params(params):
+    """The number of trained numbers in a parameter tree."""
+    return int(sum(math.prod(tuple(leaf.shape)) for leaf in tree_leaves(params)))
+
+
+def timed_samples(draw, n=1000):
+    """(samples as a host array, milliseconds per 1000 samples) of ``draw(n)``."""
+    start = time.perf_counter()
+    samples = to_numpy(draw(n))
+    return samples, (time.perf_counter() - start) * 1000.0 * 1000.0 / n
 
 
 def mixture_row(rng, *, smoke=False):
@@ -29,16 +52,18 @@ def mixture_row(rng, *, smoke=False):
     start = time.perf_counter()
     data_rng, init_rng, fit_rng, test_rng, sample_rng = rng.split(5)
     train = moons(data_rng, 512 if smoke else 4096)
-    test = moons(test_rng, 512 if smoke else 2048)
+    test = moons(test_rng, test_points(smoke))
     model = GaussianMixture(2, 8)
     params = model.init(init_rng)
     result = fit(model.loss, params, train, fit_rng, adam(0.05), 60 if smoke else 600, batch_size=256,
                  progress=False)
     nll = float(to_numpy(model.loss(result.params, test)))
+    seconds = time.perf_counter() - start
+    samples, sample_ms = timed_samples(lambda n: model.sample(result.params, sample_rng, n))
     return {
         "family": "baseline", "model": "Gaussian mixture (K=8)", "data": "two moons",
-        "metric": "test NLL (nats)", "value": nll, "seconds": time.perf_counter() - start,
-        "samples": to_numpy(model.sample(result.params, sample_rng, 1000)),
+        "metric": "test NLL (nats, exact)", "value": nll, "seconds": seconds, "samples": samples,
+        "sample_ms": sample_ms, "test": to_numpy(test), "params": count_params(result.params),
     }
 
 
@@ -47,7 +72,7 @@ def flow_row(rng, *, smoke=False):
     start = time.perf_counter()
     data_rng, test_rng, init_rng, fit_rng, sample_rng = rng.split(5)
     train = checkerboard(data_rng, 512 if smoke else 20000)
-    test = checkerboard(test_rng, 512 if smoke else 5000)
+    test = checkerboard(test_rng, test_points(smoke))
     flow = neural_spline_flow(2, layers=2 if smoke else 4, bins=8, bound=3.0,
                               hidden=(16,) if smoke else (32, 32))
     params = flow.init_from_data(flow.init(init_rng), train)
@@ -55,10 +80,12 @@ def flow_row(rng, *, smoke=False):
     result = fit(flow.loss, params, train, fit_rng, adam(cosine_decay(3e-3, steps)), steps, batch_size=256,
                  progress=False)
     nll = float(to_numpy(flow.loss(result.params, test)))
+    seconds = time.perf_counter() - start
+    samples, sample_ms = timed_samples(lambda n: flow.sample(result.params, sample_rng, n))
     return {
         "family": "flow", "model": "neural spline flow (coupling)", "data": "checkerboard",
-        "metric": f"test NLL (nats; optimum {math.log(32.0):.3f})", "value": nll,
-        "seconds": time.perf_counter() - start, "samples": to_numpy(flow.sample(result.params, sample_rng, 1000)),
+        "metric": f"test NLL (nats, exact; optimum {math.log(32.0):.3f})", "value": nll, "seconds": seconds,
+        "samples": samples, "sample_ms": sample_ms, "test": to_numpy(test), "params": count_params(result.params),
     }
 
 
@@ -69,7 +96,8 @@ def diffusion_row(rng, *, smoke=False):
     """
     start = time.perf_counter()
     r_data, r_test, r_init, r_fit, r_sample = rng.split(5)
-    n_train, steps, width, n_test = (256, 30, 16, 8) if smoke else (20000, 3000, 64, 64)
+    n_train, steps, width = (256, 30, 16) if smoke else (20000, 3000, 64)
+    n_test = test_points(smoke)
     data = to_numpy(checkerboard(r_data, n_train)) / 2.0
     test = to_numpy(checkerboard(r_test, n_test)) / 2.0
     net = MLPScoreNet(2, (width, width, width), time_embed_dim=32)
@@ -82,11 +110,14 @@ def diffusion_row(rng, *, smoke=False):
     nll = -to_numpy(model.log_prob(params, test, rtol=tol, atol=tol)) + 2.0 * math.log(2.0)
     # DPM-Solver++(2M), 20 steps, predictions of x_0 clipped to the data range [-2, 2]: unclipped, the
     # first steps (SNR near 0 on the cosine schedule) amplify the eps error into streaks
-    samples = model.sample(params, r_sample, 1000 if not smoke else 64, sampler="dpm_solver_pp",
-                           num_inference_steps=20 if not smoke else 5, x0_transform=clip_sample(2.0))
+    seconds = time.perf_counter() - start
+    samples, sample_ms = timed_samples(
+        lambda n: 2.0 * model.sample(params, r_sample, n, sampler="dpm_solver_pp",
+                                     num_inference_steps=20 if not smoke else 5, x0_transform=clip_sample(2.0)),
+        1000 if not smoke else 64)
     return {"family": "diffusion", "model": "DDPM (MLP + FiLM, cosine T=200), DPM-Solver++ 20", "data": "checkerboard",
-            "metric": "test NLL (nats, PF-ODE)", "value": float(nll.mean()),
-            "seconds": time.perf_counter() - start, "samples": 2.0 * to_numpy(samples)}
+            "metric": "test NLL (nats, PF-ODE)", "value": float(nll.mean()), "seconds": seconds,
+            "samples": samples, "sample_ms": sample_ms, "test": 2.0 * test, "params": count_params(params)}
 
 
 def made_row(rng, *, smoke=False):
@@ -97,17 +128,19 @@ def made_row(rng, *, smoke=False):
     start = time.perf_counter()
     data_rng, init_rng, fit_rng, test_rng, sample_rng = rng.split(5)
     train = moons(data_rng, 512 if smoke else 4096)
-    test = moons(test_rng, 512 if smoke else 2048)
+    test = moons(test_rng, test_points(smoke))
     model = MADEModel(2, (16,) if smoke else (64, 64), output="mixture_gaussian", num_components=8)
     params = model.init(init_rng)
     steps = 60 if smoke else 1500
     lr = cosine_decay(1e-2 if smoke else 3e-3, steps)
     result = fit(model.loss, params, train, fit_rng, adam(lr), steps, batch_size=256, progress=False)
     nll = float(to_numpy(model.loss(result.params, test)))
+    seconds = time.perf_counter() - start
+    samples, sample_ms = timed_samples(lambda n: model.sample(result.params, sample_rng, n))
     return {
         "family": "autoregressive", "model": "MADE (mixture of 8 Gaussians per conditional)", "data": "two moons",
-        "metric": "test NLL (nats)", "value": nll, "seconds": time.perf_counter() - start,
-        "samples": to_numpy(model.sample(result.params, sample_rng, 1000)),
+        "metric": "test NLL (nats, exact)", "value": nll, "seconds": seconds, "samples": samples,
+        "sample_ms": sample_ms, "test": to_numpy(test), "params": count_params(result.params),
     }
 
 
@@ -120,19 +153,20 @@ def gan_row(rng, *, smoke=False):
     start = time.perf_counter()
     data_rng, test_rng, init_rng, fit_rng, sample_rng = rng.split(5)
     train = eight_gaussians(data_rng, 512 if smoke else 20000)
-    test = eight_gaussians(test_rng, 256 if smoke else 2000)
+    test = eight_gaussians(test_rng, test_points(smoke))
     width, steps = (16, 30) if smoke else (128, 2000)
     gan = GAN(MLPGenerator(2, 2, (width,) * 3), MLPDiscriminator(2, (width,) * 3), loss="non_saturating")
     params = gan.init(init_rng)
     lr = cosine_decay(1e-3, steps, 5e-5)
     result = fit(None, params, train, fit_rng, None, steps, groups=gan.players(adam(lr, b1=0.5), adam(lr, b1=0.5)),
                  state=gan.init_state(params), batch_size=256, ema_decay=0.99, progress=False)
-    samples = to_numpy(gan.sample(result.ema_params, sample_rng, test.shape[0]))
+    seconds = time.perf_counter() - start
+    samples, sample_ms = timed_samples(lambda n: gan.sample(result.ema_params, sample_rng, n))
     modes = mixture_modes(samples, "eight_gaussians")
     return {
         "family": "gan", "model": f"GAN (non-saturating, MLP 3x{width}, EMA)", "data": "8 Gaussians",
-        "metric": "test MMD^2 (no likelihood)", "value": float(to_numpy(mmd(samples, to_numpy(test)))),
-        "seconds": time.perf_counter() - start, "samples": samples,
+        "metric": "none (a GAN has no likelihood)", "value": None, "seconds": seconds, "samples": samples,
+        "sample_ms": sample_ms, "test": to_numpy(test), "params": count_params(result.params["gen"]),
         "modes_covered": modes["n_modes_covered"], "high_quality": modes["high_quality"],
     }
 

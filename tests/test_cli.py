@@ -33,9 +33,14 @@ def test_demo_smoke_writes_table_json_and_png(tmp_path, capsys):
     rows = cli.run_demo(str(tmp_path), smoke=True)
     assert [r["family"] for r in rows] == [f for f, _ in cli.DEMO_FAMILIES]
     printed = capsys.readouterr().out
+    import math
+
     for r in rows:
         assert r["family"] in printed and r["samples"].shape[1] == 2
-        assert r["value"] == r["value"]  # finite metric (not NaN)
+        assert r["value"] is None or math.isfinite(r["value"])  # a test NLL, or none where there is no likelihood
+        assert (r["value"] is None) == ("no likelihood" in r["metric"])
+        assert math.isfinite(r["mmd"]) and r["params"] > 0 and r["sample_ms"] > 0
+    assert len({r["test"].shape[0] for r in rows}) == 1  # every row scored on the same number of points
     summary = json.loads((tmp_path / "demo.json").read_text())
     assert [s["family"] for s in summary] == [r["family"] for r in rows]
     assert (tmp_path / "demo.md").read_text().startswith("| family |")

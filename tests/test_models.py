@@ -7,12 +7,14 @@ import numpy as np
 import pytest
 
 from genblocks.backends import Rng, namespace, to_device, to_numpy
+from genblocks.blocks.nn import MLP
 from genblocks.blocks.schedules import DiscreteSchedule
 from genblocks.blocks.score_nets import MLPScoreNet
 from genblocks.models.autoregressive import MADEModel
 from genblocks.models.diffusion import Diffusion
 from genblocks.models.flow import real_nvp
 from genblocks.models.mixture import GaussianMixture
+from genblocks.models.vae import VAE
 
 DATA = np.random.default_rng(0).standard_normal((16, 2))
 MODELS = {
@@ -20,6 +22,7 @@ MODELS = {
     "realnvp": lambda: real_nvp(2, layers=2, hidden=(8,)),
     "made": lambda: MADEModel(2, (8,), output="gaussian"),
     "diffusion": lambda: Diffusion(MLPScoreNet(2, (8,), time_embed_dim=4), DiscreteSchedule("linear", 20)),
+    "vae": lambda: VAE(MLP((2, 8, 4)), MLP((2, 8, 2)), likelihood="gaussian", scale="learned"),
 }
 
 

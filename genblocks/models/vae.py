@@ -367,10 +367,28 @@ class VAE(Block):
                   "prior": self.prior.init(r[2], dtype),
                   "posterior": self.posterior.init(r[3], dtype) if self.posterior is not None else {},
                   "likelihood": {}}
+        params["encoder"] = self._unit_start(params["encoder"])
         if self.likelihood == "gaussian" and self.scale == "learned":
             xp = rng.xp
             params["likelihood"] = {"log_scale": xp.zeros((self.data_dim,), dtype=getattr(xp, dtype))}
         return params
+
+    def _unit_start(self, enc):
+        """Zero the log-scale outputs of an MLP-like encoder's last layer, so q starts as N(mu(x), I).
+
+        An encoder whose log sigma starts at a few units gives sigma ~ e^5 and latents the decoder cannot
+        use; starting at sigma = 1 (the prior's scale) trains smoothly. Other encoder layouts are left alone.
+        """
+        last = enc[-1] if isinstance(enc, list) and enc else None
+        if not (isinstance(last, dict) and "W" in last and last["W"].shape[-1] == 2 * self.latent_dim
+                + self.posterior_context_dim):
+            return enc
+        xp = namespace(last["W"])
+        L = self.latent_dim
+        cols = xp.arange(last["W"].shape[-1], device=xp.device_of(last["W"]))
+        keep = xp.astype(xp.logical_or(cols < L, cols >= 2 * L), last["W"].dtype)
+        new = {k: v * keep for k, v in last.items()}
+        return enc[:-1] + [new]
 
     # -- inputs ---------------------------------------------------------------------------------------
     def _check_inputs(self, x, context):

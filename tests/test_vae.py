@@ -377,3 +377,14 @@ def test_demo_row_smoke_learns_two_moons():
     # full row about 2.9, the Gaussian-mixture baseline about 2.58)
     assert row["family"] == "vae" and row["value"] < 4.5, row["value"]
     assert row["samples"].shape == (1000, 2) and np.all(np.isfinite(row["samples"]))
+
+
+def test_docs_page_code_runs_and_orders_the_bounds():
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "vae.md").read_text()
+    scope = {}
+    exec(compile("\n".join(re.findall(r"```python\n(.*?)```", text, re.S)), "docs/vae.md", "exec"), scope)
+    assert float(scope["terms"]["elbo"]) <= float(scope["iwae"]) + 0.02
+    assert tuple(scope["samples"].shape) == (100, 2)

@@ -23,3 +23,12 @@ def test_vae_digits_smoke(tmp_path):
         assert (tmp_path / "vae_digits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     else:
         assert "matplotlib is not installed" in text
+
+
+def test_cvae_digits_smoke(tmp_path):
+    text = run_example("cvae_digits.py", tmp_path)
+    assert "given the right label" in text and "reads as the label" in text
+    if "wrote cvae_digits.png" in text:
+        assert (tmp_path / "cvae_digits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:
+        assert "matplotlib is not installed" in text

@@ -526,7 +526,8 @@ class VAE(Block):
         "kl": KL(q || p) (analytic or Monte Carlo), "kl_per_dim": (L,) per latent dimension (analytic KL
         only, else None), "active_units": the number of latent dimensions whose posterior mean varies over
         the batch (Cov_x E_q[z_d] > 0.01, Burda et al. 2016), "iwae": the K-sample bound (objective "iwae"),
-        "beta": the beta used}. batch = x (n, D) or (x, context).
+        "beta": the beta used}. batch = x (n, D) or (x, context). With objective "iwae" the weights are
+        log w = log p(x|z) + beta (log p(z) - log q(z|x)) (beta = 1: the IWAE bound); free bits are refused.
         """
         x, context = _unpack(batch)
         self.check_params(params)

@@ -388,3 +388,24 @@ def test_docs_page_code_runs_and_orders_the_bounds():
     exec(compile("\n".join(re.findall(r"```python\n(.*?)```", text, re.S)), "docs/vae.md", "exec"), scope)
     assert float(scope["terms"]["elbo"]) <= float(scope["iwae"]) + 0.02
     assert tuple(scope["samples"].shape) == (100, 2)
+
+
+def test_encode_decode_interpolate_and_traverse():
+    vae = VAE(MLP((3, 6, 4)), MLP((2, 6, 3)), scale="learned")
+    params = vae.init(Rng(0), "float64")
+    x = _data("real", 2)
+    z = vae.encode(params, x)
+    ends = vae.decode(params, z)
+    path = vae.interpolate(params, x[0], x[1], steps=5)
+    assert path.shape == (5, 3)
+    np.testing.assert_allclose(path[[0, -1]], ends, atol=1e-12)
+    np.testing.assert_allclose(path[2], vae.decode(params, 0.5 * (z[0] + z[1])), atol=1e-12)
+    values = [-1.0, float(z[0, 1]), 2.0]
+    tr = vae.traverse(params, x[0], 1, values)
+    assert tr.shape == (3, 3)
+    np.testing.assert_allclose(tr[1], ends[0], atol=1e-12)  # the coordinate set to its own value
+    np.testing.assert_allclose(tr[0], vae.decode(params, np.array([z[0, 0], -1.0])), atol=1e-12)
+    draw = vae.encode(params, x, rng=Rng(1))
+    assert draw.shape == (2, 2) and not np.allclose(draw, z)
+    with pytest.raises(ValueError, match=r"dim: expected a latent coordinate in \[0, 1\], got 2"):
+        vae.traverse(params, x[0], 2, values)

@@ -4,9 +4,10 @@ Prints, for the diffusion samplers (the MLP+FiLM score network of ``bench_diffus
 T = 1000): samples per second for DDPM-1000, DDIM-50 and DPM-Solver++-20 at 1,000 and 100,000 samples,
 cupy against a PyTorch CUDA twin with the same weights (ratio genblocks / torch, lower is better); then a
 U-Net DDIM-50 run on 28x28 images; then flow sampling and log-density throughput (RealNVP, neural spline
-flow) on cupy against numpy on this machine's CPU; then a digits-size VAE's sampling, decoding and
-importance-sampled log p(x) with K = 5000 in chunks (cupy against numpy). Peak memory is cupy's memory-pool
-size after each run (the pool keeps what it allocated, so it is the high-water mark).
+flow) on cupy against numpy on this machine's CPU; then GAN sampling and discriminator forward passes (3x128 MLPs
+with spectral normalisation; the 8x8 conv generator and discriminator) on cupy against numpy; then a digits-size
+VAE's sampling, decoding and importance-sampled log p(x) with K = 5000 in chunks (cupy against numpy). Peak
+memory is cupy's memory-pool size after each run (the pool keeps what it allocated, so it is the high-water mark).
 
 Weights are random (a perturbed initialisation): speed does not depend on training.
 
@@ -29,6 +30,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_diffusion import CLIP_RANGE, torch_ddim, torch_dpm_solver_pp, torch_twin  # noqa: E402
 
 from genblocks.backends import Rng, to_device, to_numpy  # noqa: E402
+from genblocks.blocks.discriminators import (  # noqa: E402
+    ConvDiscriminator,
+    ConvGenerator,
+    MLPDiscriminator,
+    MLPGenerator,
+)
 from genblocks.blocks.nn import MLP  # noqa: E402
 from genblocks.blocks.samplers import clip_sample  # noqa: E402
 from genblocks.blocks.schedules import DiscreteSchedule  # noqa: E402
@@ -36,6 +43,7 @@ from genblocks.blocks.score_nets import MLPScoreNet, UNet  # noqa: E402
 from genblocks.data import load_digits  # noqa: E402
 from genblocks.models.diffusion import Diffusion  # noqa: E402
 from genblocks.models.flow import neural_spline_flow, real_nvp  # noqa: E402
+from genblocks.models.gan import GAN  # noqa: E402
 from genblocks.models.vae import VAE  # noqa: E402
 
 
@@ -155,6 +163,34 @@ def main():
         hl = time.perf_counter() - t0
         print(f"  {label:30s} sample {n / gs:>12,.0f}/s (numpy {m / hs:>10,.0f}/s, {hs * n / m / gs:5.1f}x)   "
               f"log_prob {n / gl:>12,.0f}/s (numpy {m / hl:>10,.0f}/s, {hl * n / m / gl:5.1f}x)   "
+              f"pool {pool.total_bytes() / 2**20:.0f} MiB", flush=True)
+
+    # -- GANs --------------------------------------------------------------------------------------------
+    print(f"\nGANs, float32 (best of {repeat}): sample and discriminator forward on cupy against numpy on this CPU")
+    gans = [("MLP 3x128, 2-D, spectral norm", GAN(MLPGenerator(2, 2, (128,) * 3),
+                                                  MLPDiscriminator(2, (128,) * 3, spectral_norm=True)),
+             100_000 if args.quick else 1_000_000),
+            ("conv 8x8 images", GAN(ConvGenerator(16, (8, 8, 1), (64, 64, 32)),
+                                    ConvDiscriminator((8, 8, 1), (32, 64), spectral_norm=True)),
+             2_000 if args.quick else 50_000)]
+    for label, gan, n in gans:
+        gh = perturbed(gan.init(Rng(3, "numpy")))
+        gd = to_device(gh, "cupy")
+        state_h = gan.init_state(gh)["disc"]
+        state_d = to_device(state_h, "cupy")
+        pool.free_all_blocks()
+        gs = best_time(lambda: gan.sample(gd, Rng(0, "cupy"), n), sync, repeat)
+        xs = gan.sample(gd, Rng(1, "cupy"), n)
+        gf = best_time(lambda: gan.discriminator.apply(gd["disc"], state_d, xs), sync, repeat)
+        m = max(n // 10, 2)
+        t0 = time.perf_counter()
+        xh = gan.sample(gh, Rng(1, "numpy"), m)
+        hs = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        gan.discriminator.apply(gh["disc"], state_h, xh)
+        hf = time.perf_counter() - t0
+        print(f"  {label:30s} sample {n / gs:>12,.0f}/s (numpy {m / hs:>10,.0f}/s, {hs * n / m / gs:5.1f}x)   "
+              f"D forward {n / gf:>12,.0f}/s (numpy {m / hf:>10,.0f}/s, {hf * n / m / gf:5.1f}x)   "
               f"pool {pool.total_bytes() / 2**20:.0f} MiB", flush=True)
 
     # -- VAE ---------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ trajectories x_t from the same starting noise.
 
 import argparse
 import math
+import os
 
 import numpy as np
 
@@ -40,7 +41,7 @@ def trajectory(sampler, oracle, schedule, x_T, **kw):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes")
-    parser.add_argument("--out", default="ddim_vs_ddpm.png", help="PNG file for the trajectories")
+    parser.add_argument("--out", default="examples-out/ddim_vs_ddpm.png", help="PNG file for the trajectories")
     args = parser.parse_args()
     n, steps_list = (200, (5, 20)) if args.smoke else (2000, (5, 10, 20, 50, 100, 1000))
 
@@ -78,6 +79,7 @@ def main():
         ax.scatter(xs[-1, :, 0], xs[-1, :, 1], s=8, c="k", zorder=3)
         ax.set(title=name, xlim=(-3.5, 3.5), ylim=(-3.5, 3.5), aspect="equal")
     fig.tight_layout()
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)  # never into the repository root
     fig.savefig(args.out, dpi=80)
     print(f"wrote {args.out}")
 

@@ -10,6 +10,7 @@ the variational bound, and save a picture of the samples.
 
 import argparse
 import math
+import os
 import time
 
 import numpy as np
@@ -32,7 +33,7 @@ def main():
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (seconds)")
     parser.add_argument("--steps", type=int, default=4000, help="training steps")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="ddpm_checkerboard.png", help="PNG file for the samples")
+    parser.add_argument("--out", default="examples-out/ddpm_checkerboard.png", help="PNG file for the samples")
     args = parser.parse_args()
     steps, n_train, n_eval, T, width = (args.steps, 20000, 1000, 1000, 128)
     if args.smoke:
@@ -83,6 +84,7 @@ def main():
         ax.scatter(x[:, 0], x[:, 1], s=2)
         ax.set(title=name, xlim=(-4.5, 4.5), ylim=(-4.5, 4.5), aspect="equal")
     fig.tight_layout()
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)  # never into the repository root
     fig.savefig(args.out, dpi=80)
     print(f"wrote {args.out}")
 

@@ -10,6 +10,7 @@ layer "pays" to bend the Gaussian into moons), sampling speed, and save a pictur
 """
 
 import argparse
+import os
 import time
 
 from genblocks.backends import Rng, to_numpy
@@ -24,7 +25,7 @@ def main():
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (seconds)")
     parser.add_argument("--steps", type=int, default=1500, help="training steps per model")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="flow_two_moons.png", help="PNG file for the samples")
+    parser.add_argument("--out", default="examples-out/flow_two_moons.png", help="PNG file for the samples")
     args = parser.parse_args()
     steps, n_train, n_test, hidden, layers = args.steps, 10000, 4000, (64, 64), 4
     if args.smoke:
@@ -74,6 +75,7 @@ def main():
         ax.set_xlim(test[:, 0].min() - 0.5, test[:, 0].max() + 0.5)
         ax.set_ylim(test[:, 1].min() - 0.5, test[:, 1].max() + 0.5)
     fig.tight_layout()
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)  # never into the repository root
     fig.savefig(args.out, dpi=110)
     print(f"\nwrote {args.out}")
 

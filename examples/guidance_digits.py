@@ -11,6 +11,7 @@ intended digit in each set of samples (an independent logistic regression judges
 """
 
 import argparse
+import os
 import time
 
 import numpy as np
@@ -57,7 +58,7 @@ def main():
     parser.add_argument("--cfg-weight", type=float, default=2.0, help="classifier-free guidance weight w")
     parser.add_argument("--classifier-scale", type=float, default=4.0, help="classifier guidance scale")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="guidance_digits.png")
+    parser.add_argument("--out", default="examples-out/guidance_digits.png")
     args = parser.parse_args()
     steps, clf_steps, base, T, per_class = args.steps, 2000, 16, 500, 10
     if args.smoke:
@@ -122,6 +123,7 @@ def main():
         ax.imshow(grid(s), cmap="gray_r")
         ax.set(title=title, xticks=[], yticks=[])
     fig.tight_layout()
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)  # never into the repository root
     fig.savefig(args.out, dpi=80)
     print(f"wrote {args.out}")
 

@@ -18,17 +18,18 @@ log P(x) >= E_u[log p(y)] + dequantization_log_det(K, D), with dequantization_lo
 import math
 import os
 
-from genblocks.backends import Rng, float_dtype_name, namespace, resolve_dtype, to_device, to_numpy
+from genblocks.backends import Rng, float_dtype_name, namespace, namespace_of, resolve_dtype, to_device, to_numpy
 from genblocks.blocks.ops import logsumexp
 from genblocks.blocks.validate import check_nonnegative_int, check_positive_int
 
 __all__ = [
     "moons", "circles", "eight_gaussians", "checkerboard", "pinwheel", "two_spirals", "rings", "swiss_roll",
     "TOY_DENSITIES", "TRUE_ENTROPY", "toy", "checkerboard_log_prob", "eight_gaussians_log_prob",
-    "EIGHT_GAUSSIANS_RADIUS", "EIGHT_GAUSSIANS_STD", "FASHION_MNIST_CLASSES",
+    "EIGHT_GAUSSIANS_RADIUS", "EIGHT_GAUSSIANS_STD", "grid_gaussians", "GRID_SPACING", "GRID_STD", "mixture_centers",
+    "FASHION_MNIST_CLASSES",
     "load_digits", "DIGITS_SPLIT_SIZES", "DIGITS_SPLIT_SEED", "load_fashion_mnist", "FASHION_MNIST_ENV",
     "FASHION_MNIST_DEFAULT_DIR", "uniform_dequantize", "quantize", "dequantization_log_det",
-    "train_valid_test_split",
+    "train_valid_test_split", "standardize", "unstandardize",
 ]
 
 # ---------------------------------------------------------------------------------------------------
@@ -137,6 +138,39 @@ def eight_gaussians(rng, n, *, dtype="float32"):
     return _finish(xp, c * xp.cos(angle) + s * e0, c * xp.sin(angle) + s * e1, dtype)
 
 
+GRID_SPACING = 2.0
+GRID_STD = 0.05
+
+
+def grid_gaussians(rng, n, *, dtype="float32"):
+    """Equal mixture of 25 gaussians N(c_ij, 0.05^2 I) on the 5x5 grid c_ij = (2i, 2j), i, j in {-2..2}.
+
+    The 25-Gaussian grid of the GAN mode-collapse literature (VEEGAN, PacGAN): centres 2 apart, 40 sigma
+    between neighbours, so a sample is unambiguously near one centre or off every mode. (n, 2).
+    """
+    rng, n, dtype = _toy_args(rng, n, dtype)
+    k = rng.integers(0, 25, shape=(n,))
+    xp = namespace(k)
+    e0, e1 = _unit_normal2(rng, n)
+    i = xp.astype(k // 5, xp.float64) - 2.0
+    j = xp.astype(k % 5, xp.float64) - 2.0
+    return _finish(xp, GRID_SPACING * i + GRID_STD * e0, GRID_SPACING * j + GRID_STD * e1, dtype)
+
+
+def mixture_centers(name):
+    """(centres (K, 2) host float64, std) of the "eight_gaussians" or "grid_gaussians" toy mixture."""
+    xp = namespace_of("numpy")
+    if name == "eight_gaussians":
+        angle = (math.pi / 4.0) * xp.arange(8, dtype=xp.float64)
+        c = EIGHT_GAUSSIANS_RADIUS * xp.stack([xp.cos(angle), xp.sin(angle)], axis=-1)
+        return c, EIGHT_GAUSSIANS_STD
+    if name == "grid_gaussians":
+        k = xp.arange(25, dtype=xp.int64)
+        c = GRID_SPACING * xp.stack([xp.astype(k // 5, xp.float64) - 2.0, xp.astype(k % 5, xp.float64) - 2.0], axis=-1)
+        return c, GRID_STD
+    raise ValueError(f"name: expected one of ['eight_gaussians', 'grid_gaussians'], got {name!r}")
+
+
 def checkerboard(rng, n, *, dtype="float32"):
     """Uniform on the 8 "black" squares of a 4x4 board of 2x2 squares on [-4, 4]^2.
 
@@ -201,6 +235,7 @@ def swiss_roll(rng, n, *, dtype="float32"):
 
 
 TOY_DENSITIES = {
+    "grid_gaussians": grid_gaussians,
     "moons": moons, "circles": circles, "eight_gaussians": eight_gaussians, "checkerboard": checkerboard,
     "pinwheel": pinwheel, "two_spirals": two_spirals, "rings": rings, "swiss_roll": swiss_roll,
 }
@@ -481,6 +516,27 @@ def dequantization_log_det(num_bins, dim):
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
         raise ValueError(f"dim: expected a positive int, got {dim!r}")
     return -dim * math.log(num_bins)
+
+
+def standardize(x, *, min_std=1e-8):
+    """z = (x - mean) / std per feature (statistics over axis 0): (n, ...) -> (z, scaling).
+
+    scaling = {"mean": (...), "std": (...)} in x's dtype (std floored at ``min_std``, so a constant feature
+    stays finite); ``unstandardize(z, scaling)`` undoes it. Models whose defaults assume unit scale
+    (diffusion) train on z; their samples go back through ``unstandardize``.
+    """
+    if not _is_floating(x) or len(x.shape) < 2 or x.shape[0] < 2:
+        raise ValueError(f"x: expected a float array (n, ...) with n >= 2, got {getattr(x, 'dtype', type(x))} "
+                         f"{tuple(getattr(x, 'shape', ()))}")
+    xp = namespace(x)
+    mean = xp.mean(x, axis=0)
+    std = xp.maximum(xp.std(x, axis=0), min_std)
+    return (x - mean) / std, {"mean": mean, "std": std}
+
+
+def unstandardize(z, scaling):
+    """x = z std + mean: the inverse of ``standardize`` for (n, ...) arrays."""
+    return z * scaling["std"] + scaling["mean"]
 
 
 def train_valid_test_split(x, rng, sizes):

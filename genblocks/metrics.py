@@ -6,6 +6,8 @@
 - ``mmd(x, y)``: unbiased MMD^2 with a sum of RBF kernels (median-heuristic bandwidths by default);
   ``mmd_permutation_test`` gives its p-value under "x and y come from one distribution".
 - ``mode_coverage(samples, centers, radius=r)``: the fraction of modes hit and of samples near a mode.
+- ``high_quality_rate(samples, "eight_gaussians")`` and ``mixture_modes``: the GAN benchmarks' figures on the
+  8-Gaussian ring and the 5x5 grid: the fraction of samples within 3 std of a centre, and the modes hit.
 - ``frechet_distance(feat_a, feat_b)``: |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)) on given
   features (the FID formula without the Inception network), computed on the host in float64.
 """
@@ -17,7 +19,7 @@ from genblocks.blocks.validate import check_positive_int
 
 __all__ = [
     "nats_to_bits_per_dim", "bits_per_dim_to_nats", "mmd", "mmd_permutation_test", "mode_coverage",
-    "frechet_distance", "median_bandwidth",
+    "frechet_distance", "median_bandwidth", "high_quality_rate", "mixture_modes",
 ]
 
 LOG_2 = math.log(2.0)
@@ -253,6 +255,29 @@ def mode_coverage(samples, centers, *, radius, min_count=1):
         "n_modes_covered": covered,
         "counts": counts,
     }
+
+
+def mixture_modes(samples, target, *, n_std=3.0, min_count=1):
+    """``mode_coverage`` on a toy mixture: radius = n_std * its std around each of its centres.
+
+    ``target``: "eight_gaussians" (8 modes, std sqrt(2)/4) or "grid_gaussians" (25 modes, std 0.05), the
+    mixtures of ``genblocks.data``. Returns ``mode_coverage``'s dict plus "n_modes".
+    """
+    from genblocks.data import mixture_centers
+
+    centers, std = mixture_centers(target)
+    if not (isinstance(n_std, (int, float)) and not isinstance(n_std, bool) and n_std > 0):
+        raise ValueError(f"n_std: expected a positive float, got {n_std!r}")
+    xp = namespace(samples)
+    centers = to_device(centers, xp.backend_name)
+    out = mode_coverage(samples, centers, radius=float(n_std) * std, min_count=min_count)
+    out["n_modes"] = int(centers.shape[0])
+    return out
+
+
+def high_quality_rate(samples, target, *, n_std=3.0):
+    """Fraction of samples within n_std standard deviations of a centre of ``target``'s mixture (a float)."""
+    return mixture_modes(samples, target, n_std=n_std)["high_quality"]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -96,7 +96,7 @@ def test_env_var_sets_default_backend():
     assert out.stdout.strip() == "strict"
     env["GENBLOCKS_BACKEND"] = "jax"
     bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert bad.returncode != 0 and "backend: expected one of" in bad.stderr
+    assert bad.returncode != 0 and "GENBLOCKS_BACKEND: expected one of" in bad.stderr and "'jax'" in bad.stderr
 
 
 def test_cupy_missing_gives_install_hint():

@@ -22,8 +22,8 @@ def test_help_and_version():
 
 
 def test_unknown_family_and_bad_seed_are_usage_errors():
-    out = _run("demo", "--families", "gan", "--out", "unused-dir-should-not-matter")
-    assert out.returncode == 2 and "families" in out.stderr and "gan" in out.stderr
+    out = _run("demo", "--families", "nosuchfamily", "--out", "unused-dir-should-not-matter")
+    assert out.returncode == 2 and "families" in out.stderr and "nosuchfamily" in out.stderr
     out = _run("demo", "--seed", "-1")
     assert out.returncode == 2 and "--seed" in out.stderr
 
@@ -105,3 +105,141 @@ def test_flow_drives_bijectors_through_public_call_bijector():
     assert "._call(" not in text and "call_bijector" in text
     with pytest.raises(ValueError, match="direction"):
         bj.call_bijector(bj.Identity(), "sideways", {}, None)
+
+
+def test_a_bad_out_or_empty_families_fail_in_one_line_before_any_training(tmp_path, monkeypatch):
+    def no_training(*args, **kwargs):
+        raise AssertionError("a demo row ran although the arguments were bad")
+
+    monkeypatch.setattr(cli, "DEMO_FAMILIES", [(f, no_training) for f, _ in cli.DEMO_FAMILIES])
+    occupied = tmp_path / "a-file"
+    occupied.write_text("keep me")
+    cases = [(["--out", str(occupied)], "is a file; expected a folder"),
+             (["--out", str(occupied / "sub")], "cannot write into"),
+             (["--families", ",,", "--out", str(tmp_path / "new")], "--families: expected a comma-separated subset")]
+    for args, message in cases:
+        err = []
+        monkeypatch.setattr(sys, "stderr", type("E", (), {"write": lambda self, s: err.append(s),
+                                                           "flush": lambda self: None})())
+        assert cli.main(["demo", *args]) == 2
+        text = "".join(err).strip()
+        assert message in text and len(text.splitlines()) == 1, text
+    assert occupied.read_text() == "keep me" and not (tmp_path / "new").exists()
+
+
+def test_a_bad_backend_variable_names_itself_and_spares_help_and_version():
+    import os
+
+    env = dict(os.environ, GENBLOCKS_BACKEND="bogus")
+    for args in (["--version"], ["--help"]):
+        out = subprocess.run([sys.executable, "-m", "genblocks", *args], capture_output=True, text=True, env=env)
+        assert out.returncode == 0, out.stderr
+    out = subprocess.run([sys.executable, "-c", "from genblocks.backends import Rng; Rng(0)"], capture_output=True,
+                         text=True, env=env)
+    assert out.returncode != 0 and "GENBLOCKS_BACKEND: expected one of ('numpy', 'cupy', 'strict')" in out.stderr
+    assert "'bogus'" in out.stderr
+
+
+def test_training_under_a_strict_default_says_which_variable_to_unset():
+    import os
+
+    code = ("from genblocks.backends import Rng\nfrom genblocks.data import moons\n"
+            "from genblocks.models.mixture import GaussianMixture\nfrom genblocks.train.loop import fit\n"
+            "from genblocks.train.optim import adam\nrng = Rng(0)\nm = GaussianMixture(2, 2)\n"
+            "fit(m.loss, m.init(rng), moons(rng, 64), rng, adam(0.1), steps=1, progress=False)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=dict(os.environ, GENBLOCKS_BACKEND="strict"))
+    assert out.returncode != 0 and "GENBLOCKS_BACKEND=strict" in out.stderr and "unset it" in out.stderr
+
+
+def test_output_files_honour_the_umask(tmp_path):
+    import os
+    import stat
+
+    from genblocks.io import write_atomic
+
+    old = os.umask(0o027)
+    try:
+        write_atomic(tmp_path / "a.bin", lambda f: f.write(b"x"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "a.bin").st_mode) == 0o640
+
+
+def test_train_sample_eval_end_to_end_on_a_npy_file_with_resume(tmp_path):
+    """train -> sample -> eval with no code in between; an interrupted run resumed equals an uninterrupted one."""
+    import numpy as np
+
+    from genblocks.train.checkpoint import load
+
+    x = np.random.default_rng(0).normal([100.0, -20.0], [30.0, 5.0], size=(512, 2)).astype("float32")
+    data = tmp_path / "mine.npy"
+    np.save(data, x)
+    whole, part = str(tmp_path / "whole.npz"), str(tmp_path / "part.npz")
+    common = ["--data", str(data), "--batch-size", "64"]
+    assert cli.main(["train", "mixture", *common, "--steps", "30", "--out", whole]) == 0
+    assert cli.main(["train", "mixture", *common, "--steps", "12", "--out", part]) == 0  # "interrupted" at 12
+    assert cli.main(["train", "mixture", *common, "--steps", "30", "--out", part]) == 2  # no silent overwrite
+    assert cli.main(["train", "mixture", *common, "--steps", "30", "--out", part, "--resume"]) == 0
+    a, b = load(whole), load(part)
+    assert a["step"] == b["step"] == 30
+    for k in a["params"]:
+        np.testing.assert_array_equal(a["params"][k], b["params"][k])
+    assert cli.main(["train", "mixture", "--data", "moons", "--steps", "30", "--out", part, "--resume"]) == 2
+
+    out = str(tmp_path / "s.npy")
+    assert cli.main(["sample", whole, "--n", "4000", "--out", out]) == 0
+    s = np.load(out)
+    assert s.shape == (4000, 2)
+    np.testing.assert_allclose(s.mean(0), x.mean(0), atol=0.15 * x.std(0).max())  # back in the data's units
+    report = cli.run_eval(whole, str(data))
+    scaling = load(whole)["config"]["scaling"]
+    from genblocks.families import build_model
+
+    model = build_model("mixture", load(whole)["config"]["model"])
+    z = (x - np.array(scaling["mean"], dtype="float32")) / np.array(scaling["std"], dtype="float32")
+    want = -model.log_prob(a["params"], z).mean() + np.log(scaling["std"]).sum()
+    assert abs(report["nll_nats"] - want) < 1e-4 and report["likelihood"] == "exact" and report["points"] == 512
+    assert np.isfinite(report["mmd_standardised"])
+
+
+SMALL = {"flow": ["layers=1", "hidden=[8]"], "made": ["hidden=[8]", "num_components=2"],
+         "diffusion": ["hidden=[8]", "num_train_timesteps=20"]}
+
+
+@pytest.mark.parametrize("family", sorted(SMALL))
+def test_every_family_trains_samples_and_evaluates_from_its_checkpoint(family, tmp_path):
+    ckpt, out = str(tmp_path / "c.npz"), str(tmp_path / "s.npz")
+    options = [a for o in SMALL[family] for a in ("--option", o)]
+    assert cli.main(["train", family, "--data", "moons", "--n", "256", "--steps", "3", "--out", ckpt,
+                     "--batch-size", "64", *options]) == 0
+    extra = ["--sampler", "ddim", "--num-inference-steps", "5"] if family == "diffusion" else []
+    assert cli.main(["sample", ckpt, "--n", "10", "--out", out, *extra]) == 0
+    import numpy as np
+
+    assert np.load(out)["samples"].shape == (10, 2)
+    report = cli.run_eval(ckpt, "moons", n=32)
+    assert np.isfinite(report["nll_nats"]) and report["points"] == 32
+
+
+def test_train_sample_eval_refuse_bad_arguments_in_one_line(tmp_path, capsys):
+    ckpt = str(tmp_path / "c.npz")
+    assert cli.main(["train", "mixture", "--data", "moons", "--n", "64", "--steps", "2", "--out", ckpt]) == 0
+    bad = [
+        (["train", "gan", "--data", "moons", "--steps", "2", "--out", str(tmp_path / "g.npz")], "family: expected"),
+        (["train", "mixture", "--data", "moons", "--steps", "2", "--out", str(tmp_path / "g.npz"), "--option",
+          "depth=3"], "--option: the mixture family takes ['num_components'], got ['depth']"),
+        (["train", "mixture", "--data", "nope", "--steps", "2", "--out", str(tmp_path / "g.npz")], "--data: expected"),
+        (["train", "mixture", "--data", "moons", "--steps", "2", "--out", str(tmp_path / "g.txt")], "ending in .npz"),
+        (["train", "mixture", "--data", "moons", "--steps", "0", "--out", str(tmp_path / "g.npz")], "--steps"),
+        (["sample", ckpt, "--out", str(tmp_path / "s.txt")], "--out: expected a path ending in"),
+        (["sample", ckpt, "--out", str(tmp_path / "s.npy"), "--sampler", "ddim"], "takes no sampling options"),
+        (["sample", str(tmp_path / "none.npz"), "--out", str(tmp_path / "s.npy")], "checkpoint: path: no file"),
+        (["eval", ckpt, "--data", str(tmp_path / "none.npy")], "--data: path: no file"),
+    ]
+    capsys.readouterr()
+    for args, message in bad:
+        assert cli.main(args) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, (args, err)
+    assert not (tmp_path / "g.npz").exists()

@@ -37,15 +37,7 @@ def python_blocks(relpath):
 def test_writing_a_block_runs_top_to_bottom():
     blocks = python_blocks(WRITING_A_BLOCK)
     assert len(blocks) >= 5, f"{WRITING_A_BLOCK}: expected its python blocks, found {len(blocks)}"
-    scope = {"__name__": "writing_a_block"}
-    for i, (line, code) in enumerate(blocks):
-        # padded so that a traceback's line numbers are the page's
-        compiled = compile("\n" * (line - 1) + code, WRITING_A_BLOCK, "exec")
-        try:
-            exec(compiled, scope)
-        except Exception as err:
-            raise AssertionError(f"{WRITING_A_BLOCK}: python block {i} (line {line}) raised "
-                                 f"{type(err).__name__}: {err}") from err
+    scope = _run_page(WRITING_A_BLOCK)
     assert {"TailPower", "GatedResidual", "gaussian_eps"} <= scope.keys()
 
 
@@ -55,3 +47,24 @@ def test_writing_a_block_follows_its_own_rules(tmp_path):
     code.write_text("\n".join(c for _, c in python_blocks(WRITING_A_BLOCK)))
     assert violations(code) == []
     assert "import numpy" not in code.read_text()
+
+
+def _run_page(relpath):
+    scope = {"__name__": relpath}
+    for i, (line, code) in enumerate(python_blocks(relpath)):
+        compiled = compile("\n" * (line - 1) + code, relpath, "exec")
+        try:
+            exec(compiled, scope)
+        except Exception as err:
+            raise AssertionError(f"{relpath}: python block {i} (line {line}) raised "
+                                 f"{type(err).__name__}: {err}") from err
+    return scope
+
+
+def test_every_other_docs_page_runs_its_python_blocks():
+    """Every ```python block of every docs/ page runs, page by page in order (writing-a-block has its own test)."""
+    pages = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md"))
+    assert WRITING_A_BLOCK in pages and "docs/architecture.md" in pages
+    for page in pages:
+        if page != WRITING_A_BLOCK and python_blocks(page):
+            _run_page(page)

@@ -23,3 +23,12 @@ def test_example_runs_with_smoke(script, tmp_path):
     assert "wrote" in proc.stdout
     lines = len((ROOT / "examples" / script).read_text().splitlines())
     assert 40 <= lines <= 150, f"{script} has {lines} lines"
+
+
+def test_examples_write_into_an_output_folder_never_the_repository_root():
+    import re
+
+    for script in sorted((ROOT / "examples").glob("*.py")):
+        for default in re.findall(r'add_argument\("--out",\s*default="([^"]+)"', script.read_text()):
+            assert default.startswith("examples-out/"), (script.name, default)
+    assert "/examples-out/" in (ROOT / ".gitignore").read_text().splitlines()

@@ -271,3 +271,37 @@ def test_every_metric_refuses_non_finite_samples(backend, bad):
     for arg, bad_args in {"x": (b, g), "y": (g, b)}.items():
         with pytest.raises(ValueError, match=f"{arg}: expected finite values"):
             M.mmd_permutation_test(*bad_args, Rng(0, backend), 9)
+
+
+# ---------------------------------------------------------------------------------------------------
+# High-quality rate and modes on the 8-Gaussian ring and the 5x5 grid
+
+
+@pytest.mark.parametrize("target, n_modes", [("eight_gaussians", 8), ("grid_gaussians", 25)])
+def test_high_quality_rate_of_the_data_itself_is_the_chi2_mass_within_3_std(target, n_modes):
+    from genblocks.data import toy
+    from genblocks.metrics import high_quality_rate, mixture_modes
+
+    x = toy(target, Rng(0), 20000, dtype="float64")
+    want = 1.0 - math.exp(-4.5)  # P(|N(0, I_2)| <= 3) = 0.98889
+    rate = high_quality_rate(x, target)
+    assert abs(rate - want) < 4 * math.sqrt(want * (1 - want) / 20000) + 2e-3  # + overlap of the ring's modes
+    modes = mixture_modes(x, target, min_count=20)
+    assert modes["n_modes"] == n_modes and modes["n_modes_covered"] == n_modes
+
+
+def test_a_collapsed_or_off_mode_generator_scores_low():
+    from genblocks.data import mixture_centers
+    from genblocks.metrics import high_quality_rate, mixture_modes
+
+    centers, std = mixture_centers("grid_gaussians")
+    collapsed = np.repeat(centers[:1], 100, axis=0) + 0.01
+    out = mixture_modes(collapsed, "grid_gaussians")
+    assert out["n_modes_covered"] == 1 and out["high_quality"] == 1.0
+    between = centers[:10] + 1.0  # halfway between grid centres: 20 std off every mode
+    assert high_quality_rate(between, "grid_gaussians") == 0.0
+    assert high_quality_rate(between, "grid_gaussians", n_std=30.0) == 1.0
+    with pytest.raises(ValueError, match="name: expected one of \\['eight_gaussians', 'grid_gaussians'\\]"):
+        high_quality_rate(between, "rings")
+    with pytest.raises(ValueError, match="n_std: expected a positive float"):
+        high_quality_rate(between, "grid_gaussians", n_std=0)

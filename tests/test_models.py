@@ -7,12 +7,14 @@ import numpy as np
 import pytest
 
 from genblocks.backends import Rng, namespace, to_device, to_numpy
+from genblocks.blocks.discriminators import MLPDiscriminator, MLPGenerator
 from genblocks.blocks.nn import MLP
 from genblocks.blocks.schedules import DiscreteSchedule
 from genblocks.blocks.score_nets import MLPScoreNet
 from genblocks.models.autoregressive import MADEModel
 from genblocks.models.diffusion import Diffusion
 from genblocks.models.flow import real_nvp
+from genblocks.models.gan import GAN
 from genblocks.models.mixture import GaussianMixture
 from genblocks.models.vae import VAE
 
@@ -23,7 +25,15 @@ MODELS = {
     "made": lambda: MADEModel(2, (8,), output="gaussian"),
     "diffusion": lambda: Diffusion(MLPScoreNet(2, (8,), time_embed_dim=4), DiscreteSchedule("linear", 20)),
     "vae": lambda: VAE(MLP((2, 8, 4)), MLP((2, 8, 2)), likelihood="gaussian", scale="learned"),
+    "gan": lambda: GAN(MLPGenerator(2, 2, (8,)), MLPDiscriminator(2, (8,)), loss="wasserstein", penalty="gp"),
 }
+
+
+def _loss(model, params, x, rng):
+    """The training loss; a GAN has two and no likelihood: its discriminator's (with the gradient penalty)."""
+    if isinstance(model, GAN):
+        return model.loss_d(params, x, rng)
+    return model.loss(params, x, rng)
 
 
 def _sample(model, params, rng):
@@ -37,7 +47,7 @@ def _sample(model, params, rng):
 def test_loss_is_a_finite_scalar_in_the_params_dtype(name, dtype):
     model = MODELS[name]()
     params = model.init(Rng(0), dtype=dtype)
-    value = model.loss(params, DATA.astype(dtype), Rng(1))
+    value = _loss(model, params, DATA.astype(dtype), Rng(1))
     assert value.shape == () and np.isfinite(value) and str(value.dtype) == dtype
 
 
@@ -61,10 +71,67 @@ def test_params_of_another_model_are_refused_with_every_difference(name, other, 
     with pytest.raises(ValueError, match=rf"(?s)params: do not match {type(model).__name__}'s parameters.*missing"):
         _sample(model, params, Rng(2, backend=backend))
     with pytest.raises(ValueError, match="params: do not match"):
-        model.loss(to_numpy(params), DATA, Rng(1))  # not a bare KeyError
+        _loss(model, to_numpy(params), DATA, Rng(1))  # not a bare KeyError
 
 
 def test_a_mixture_of_another_size_is_refused_not_silently_used():
     small = GaussianMixture(2, 4).init(Rng(0))
     with pytest.raises(ValueError, match=r"shape of params\['logits'\]: \(4,\) given, \(8,\) in the model"):
         GaussianMixture(2, 8).log_prob(small, DATA.astype("float32"))
+
+
+# models whose exact log_prob is one forward pass (diffusion's is a PF-ODE solve: tested in test_samplers)
+EXACT_LOG_PROB = {"mixture", "realnvp", "made"}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_loss_terms_are_finite_arrays_in_the_params_dtype(name, dtype):
+    model = MODELS[name]()
+    params = model.init(Rng(0), dtype=dtype)
+    terms = model.loss_terms(params, DATA.astype(dtype), Rng(1))
+    assert isinstance(terms, dict) and terms
+    for key, value in terms.items():
+        for v in (value if isinstance(value, list) else [value]):  # e.g. a flow's per-layer log-dets
+            v = to_numpy(v)
+            assert np.all(np.isfinite(v)), key
+            assert str(v.dtype) == dtype, (key, v.dtype)
+
+
+@pytest.mark.parametrize("name", sorted(EXACT_LOG_PROB))
+def test_log_prob_has_the_batch_shape_and_equals_numpy_on_every_backend(name, backend):
+    model = MODELS[name]()
+    params = model.init(Rng(0), dtype="float64")
+    want = to_numpy(model.log_prob(params, DATA))
+    assert want.shape == (16,) and np.all(np.isfinite(want))
+    got = model.log_prob(to_device(params, backend), to_device(DATA, backend))
+    assert namespace(got).backend_name == backend
+    np.testing.assert_allclose(to_numpy(got), want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_checkpoint_round_trip_keeps_params_state_and_loss_bit_for_bit(name, tmp_path):
+    from genblocks.train.checkpoint import load, save
+
+    model = MODELS[name]()
+    params = model.init(Rng(0), dtype="float32")
+    state = model.init_state(params)
+    path = tmp_path / f"{name}.npz"
+    save(path, params, state=state, step=3, config={"model": name})
+    loaded = load(path, like=params)
+    assert loaded["step"] == 3 and loaded["config"] == {"model": name}
+
+    def leaves(tree):
+        if isinstance(tree, dict):
+            return [v for k in sorted(tree) for v in leaves(tree[k])]
+        if isinstance(tree, (list, tuple)):
+            return [v for item in tree for v in leaves(item)]
+        return [] if tree is None else [to_numpy(tree)]
+
+    for a, b in zip(leaves(params), leaves(loaded["params"]), strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(a, b)
+    assert len(leaves(state)) == len(leaves(loaded["state"]))
+    batch = DATA.astype("float32")
+    np.testing.assert_array_equal(to_numpy(_loss(model, loaded["params"], batch, Rng(1))),
+                                  to_numpy(_loss(model, params, batch, Rng(1))))

@@ -713,3 +713,16 @@ def test_predictions_in_another_dtype_are_cast_to_the_samples_dtype(name, backen
     x = SAMPLER_FNS[name](model, LINEAR, Rng(5, backend), (4, 2), **kw)
     assert_backend(x, backend)
     assert "float32" in str(x.dtype) and np.isfinite(to_numpy(x)).all()
+
+
+def test_the_default_step_count_fits_a_short_schedule_and_an_explicit_one_must():
+    short = DiscreteSchedule("linear", 20)
+    expected = {S.ddpm_sample: 20, S.ddim_sample: 20,  # the default 50 becomes all 20 steps
+                S.dpm_solver_pp_sample: len(S.dpm_solver_timesteps(short, 20, "linspace", -5.1))}
+    for fn, count in expected.items():
+        seen = []
+        fn(oracle(short), short, Rng(0), (2, 2), callback=lambda k, t, x: seen.append(t))
+        assert len(seen) == count, fn.__name__
+    with pytest.raises(ValueError, match="num_inference_steps: expected at most num_train_timesteps=20, got 50"):
+        S.ddim_sample(oracle(short), short, Rng(0), (2, 2), num_inference_steps=50)
+    assert repr(S.NUM_INFERENCE_STEPS) == "50" and S.NUM_INFERENCE_STEPS + 1 == 51

@@ -6,6 +6,7 @@ bytes and back, because only ``backends/`` may import numpy.
 - ``write_npz(f, arrays)``: ``arrays`` (name -> array-like) as an ``.npz`` archive into the binary file ``f``.
 - ``read_npz(f)``: every array of the ``.npz`` in ``f`` as host arrays, ``allow_pickle=False`` (a file
   cannot run code); ``ValueError`` for a plain ``.npy`` or anything numpy cannot read as an archive.
+- ``write_npy(f, array)`` / ``read_npy(f)``: one array as ``.npy`` (``allow_pickle=False`` both ways).
 - ``idx_array(raw, where)``: the array in the bytes of an IDX file (MNIST / Fashion-MNIST format).
 """
 
@@ -26,6 +27,18 @@ def read_npz(f):
         raise ValueError("not an .npz archive")
     with data:
         return {k: onp.array(data[k]) for k in data.files}
+
+
+def write_npy(f, array):
+    onp.save(f, onp.asarray(array), allow_pickle=False)
+
+
+def read_npy(f):
+    data = onp.load(f, allow_pickle=False)
+    if isinstance(data, onp.lib.npyio.NpzFile):
+        data.close()
+        raise ValueError("an .npz archive, not a single .npy array")
+    return onp.array(data)
 
 
 def idx_array(raw, where):

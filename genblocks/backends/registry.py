@@ -94,7 +94,14 @@ _default = [None]
 
 
 def get_backend():
-    """The default backend's name (used when a call has no arrays to look at)."""
+    """The default backend's name (used when a call has no arrays to look at).
+
+    An unknown ``GENBLOCKS_BACKEND`` is reported here, at first use, naming the variable: importing
+    genblocks (and ``genblocks --help`` / ``--version``) still works.
+    """
+    if _default[0] is None:
+        raise ValueError(f"GENBLOCKS_BACKEND: expected one of {BACKENDS} (or unset, for numpy), got "
+                         f"{os.environ.get('GENBLOCKS_BACKEND')!r}; fix or unset the environment variable")
     return _default[0]
 
 
@@ -106,7 +113,8 @@ def record(name):
         raise ValueError(f"backend: expected one of {BACKENDS}, got {name!r}") from None
 
 
-_default[0] = record(os.environ.get("GENBLOCKS_BACKEND", "numpy") or "numpy").name
+_env_backend = os.environ.get("GENBLOCKS_BACKEND", "") or "numpy"
+_default[0] = _env_backend if _env_backend in _RECORDS else None  # None: get_backend() says what is wrong
 
 
 def namespace_of(name):

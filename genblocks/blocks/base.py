@@ -7,8 +7,9 @@
 """
 
 import inspect
+import warnings
 
-from genblocks.backends import Rng, float_dtype_name, is_traced, namespace, resolve_dtype, stop_gradient
+from genblocks.backends import Rng, float_dtype_name, is_traced, namespace, resolve_dtype, stop_gradient, to_numpy
 
 FLOAT_DTYPES = ("float32", "float64")
 
@@ -161,3 +162,32 @@ __all__ = [
     "Block", "Distribution", "Bijector", "check_array", "check_dtype", "dtype_name",
     "namespace", "param_specs", "resolve_dtype", "spec_differences",
 ]
+
+
+def warn_if_far_from_unit_scale(x, who, *, mean_limit=5.0, std_range=(0.05, 20.0)):
+    """Warn when data x (n, ...) is far from unit scale: some feature's |mean| > ``mean_limit`` or its std
+    outside ``std_range``. For models whose defaults assume standardised data (a diffusion schedule's
+    x_T ~ N(0, I)). The warning names the fix; Python shows it once per call site. Traced x is skipped.
+    """
+    if is_traced(x) or x.shape[0] < 2:
+        return
+    xp = namespace(x)
+    flat = xp.reshape(x, (x.shape[0], -1))
+    mean = to_numpy(xp.mean(flat, axis=0))
+    std = to_numpy(xp.std(flat, axis=0))
+    m, lo, hi = float(abs(mean).max()), float(std.min()), float(std.max())
+    if m > mean_limit or lo < std_range[0] or hi > std_range[1]:
+        warnings.warn(
+            f"x: {who} assumes data of about unit scale, got feature means up to |{m:.3g}| and stds from "
+            f"{lo:.3g} to {hi:.3g}; standardise it first (z = (x - mean) / std, then samples * std + mean), "
+            f"e.g. with genblocks.data.standardize",
+            UserWarning, stacklevel=3)
+
+
+def unpack_batch(batch):
+    """(x, context) from a batch given as x or as the pair (x, context) (context None for a bare x)."""
+    if isinstance(batch, (tuple, list)):
+        if len(batch) != 2:
+            raise ValueError(f"batch: expected x or (x, context), got a sequence of {len(batch)} items")
+        return batch[0], batch[1]
+    return batch, None

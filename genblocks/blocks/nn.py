@@ -1,4 +1,4 @@
-"""Neural-network layers: Dense, MLP, MaskedDense, MADE, Conv2d, MaskedConv2d, LayerNorm, embeddings.
+"""Neural-network layers: Dense, MLP, MaskedDense, MADE, Conv2d, MaskedConv2d, LayerNorm, embeddings, FiLM, ResBlock.
 
 Every layer is a :class:`~genblocks.blocks.base.Block`: ``__init__`` stores hyperparameters (and constant
 masks), ``init(rng, dtype="float32")`` returns a plain dict/list of arrays, ``apply(params, ...)`` is pure.
@@ -10,15 +10,16 @@ Initialisers are functions ``(rng, shape, dtype) -> array``: ``glorot``, ``he`` 
 
 import math
 
-from genblocks.backends import namespace, namespace_of, to_numpy
+from genblocks.backends import namespace, namespace_of, resolve_dtype, to_numpy
 from genblocks.backends.activations import ACTIVATIONS, check_activation
 from genblocks.blocks.base import Block, check_array, check_dtype
+from genblocks.blocks.ops import get_activation
 from genblocks.blocks.validate import check_positive_int
 
 __all__ = [
     "ACTIVATIONS", "INITS", "glorot", "he", "zeros", "get_init", "Dense", "MLP", "MaskedDense",
     "made_degrees", "made_masks", "MADE", "conv_pads", "im2col", "Conv2d", "pixelcnn_mask", "MaskedConv2d", "LayerNorm",
-    "SinusoidalEmbedding", "ResidualMLPBlock",
+    "SinusoidalEmbedding", "ResidualMLPBlock", "upsample_nearest", "FiLM", "film_modulate", "ResBlock",
 ]
 
 
@@ -582,3 +583,81 @@ def upsample_nearest(x):
     n, H, W, c = x.shape
     y = xp.broadcast_to(xp.reshape(x, (n, H, 1, W, 1, c)), (n, H, 2, W, 2, c))
     return xp.reshape(y, (n, 2 * H, 2 * W, c))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Conditioning layers (FiLM) and the residual conv block of the U-Net
+
+
+class FiLM(Block):
+    """h gamma + beta with (gamma, beta) = split(W e + b): one matmul gives both halves.
+
+    W (embed_dim, 2 channels) starts at zero and b at (1, ..., 1, 0, ..., 0), so the modulation starts as
+    the identity. e (n, embed_dim); ``apply(params, h, e)`` modulates h (n, ..., channels), same shape out.
+    """
+
+    def __init__(self, embed_dim, channels):
+        self.embed_dim = check_positive_int(embed_dim, "embed_dim")
+        self.channels = check_positive_int(channels, "channels")
+        self.proj = Dense(embed_dim, 2 * channels, init="zeros")
+
+    def init(self, rng, dtype="float32"):
+        p = self.proj.init(rng, dtype)
+        xp, c = rng.xp, self.channels
+        dt = resolve_dtype(xp, dtype)
+        p["b"] = xp.concat([xp.ones((c,), dtype=dt), xp.zeros((c,), dtype=dt)])
+        return p
+
+    def modulation(self, params, e):
+        """(gamma, beta), each (n, channels), or (1, channels) for a one-row e."""
+        gb = self.proj.apply(params, e)
+        c = self.channels
+        return gb[:, :c], gb[:, c:]
+
+    def apply(self, params, h, e):
+        return film_modulate(h, *self.modulation(params, e))
+
+
+def film_modulate(h, gamma, beta):
+    """h gamma + beta with gamma, beta (n, c) or (1, c) broadcast over h (n, ..., c)'s other axes."""
+    xp = namespace(h, gamma, beta)
+    c = h.shape[-1]
+    extra = h.ndim - 2
+    if extra:
+        shape = (gamma.shape[0],) + (1,) * extra + (c,)
+        gamma, beta = xp.reshape(gamma, shape), xp.reshape(beta, shape)
+    return h * gamma + beta
+
+
+class ResBlock(Block):
+    """y = skip(x) + conv_2(silu(norm_2(FiLM(conv_1(silu(norm_1(x))), e)))) on NHWC images.
+
+    x (n, H, W, c_in), e (n, embed_dim) -> (n, H, W, c_out). Norms are over channels (per pixel).
+    """
+
+    def __init__(self, c_in, c_out, embed_dim):
+        self.c_in = check_positive_int(c_in, "c_in")
+        self.c_out = check_positive_int(c_out, "c_out")
+        self.embed_dim = check_positive_int(embed_dim, "embed_dim")
+        self.norm1, self.norm2 = LayerNorm(c_in), LayerNorm(c_out)
+        self.conv1 = Conv2d(c_in, c_out, 3, init="he")
+        self.conv2 = Conv2d(c_out, c_out, 3, init="zeros")
+        self.film = FiLM(embed_dim, c_out)
+        self.skip = None if c_in == c_out else Conv2d(c_in, c_out, 1)
+
+    def init(self, rng, dtype="float32"):
+        rs = rng.split(6)
+        p = {"norm1": self.norm1.init(rs[0], dtype), "conv1": self.conv1.init(rs[1], dtype),
+             "film": self.film.init(rs[2], dtype), "norm2": self.norm2.init(rs[3], dtype),
+             "conv2": self.conv2.init(rs[4], dtype)}
+        if self.skip is not None:
+            p["skip"] = self.skip.init(rs[5], dtype)
+        return p
+
+    def apply(self, params, x, e):
+        silu = get_activation("silu")
+        h = self.conv1.apply(params["conv1"], silu(self.norm1.apply(params["norm1"], x)))
+        h = self.film.apply(params["film"], h, e)
+        h = self.conv2.apply(params["conv2"], silu(self.norm2.apply(params["norm2"], h)))
+        skip = x if self.skip is None else self.skip.apply(params["skip"], x)
+        return skip + h

@@ -40,7 +40,7 @@ import math
 from collections import namedtuple
 
 from genblocks.backends import grad, namespace, record, to_device, to_numpy
-from genblocks.blocks.schedules import karras_sigmas, multistep_timesteps
+from genblocks.blocks.schedules import check_discrete, karras_sigmas, multistep_timesteps
 from genblocks.blocks.validate import (
     check_callable,
     check_choice,
@@ -52,7 +52,17 @@ from genblocks.blocks.validate import (
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range")
-NUM_INFERENCE_STEPS = 50  # every sampler's default
+
+
+class _DefaultSteps(int):
+    """The default number of sampling steps: 50, or every step of a discrete schedule with fewer (the grid
+    builders recognise this very object; an explicit 50 on a shorter schedule is still an error)."""
+
+    def __repr__(self):
+        return "50"
+
+
+NUM_INFERENCE_STEPS = _DefaultSteps(50)  # every sampler's default
 
 __all__ = [
     "PREDICTION_TYPES", "VARIANCE_TYPES", "NUM_INFERENCE_STEPS", "to_x0_eps", "from_x0_eps", "threshold_sample",
@@ -74,8 +84,12 @@ def check_prediction_type(prediction_type):
 
 
 def check_num_inference_steps(num_inference_steps, schedule=None):
-    """A positive int; None (every step of the schedule) only where ``schedule`` is discrete."""
-    if num_inference_steps is None and getattr(schedule, "is_discrete", False):
+    """A positive int; None (every step of the schedule) only where ``schedule`` is discrete; the default
+    (``NUM_INFERENCE_STEPS``) is capped at a discrete schedule's number of steps."""
+    discrete = getattr(schedule, "is_discrete", False)
+    if num_inference_steps is NUM_INFERENCE_STEPS and discrete:
+        return min(int(num_inference_steps), schedule.num_train_timesteps)
+    if num_inference_steps is None and discrete:
         return None
     if num_inference_steps is None:
         raise ValueError("num_inference_steps: expected a positive int (None, every step, needs a "
@@ -145,12 +159,6 @@ def thresholding(dynamic_thresholding_ratio=0.995, sample_max_value=1.0):
     return lambda x0: threshold_sample(x0, thresholding=True, dynamic_thresholding_ratio=p, sample_max_value=m)
 
 
-def _discrete(schedule, who):
-    if not getattr(schedule, "is_discrete", False):
-        raise TypeError(f"schedule: {who} needs a DiscreteSchedule or RespacedSchedule, got {schedule!r}")
-    return schedule
-
-
 def _zero_snr_guard(schedule, t_first, prediction_type, who, *, refuse=None):
     """Refuse what a zero-terminal-SNR start (alpha = 0 at the first time visited) cannot do, with a clear error.
 
@@ -174,15 +182,16 @@ def _zero_snr_guard(schedule, t_first, prediction_type, who, *, refuse=None):
 
 def ddpm_timesteps(schedule, num_inference_steps=None, timestep_spacing="leading"):
     """DDPM's grid: (schedule respaced to the visited steps, [T'-1, ..., 0] on it); None keeps every step."""
-    schedule = _discrete(schedule, "ddpm_sample")
-    if check_num_inference_steps(num_inference_steps, schedule) is not None:
+    schedule = check_discrete(schedule, "ddpm_sample")
+    num_inference_steps = check_num_inference_steps(num_inference_steps, schedule)
+    if num_inference_steps is not None:
         schedule = schedule.respace(schedule.timesteps(num_inference_steps, timestep_spacing))
     return schedule, list(range(schedule.num_train_timesteps - 1, -1, -1))
 
 
 def ddim_timesteps(schedule, num_inference_steps=NUM_INFERENCE_STEPS, timestep_spacing="leading"):
     """DDIM's grid: ``spaced_timesteps`` on a discrete schedule (diffusers' DDIMScheduler), else n times 1 -> eps."""
-    check_num_inference_steps(num_inference_steps, schedule)
+    num_inference_steps = check_num_inference_steps(num_inference_steps, schedule)
     if schedule.is_discrete:
         return [float(t) for t in schedule.timesteps(num_inference_steps, timestep_spacing)]
     return schedule.timesteps(num_inference_steps, timestep_spacing)
@@ -668,17 +677,6 @@ def ode_solve_ivp_sample(model_fn, schedule, rng, shape, *, method="RK45", rtol=
     if denoise_final:
         return model_at(y, sig_end)[0], int(sol.nfev) + 1
     return y * schedule.marginal_host(t_end)[0], int(sol.nfev)
-
-
-def _flatten64(host):
-    """A host array as a flat float64 vector (what scipy's solvers integrate)."""
-    xp = namespace(host)
-    return xp.reshape(xp.astype(host, xp.float64), (-1,))
-
-
-def _unflatten(flat, shape, dtype):
-    xp = namespace(flat)
-    return xp.astype(xp.reshape(xp.asarray(flat), shape), dtype)
 
 
 def _flatten64(host):

@@ -28,7 +28,7 @@ __all__ = [
     "BETA_SCHEDULES", "TIMESTEP_SPACINGS", "DiscreteSchedule", "RespacedSchedule", "VPSDE", "subVPSDE", "VESDE",
     "karras_sigmas", "space_timesteps", "spaced_timesteps", "multistep_timesteps", "cosine_alpha_bar",
     "rescale_zero_terminal_snr",
-    "get_schedule",
+    "get_schedule", "check_discrete",
 ]
 
 
@@ -53,6 +53,14 @@ def _cumprod(values):
 def _sigmoid(z):
     return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
 
+
+
+def check_discrete(schedule, who):
+    """``schedule`` if it has discrete steps (``DiscreteSchedule``, ``RespacedSchedule``), else a TypeError
+    saying that ``who`` needs one."""
+    if not getattr(schedule, "is_discrete", False):
+        raise TypeError(f"schedule: {who} needs a DiscreteSchedule or RespacedSchedule, got {schedule!r}")
+    return schedule
 
 
 def cosine_alpha_bar(t, s=0.008):

@@ -12,12 +12,22 @@ Every network has ``apply(params, x, t, y=None)``; ``out_channels = 2 * channels
 outputs a ``variance_type="learned_range"`` model needs.
 """
 
-from genblocks.backends import namespace, resolve_dtype
+from genblocks.backends import namespace
 from genblocks.blocks.base import Block, check_array, check_dtype
-from genblocks.blocks.nn import Conv2d, Dense, LayerNorm, SinusoidalEmbedding, upsample_nearest
+from genblocks.blocks.nn import (
+    Conv2d,
+    Dense,
+    FiLM,
+    LayerNorm,
+    ResBlock,
+    SinusoidalEmbedding,
+    film_modulate,
+    upsample_nearest,
+)
 from genblocks.blocks.ops import get_activation, silu
 from genblocks.blocks.validate import check_positive_int
 
+# FiLM, ResBlock and upsample_nearest live with the other layers in nn.py; re-exported here for old imports
 __all__ = ["TimeEmbedding", "ClassEmbedding", "FiLM", "MLPScoreNet", "UNet", "ResBlock", "upsample_nearest"]
 
 
@@ -84,45 +94,6 @@ class ClassEmbedding(Block):
         if xp.isdtype(y.dtype, "real floating"):
             raise TypeError(f"y: expected integer labels, got dtype {y.dtype}")
         return xp.take(table, y, axis=0)
-
-
-class FiLM(Block):
-    """h gamma + beta with (gamma, beta) = split(W e + b): one matmul gives both halves.
-
-    W (embed_dim, 2 channels) starts at zero and b at (1, ..., 1, 0, ..., 0), so the modulation starts as
-    the identity. e (n, embed_dim); ``apply(params, h, e)`` modulates h (n, ..., channels), same shape out.
-    """
-
-    def __init__(self, embed_dim, channels):
-        self.embed_dim = check_positive_int(embed_dim, "embed_dim")
-        self.channels = check_positive_int(channels, "channels")
-        self.proj = Dense(embed_dim, 2 * channels, init="zeros")
-
-    def init(self, rng, dtype="float32"):
-        p = self.proj.init(rng, dtype)
-        xp, c = rng.xp, self.channels
-        dt = resolve_dtype(xp, dtype)
-        p["b"] = xp.concat([xp.ones((c,), dtype=dt), xp.zeros((c,), dtype=dt)])
-        return p
-
-    def modulation(self, params, e):
-        """(gamma, beta), each (n, channels), or (1, channels) for a one-row e."""
-        gb = self.proj.apply(params, e)
-        c = self.channels
-        return gb[:, :c], gb[:, c:]
-
-    def apply(self, params, h, e):
-        return _film(namespace(h), h, *self.modulation(params, e))
-
-
-def _film(xp, h, gamma, beta):
-    """h gamma + beta with gamma, beta (n, c) or (1, c) broadcast over h's other axes."""
-    c = h.shape[-1]
-    extra = h.ndim - 2
-    if extra:
-        shape = (gamma.shape[0],) + (1,) * extra + (c,)
-        gamma, beta = xp.reshape(gamma, shape), xp.reshape(beta, shape)
-    return h * gamma + beta
 
 
 class _Conditioning(Block):
@@ -208,7 +179,7 @@ class MLPScoreNet(_Conditioning):
                 # layer, (h gamma + beta) W + b = h (gamma^T * W) + (beta W + b), instead of two passes over h
                 pending = (gamma, beta)
             else:
-                h, pending = _film(xp, h, gamma, beta), None
+                h, pending = film_modulate(h, gamma, beta), None
         return self.out.apply(_fold_film(xp, params["out"], pending), h)
 
 
@@ -222,40 +193,6 @@ def _fold_film(xp, p, pending):
     if p.get("b") is not None:
         b = b + p["b"]
     return {"W": xp.reshape(gamma, (-1, 1)) * W, "b": b}
-
-
-class ResBlock(Block):
-    """y = skip(x) + conv_2(silu(norm_2(FiLM(conv_1(silu(norm_1(x))), e)))) on NHWC images.
-
-    x (n, H, W, c_in), e (n, embed_dim) -> (n, H, W, c_out). Norms are over channels (per pixel).
-    """
-
-    def __init__(self, c_in, c_out, embed_dim):
-        self.c_in = check_positive_int(c_in, "c_in")
-        self.c_out = check_positive_int(c_out, "c_out")
-        self.embed_dim = check_positive_int(embed_dim, "embed_dim")
-        self.norm1, self.norm2 = LayerNorm(c_in), LayerNorm(c_out)
-        self.conv1 = Conv2d(c_in, c_out, 3, init="he")
-        self.conv2 = Conv2d(c_out, c_out, 3, init="zeros")
-        self.film = FiLM(embed_dim, c_out)
-        self.skip = None if c_in == c_out else Conv2d(c_in, c_out, 1)
-
-    def init(self, rng, dtype="float32"):
-        rs = rng.split(6)
-        p = {"norm1": self.norm1.init(rs[0], dtype), "conv1": self.conv1.init(rs[1], dtype),
-             "film": self.film.init(rs[2], dtype), "norm2": self.norm2.init(rs[3], dtype),
-             "conv2": self.conv2.init(rs[4], dtype)}
-        if self.skip is not None:
-            p["skip"] = self.skip.init(rs[5], dtype)
-        return p
-
-    def apply(self, params, x, e):
-        silu = get_activation("silu")
-        h = self.conv1.apply(params["conv1"], silu(self.norm1.apply(params["norm1"], x)))
-        h = self.film.apply(params["film"], h, e)
-        h = self.conv2.apply(params["conv2"], silu(self.norm2.apply(params["norm2"], h)))
-        skip = x if self.skip is None else self.skip.apply(params["skip"], x)
-        return skip + h
 
 
 class UNet(_Conditioning):

@@ -32,7 +32,7 @@ import math
 
 from genblocks.backends import Rng, is_traced, namespace, to_numpy
 from genblocks.blocks import ops
-from genblocks.blocks.base import Block, check_array, check_dtype
+from genblocks.blocks.base import Block, check_array, check_dtype, unpack_batch
 from genblocks.blocks.distributions import Bernoulli, Categorical, Logistic, MixtureSameFamily, Normal
 from genblocks.blocks.nn import MaskedDense, made_degrees
 from genblocks.blocks.validate import check_choice, check_nonnegative_int, check_positive_int
@@ -375,7 +375,7 @@ class MADEModel(Block):
         With M > 1 masks and an ``rng``, one mask k ~ U{0..M-1} per batch (connectivity-agnostic training):
         -mean log p_k(x). Without an rng, the NLL of the mask mixture.
         """
-        x, context = _unpack(batch)
+        x, context = unpack_batch(batch)
         if self.num_masks > 1 and rng is not None:
             xp, x, ctx = self._inputs(params, x, context)
             k = int(to_numpy(rng.integers(self.num_masks)))
@@ -388,7 +388,7 @@ class MADEModel(Block):
 
         The per-dimension NLL shows which variables are hard to predict from the ones before them.
         """
-        x, context = _unpack(batch)
+        x, context = unpack_batch(batch)
         cond = self.conditional_log_probs(params, x, context)
         xp = namespace(cond)
         per_dim = -xp.mean(xp.reshape(cond, (-1, self.dim)), axis=0)
@@ -477,11 +477,3 @@ def _log_scaled(xp, family, x, loc, log_scale):
 
 
 MADE = MADEModel  # the family's public name (genblocks.blocks.nn.MADE is the masked layer it is built from)
-
-
-def _unpack(batch):
-    if isinstance(batch, (tuple, list)):
-        if len(batch) != 2:
-            raise ValueError(f"batch: expected x or (x, context), got a sequence of {len(batch)} items")
-        return batch[0], batch[1]
-    return batch, None

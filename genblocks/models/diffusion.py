@@ -19,8 +19,9 @@ from functools import partial
 
 from genblocks.backends import namespace
 from genblocks.blocks import samplers as S
-from genblocks.blocks.base import Block, check_array
+from genblocks.blocks.base import Block, check_array, warn_if_far_from_unit_scale
 from genblocks.blocks.ops import log_softmax, stop_gradient
+from genblocks.blocks.schedules import check_discrete
 
 __all__ = ["Diffusion", "LossSecondMomentSampler", "NoisyClassifier", "normal_kl",
            "discretized_gaussian_log_likelihood", "SAMPLERS"]
@@ -315,6 +316,7 @@ class Diffusion(Block):
         self.check_params(params)
         x0, y = self._unpack(batch)
         check_array(x0, "x", min_ndim=2)
+        warn_if_far_from_unit_scale(x0, "Diffusion (its noise schedule ends at x_T ~ N(0, I))")
         xp = namespace(x0, params)
         n = x0.shape[0]
         dtype = "float64" if "64" in str(x0.dtype) else "float32"
@@ -360,7 +362,7 @@ class Diffusion(Block):
 
         ``clip_denoised`` clips x0_hat to [-1, 1] (data known to lie there) before forming the mean.
         """
-        sched = _discrete(self.schedule)
+        sched = check_discrete(self.schedule, "the variational bound")
         xp = namespace(pred, x_t)
         a, s = self._table_sqrt(t, x_t)
         x0_hat = S.to_x0_eps(pred, x_t, a, s, self.prediction_type)[0]
@@ -406,7 +408,7 @@ class Diffusion(Block):
     def prior_kl(self, x0):
         """L_T = KL(q(x_{T-1} | x_0) || N(0, I)) summed over dimensions: (n,)."""
         xp = namespace(x0)
-        sched = _discrete(self.schedule)
+        sched = check_discrete(self.schedule, "the variational bound")
         abar = sched.alphas_cumprod[-1]
         zero = xp.zeros_like(x0)
         kl = normal_kl(math.sqrt(abar) * x0, zero + math.log(1.0 - abar), zero, zero)
@@ -424,7 +426,7 @@ class Diffusion(Block):
         self.check_params(params)
         if clip_denoised is None:
             clip_denoised = self.decoder == "discretized"
-        sched = _discrete(self.schedule)
+        sched = check_discrete(self.schedule, "the variational bound")
         xp = namespace(x0, params)
         n = x0.shape[0]
         D = math.prod(tuple(x0.shape[1:]))
@@ -482,12 +484,6 @@ class Diffusion(Block):
             kw.setdefault("variance_type", "learned_range")
         return SAMPLERS[sampler](model_fn, self.schedule, rng, (n,) + tuple(shape),
                                  prediction_type=self.prediction_type, cond=cond, dtype=dtype, **kw)
-
-
-def _discrete(schedule):
-    if not getattr(schedule, "is_discrete", False):
-        raise TypeError(f"schedule: the variational bound needs a DiscreteSchedule, got {schedule!r}")
-    return schedule
 
 
 # ---------------------------------------------------------------------------------------------------

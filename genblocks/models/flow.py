@@ -22,7 +22,7 @@ discrete NLL in nats per example and bits per dimension) join a flow to that dat
 
 from genblocks.backends import namespace, namespace_of
 from genblocks.blocks import bijectors as bj
-from genblocks.blocks.base import Block, Distribution, check_array, check_dtype, dtype_name
+from genblocks.blocks.base import Block, Distribution, check_array, check_dtype, dtype_name, unpack_batch
 from genblocks.blocks.distributions import Independent, Normal
 from genblocks.blocks.validate import check_positive_int
 
@@ -177,14 +177,14 @@ class Flow(Block):
         ``training=False, state=...`` to evaluate held-out data with their running statistics. To train a
         flow with BatchNormFlow use ``loss_and_state``, which also moves the running statistics.
         """
-        x, context = _unpack(batch)
+        x, context = unpack_batch(batch)
         xp = namespace(x, params)
         return -xp.mean(self.log_prob(params, x, context, training=training, state=state))
 
     def loss_and_state(self, params, state, batch, rng=None):
         """(training loss, new_state): the mean NLL with batch statistics, and the state with every
         BatchNormFlow's running statistics moved towards this batch's (by its momentum). Pure."""
-        x, context = _unpack(batch)
+        x, context = unpack_batch(batch)
         self._check_x(x)
         xp = namespace(x, params)
         z, log_det, new = bj.inverse_and_update(self.bijector, params["bijector"], x, context, self._bstate(state))
@@ -195,7 +195,7 @@ class Flow(Block):
 
         Returns {"loss", "base_log_prob", "log_det" (total), "layer_log_dets" (list, chain order)}, batch means.
         """
-        x, context = _unpack(batch)
+        x, context = unpack_batch(batch)
         self.check_params(params)
         self._check_x(x)
         xp = namespace(x, params)
@@ -255,12 +255,6 @@ class Flow(Block):
         return {**params, "bijector": p}
 
 
-def _unpack(batch):
-    if isinstance(batch, (tuple, list)):
-        if len(batch) != 2:
-            raise ValueError(f"batch: expected x or (x, context), got a sequence of {len(batch)} items")
-        return batch[0], batch[1]
-    return batch, None
 
 
 def _context_for(z, context):
@@ -376,5 +370,3 @@ def neural_spline_flow(dim, *, layers=4, bins=8, bound=3.0, hidden=(64, 64), kin
     if actnorm:
         parts.append(bj.ActNorm(dim))
     return Flow(dim, bj.Chain(parts))
-
-

@@ -11,6 +11,7 @@ label is compared with the one under a wrong label. The grid of samples (one col
 """
 
 import argparse
+import os
 import time
 
 import numpy as np
@@ -32,7 +33,7 @@ def main():
     parser.add_argument("--latent", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="cvae_digits.png")
+    parser.add_argument("--out", default="examples-out/cvae_digits.png")
     args = parser.parse_args()
     steps, hidden, per_class, is_k, n_test = args.steps, args.hidden, 10, 500, 447
     if args.smoke:
@@ -79,6 +80,7 @@ def main():
     ax.imshow(grid, cmap="gray_r", vmin=0, vmax=LEVELS - 1)
     ax.set(title="conditional VAE samples (decoder means), one column per class 0..9", xticks=[], yticks=[])
     fig.tight_layout()
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)  # never into the repository root
     fig.savefig(args.out, dpi=80)
     print(f"wrote {args.out}")
 

@@ -11,6 +11,7 @@ reconstructions, samples from the prior, and a traversal of the two most used la
 """
 
 import argparse
+import os
 import time
 
 import numpy as np
@@ -32,7 +33,7 @@ def main():
     parser.add_argument("--latent", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="vae_digits.png")
+    parser.add_argument("--out", default="examples-out/vae_digits.png")
     args = parser.parse_args()
     steps, hidden, is_k, n_test = args.steps, args.hidden, 1000, 447
     if args.smoke:
@@ -87,6 +88,7 @@ def main():
         ax.imshow(image, cmap="gray_r", vmin=0, vmax=LEVELS - 1)
         ax.set(title=title, xticks=[], yticks=[])
     fig.tight_layout()
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)  # never into the repository root
     fig.savefig(args.out, dpi=80)
     print(f"wrote {args.out}")
 

@@ -19,8 +19,8 @@ def run_example(name, tmp_path):
 def test_vae_digits_smoke(tmp_path):
     text = run_example("vae_digits.py", tmp_path)
     assert "test -ELBO" in text and "active units" in text and "importance-sampled NLL" in text
-    if "wrote vae_digits.png" in text:
-        assert (tmp_path / "vae_digits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if "wrote examples-out/vae_digits.png" in text:
+        assert (tmp_path / "examples-out" / "vae_digits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     else:
         assert "matplotlib is not installed" in text
 
@@ -28,7 +28,7 @@ def test_vae_digits_smoke(tmp_path):
 def test_cvae_digits_smoke(tmp_path):
     text = run_example("cvae_digits.py", tmp_path)
     assert "given the right label" in text and "reads as the label" in text
-    if "wrote cvae_digits.png" in text:
-        assert (tmp_path / "cvae_digits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if "wrote examples-out/cvae_digits.png" in text:
+        assert (tmp_path / "examples-out" / "cvae_digits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     else:
         assert "matplotlib is not installed" in text

@@ -58,7 +58,7 @@ def main():
           f"+ KL {float(terms['kl']):.2f}")
     kl_dims = to_numpy(terms["kl_per_dim"])
     print("KL per latent dimension (nats): " + " ".join(f"{v:.2f}" for v in kl_dims)
-          + f"; active units {terms['active_units']} of {L}")
+          + f"; active units {int(to_numpy(terms['active_units']))} of {L}")
     print(f"test -IWAE (K=50) {-float(iwae):.2f} nats, importance-sampled NLL (K={is_k}) {nll:.2f} nats")
 
     recon = to_numpy(vae.decode(params, vae.encode(params, test[:10])))

@@ -523,11 +523,12 @@ class VAE(Block):
         """The decomposition a teacher shows, all batch means in nats:
 
         {"loss": what is minimised, "elbo": E_q[log p(x|z)] - KL, "reconstruction": -E_q[log p(x|z)],
-        "kl": KL(q || p) (analytic or Monte Carlo), "kl_per_dim": (L,) per latent dimension (analytic KL
-        only, else None), "active_units": the number of latent dimensions whose posterior mean varies over
+        "kl": KL(q || p) (analytic or Monte Carlo), "kl_per_dim": (L,) per latent dimension (present with the
+        analytic KL only), "active_units": the number of latent dimensions whose posterior mean varies over
         the batch (Cov_x E_q[z_d] > 0.01, Burda et al. 2016), "iwae": the K-sample bound (objective "iwae"),
-        "beta": the beta used}. batch = x (n, D) or (x, context). With objective "iwae" the weights are
-        log w = log p(x|z) + beta (log p(z) - log q(z|x)) (beta = 1: the IWAE bound); free bits are refused.
+        "beta": the beta used}, every value an array in the params' dtype. batch = x (n, D) or (x, context).
+        With objective "iwae" the weights are log w = log p(x|z) + beta (log p(z) - log q(z|x)) (beta = 1: the
+        IWAE bound); free bits are refused.
         """
         x, context = _unpack(batch)
         self.check_params(params)
@@ -548,11 +549,13 @@ class VAE(Block):
             kl_per_dim = None
         elbo = xp.mean(rec - kl_x)
         kl_mean = xp.mean(kl_x)
-        terms = {"elbo": elbo, "reconstruction": -xp.mean(rec), "kl": kl_mean, "kl_per_dim": kl_per_dim,
-                 "beta": beta}
-        locs = xp.reshape(q0.base_dist.loc, (-1, self.latent_dim))
-        terms["active_units"] = int(to_numpy(xp.sum(xp.astype(xp.var(ops.stop_gradient(locs), axis=0) > 0.01,
-                                                                xp.int64)))) if locs.shape[0] > 1 else 0
+        terms = {"elbo": elbo, "reconstruction": -xp.mean(rec), "kl": kl_mean,
+                 "beta": xp.asarray(beta, dtype=x.dtype, device=xp.device_of(x))}
+        if kl_per_dim is not None:
+            terms["kl_per_dim"] = kl_per_dim
+        locs = ops.stop_gradient(xp.reshape(q0.base_dist.loc, (-1, self.latent_dim)))
+        active = xp.var(locs, axis=0) > 0.01 if locs.shape[0] > 1 else xp.zeros_like(locs[0]) > 1.0
+        terms["active_units"] = xp.sum(xp.astype(active, locs.dtype))  # a count, in the params' dtype
         if objective == "iwae":
             if free_bits:
                 raise ValueError("free_bits: applies to the ELBO's KL term; the IWAE bound has none (use 0)")

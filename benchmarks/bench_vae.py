@@ -1,0 +1,248 @@
+"""VAE benchmark: 8x8 digits (17 grey levels and binarized), test NLL by importance sampling, ms/step vs PyTorch.
+
+Trains ``genblocks.models.vae.VAE`` (MLP encoder and decoder) on the 1000 training digits of the fixed
+1000/350/447 split, keeps the parameters with the best validation bound (the ELBO, or the IWAE-K bound when
+training on it; checked every ``--eval-every`` steps), and reports on the 447 test digits, in nats per image:
+
+- -ELBO (analytic KL where it exists, 10 draws of the reconstruction term),
+- -IWAE bound with K = 50,
+- the importance-sampled NLL with K = 5000 draws from the encoder (``VAE.log_prob_estimate``, in chunks).
+
+17-level digits use a categorical likelihood over the 17 levels per pixel; binarized digits (level >= 8) a
+Bernoulli one. ``--prior`` picks N(0, I), a learned Gaussian mixture or a MAF flow prior; ``--objective iwae``
+trains on the K-sample bound. Then it times one training step (forward, backward, Adam) of the 17-level model
+against a PyTorch twin of the same sizes (same MLPs, categorical likelihood, analytic KL, one draw), timed back
+to back, when torch is importable.
+
+Measured here (2 shared cores under heavy load from other jobs, one BLAS thread; latent 16, MLPs 256-256,
+batch 100, lr 1e-3 cosine; the best of every 500 steps on the validation split), test nats per image:
+
+    data       prior    objective  steps  selected by   -ELBO   -IWAE50  IS-5000
+    17 levels  N(0, I)  ELBO        5000  valid ELBO    99.21    94.67    93.49
+    17 levels  MAF      ELBO        5000  valid ELBO    97.90    94.57    93.56
+    17 levels  MAF      IWAE K=5    4000  valid ELBO   100.86    94.70    93.10
+    17 levels  MAF      IWAE K=5    5000  valid IWAE5  100.97    94.75    93.16
+    17 levels  N(0, I)  IWAE K=5    4000  valid ELBO   102.61    94.71    92.87
+    17 levels  N(0, I)  IWAE K=10   3000  valid IWAE10 104.54    95.23    92.95
+    17 levels  mixture  IWAE K=5    4000  valid IWAE5  103.22    96.04    94.29
+    binarized  N(0, I)  ELBO        5000  valid ELBO    19.59    17.60    17.35
+
+The issue's target (IS-5000 <= 92 nats on 17 levels) is not reached by these runs: IWAE training gains about
+0.6 nats of IS-5000 and loses 3 nats of ELBO, as expected; the flow prior gains 1.3 nats of ELBO and nothing of
+IS-5000 here, and a 10-component mixture prior lost 1.4 nats. The training step of the 17-level model (ELBO,
+one draw) took 1.07x to 1.86x the PyTorch twin's time in seven back-to-back timings (e.g. 34.2 vs 26.3 ms,
+22.6 vs 21.2 ms, 29.7 vs 16.0 ms): the load on the machine moved between and during them, so the ratio is
+indicative only and not under the 1.0x target.
+
+    python benchmarks/bench_vae.py --quick              # reduced sizes, a minute or two
+    python benchmarks/bench_vae.py                      # both data sets, the default model
+    python benchmarks/bench_vae.py --data levels --prior flow --objective iwae --k 5
+
+Figures are indicative: they move with the machine's load and the BLAS build.
+"""
+
+import argparse
+import math
+import pathlib
+import platform
+import statistics
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from genblocks.backends import Rng, to_numpy, value_and_grad  # noqa: E402
+from genblocks.blocks.nn import MLP  # noqa: E402
+from genblocks.data import load_digits  # noqa: E402
+from genblocks.models.flow import maf  # noqa: E402
+from genblocks.models.vae import VAE, MixturePrior  # noqa: E402
+from genblocks.train.loop import fit  # noqa: E402
+from genblocks.train.optim import adam, cosine_decay  # noqa: E402
+
+LEVELS = 17
+
+
+def set_blas_threads(n):
+    """Limit numpy's (and torch's) BLAS to ``n`` threads; returns what was applied."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return "unchanged (pip install threadpoolctl to set it)"
+    threadpool_limits(n)
+    try:
+        import torch
+
+        torch.set_num_threads(n)
+    except ImportError:
+        pass
+    return n
+
+
+def make_vae(kind, args):
+    L, h = args.latent, args.hidden
+    if args.prior == "mixture":
+        prior = MixturePrior(L, 10)
+    elif args.prior == "flow":
+        prior = maf(L, layers=3, hidden=(64,), actnorm=False)
+    else:
+        prior = "normal"
+    widths = lambda a, b: (a,) + tuple(h) + (b,)  # noqa: E731
+    if kind == "levels":
+        return VAE(MLP(widths(64, 2 * L)), MLP(widths(L, 64 * LEVELS)), likelihood="categorical",
+                   num_levels=LEVELS, prior=prior, objective=args.objective, num_samples=args.k)
+    return VAE(MLP(widths(64, 2 * L)), MLP(widths(L, 64)), likelihood="bernoulli", prior=prior,
+               objective=args.objective, num_samples=args.k)
+
+
+def bounds(vae, params, x, rng, args):
+    r1, r2, r3 = rng.split(3)
+    elbo = float(vae.loss_terms(params, x, r1, num_samples=10)["elbo"])
+    iwae = float(vae.loss_terms(params, x, r2, objective="iwae", num_samples=50)["iwae"])
+    start = time.perf_counter()
+    lp = to_numpy(vae.log_prob_estimate(params, x, r3, args.is_k, chunk_size=args.chunk))
+    return {"elbo": -elbo, "iwae50": -iwae, "is": -float(lp.mean()), "is_seconds": time.perf_counter() - start}
+
+
+def run(kind, args):
+    digits = load_digits(binarize=kind == "binary", backend="numpy", dtype="float32")
+    train, valid, test = (digits[s][0] for s in ("train", "valid", "test"))
+    if args.quick:
+        valid, test = valid[:100], test[:100]
+    vae = make_vae(kind, args)
+    params = vae.init(Rng(args.seed))
+    best = {"value": math.inf, "params": params, "step": 0}
+
+    def evaluate(p):  # the validation bound of the training objective (the IWAE-K bound when training on it)
+        if args.objective == "iwae":
+            value = -float(vae.loss_terms(p, valid, Rng(1), objective="iwae", num_samples=args.k)["iwae"])
+        else:
+            value = -float(vae.loss_terms(p, valid, Rng(1), num_samples=5)["elbo"])
+        if value < best["value"]:
+            best.update(value=value, params=p)
+        return value
+
+    start = time.perf_counter()
+    result = fit(vae.loss, params, train, Rng(args.seed + 1), adam(cosine_decay(args.lr, args.steps, args.lr / 10)),
+                 args.steps, batch_size=args.batch_size, progress=False, eval_fn=evaluate,
+                 eval_every=args.eval_every)
+    seconds = time.perf_counter() - start
+    out = bounds(vae, best["params"], test, Rng(args.seed + 2), args)
+    out.update(kind=kind, steps=args.steps, train_s=seconds, ms_step=1000 * seconds / max(args.steps, 1),
+               valid=best["value"], final_valid=result.history["eval"][-1][1])
+    return out
+
+
+def step_ms(vae, params, batch, repeats):
+    """Median ms of value_and_grad(loss) + an Adam update over ``repeats`` steps (after a warm-up)."""
+    init, update = adam(1e-3)
+    state = init(params)
+    vg = value_and_grad(vae.loss)
+    times = []
+    for i in range(repeats + 2):
+        start = time.perf_counter()
+        _, g = vg(params, batch, Rng(i))
+        params, state = update(g, state, params)
+        if i >= 2:
+            times.append(1000 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def torch_step_ms(args, batch, repeats):
+    """ms/step of the same-size VAE in PyTorch (categorical likelihood, analytic KL, one draw); None without torch."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.manual_seed(0)
+    L, h = args.latent, list(args.hidden)
+
+    def mlp(widths):
+        mods = []
+        for i in range(len(widths) - 1):
+            mods.append(torch.nn.Linear(widths[i], widths[i + 1]))
+            if i < len(widths) - 2:
+                mods.append(torch.nn.ReLU())
+        return torch.nn.Sequential(*mods)
+
+    enc, dec = mlp([64] + h + [2 * L]), mlp([L] + h + [64 * LEVELS])
+    opt = torch.optim.Adam([*enc.parameters(), *dec.parameters()], lr=1e-3)
+    x = torch.tensor(batch)
+    target = x.long()
+
+    def loss_fn():
+        out = enc(x / (LEVELS - 1))
+        mu, log_s = out[:, :L], out[:, L:]
+        z = mu + torch.exp(log_s) * torch.randn_like(mu)
+        logits = dec(z).reshape(-1, 64, LEVELS)
+        rec = torch.log_softmax(logits, -1).gather(-1, target.unsqueeze(-1)).squeeze(-1).sum(-1)
+        kl = 0.5 * (torch.exp(2 * log_s) + mu * mu - 1.0 - 2 * log_s).sum(-1)
+        return -(rec - kl).mean()
+
+    times = []
+    for i in range(repeats + 2):
+        start = time.perf_counter()
+        opt.zero_grad()
+        loss_fn().backward()
+        opt.step()
+        if i >= 2:
+            times.append(1000 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="reduced sizes (a minute or two)")
+    ap.add_argument("--data", choices=("levels", "binary", "both"), default="both")
+    ap.add_argument("--prior", choices=("normal", "mixture", "flow"), default="normal")
+    ap.add_argument("--objective", choices=("elbo", "iwae"), default="elbo")
+    ap.add_argument("--k", type=int, default=1, help="draws per image in training (the K of IWAE)")
+    ap.add_argument("--latent", type=int, default=16)
+    ap.add_argument("--hidden", type=int, nargs="+", default=[256, 256])
+    ap.add_argument("--steps", type=int, default=10000)
+    ap.add_argument("--batch-size", type=int, default=100)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--eval-every", type=int, default=500)
+    ap.add_argument("--is-k", type=int, default=5000, help="importance samples for the test NLL")
+    ap.add_argument("--chunk", type=int, default=250, help="importance samples per chunk")
+    ap.add_argument("--repeats", type=int, default=30, help="timed steps for the PyTorch comparison")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    if args.quick:
+        args.steps, args.eval_every, args.is_k, args.hidden, args.repeats = 300, 100, 500, [64], 10
+    threads = set_blas_threads(args.threads)
+    print(f"machine: {platform.machine()} {platform.processor() or ''} {platform.system()}, python "
+          f"{platform.python_version()}, BLAS threads {threads}")
+    print(f"VAE: latent {args.latent}, hidden {args.hidden}, prior {args.prior}, objective {args.objective} "
+          f"(K={args.k}), {args.steps} steps at batch {args.batch_size}, lr {args.lr} (cosine), "
+          f"best validation bound every {args.eval_every} steps; test: IS with K={args.is_k}", flush=True)
+    kinds = ("levels", "binary") if args.data == "both" else (args.data,)
+    rows = []
+    for kind in kinds:
+        r = run(kind, args)
+        rows.append(r)
+        print(f"{kind:7s} -ELBO {r['elbo']:.2f}  -IWAE50 {r['iwae50']:.2f}  IS-{args.is_k} NLL {r['is']:.2f} nats  "
+              f"(valid bound {r['valid']:.2f}; train {r['train_s']:.0f} s, {r['ms_step']:.1f} ms/step; "
+              f"IS {r['is_seconds']:.0f} s)", flush=True)
+    print(f"\n| data | -ELBO | -IWAE (K=50) | IS-{args.is_k} NLL | ms/step |")
+    print("|---|---|---|---|---|")
+    names = {"levels": "digits, 17 levels", "binary": "digits, binarized"}
+    for r in rows:
+        print(f"| {names[r['kind']]} | {r['elbo']:.2f} | {r['iwae50']:.2f} | {r['is']:.2f} | {r['ms_step']:.1f} |")
+
+    batch = load_digits(backend="numpy", split="train", dtype="float32")[0][:args.batch_size]
+    theirs = torch_step_ms(args, batch, args.repeats)
+    if theirs is None:
+        print("\nPyTorch comparison: [torch not importable] (pip install torch, CPU build)")
+        return
+    twin = argparse.Namespace(**{**vars(args), "prior": "normal", "objective": "elbo", "k": 1})
+    vae = make_vae("levels", twin)
+    params = vae.init(Rng(0))
+    ours = min(step_ms(vae, params, batch, args.repeats) for _ in range(2))
+    theirs = min(theirs, torch_step_ms(args, batch, args.repeats))
+    print(f"\ntraining step, 17-level digits, batch {args.batch_size}, hidden {args.hidden}, latent {args.latent} "
+          f"(ELBO, one draw): genblocks {ours:.2f} ms, PyTorch {theirs:.2f} ms, ratio {ours / theirs:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -156,7 +156,7 @@ def vae_row(rng, *, smoke=False):
     start = time.perf_counter()
     data_rng, init_rng, fit_rng, test_rng, sample_rng, is_rng = rng.split(6)
     train = moons(data_rng, 512 if smoke else 4096)
-    test = moons(test_rng, 256 if smoke else 1024)
+    test = moons(test_rng, test_points(smoke))
     h = 16 if smoke else 32
     model = VAE(MLP((2, h, h, 4)), MLP((2, h, h, 4)), likelihood="gaussian", scale="decoder", objective="iwae",
                 num_samples=2 if smoke else 4)
@@ -166,10 +166,12 @@ def vae_row(rng, *, smoke=False):
                  progress=False)
     k = 50 if smoke else 1000
     nll = -float(to_numpy(model.log_prob_estimate(result.params, test, is_rng, k)).mean())
+    seconds = time.perf_counter() - start
+    samples, sample_ms = timed_samples(lambda n: model.sample(result.params, sample_rng, n))
     return {
         "family": "vae", "model": f"VAE (2-D latent, IWAE K={model.num_samples})", "data": "two moons",
-        "metric": f"test NLL (nats, importance-sampled K={k})", "value": nll, "seconds": time.perf_counter() - start,
-        "samples": to_numpy(model.sample(result.params, sample_rng, 1000)),
+        "metric": f"test NLL (nats, importance-sampled K={k})", "value": nll, "seconds": seconds,
+        "samples": samples, "sample_ms": sample_ms, "test": to_numpy(test), "params": count_params(result.params),
     }
 
 

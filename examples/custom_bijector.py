@@ -1,7 +1,7 @@
 """Write your own bijector in 30 lines, verify it with check_bijector, then train a flow that uses it.
 
     python examples/custom_bijector.py            # a few seconds
-    python examples/custom_bijector.py --smoke    # for the tests
+    python examples/custom_bijector.py --quick    # for the tests
 
 The bijector is the sinh-arcsinh transform (Jones & Pewsey 2009), elementwise with a learnable skew a and
 tail weight b = exp(log_b):  y = sinh(b asinh(x) - a).  Stacked after a Gaussian it makes skewed,
@@ -67,10 +67,10 @@ class SinhArcsinhForgotJacobian(SinhArcsinh):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes (for the tests)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (for the tests)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    steps, n = (20, 256) if args.smoke else (800, 4000)
+    steps, n = (20, 256) if args.quick else (800, 4000)
     gen = np.random.default_rng(args.seed)
 
     # 1. verify the bijector: round trips, log-det against autograd's Jacobian, shapes (float64)
@@ -89,7 +89,7 @@ def main():
     flow = Flow(2, Chain([Affine(2), SinhArcsinh(2)]))
     start = flow.init(Rng(args.seed), "float64")
     result = fit(flow.loss, start, data, Rng(args.seed + 1), adam(0.03), steps, batch_size=256,
-                 progress=not args.smoke)
+                 progress=not args.quick)
     gauss = Flow(2, Chain([Affine(2)]))
     g_result = fit(gauss.loss, gauss.init(Rng(args.seed), "float64"), data, Rng(args.seed + 1), adam(0.03), steps,
                    batch_size=256, progress=False)

@@ -1,7 +1,7 @@
 """A conditional VAE on the 8x8 digits: p(x | y) = ∫ p(x | z, y) p(z | y) dz, samples drawn per class.
 
     python examples/cvae_digits.py            # a couple of minutes on a laptop core
-    python examples/cvae_digits.py --smoke    # seconds (tiny sizes, for the tests)
+    python examples/cvae_digits.py --quick    # seconds (tiny sizes, for the tests)
 
 The label y (one-hot, the VAE's ``context``) reaches the encoder q(z | x, y), the decoder p(x | z, y) and a
 learned conditional prior p(z | y). Given y the latent needs to carry only the style of the digit, so asking
@@ -28,7 +28,7 @@ LEVELS = 17
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes")
     parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--latent", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=256)
@@ -36,7 +36,7 @@ def main():
     parser.add_argument("--out", default="examples-out/cvae_digits.png")
     args = parser.parse_args()
     steps, hidden, per_class, is_k, n_test = args.steps, args.hidden, 10, 500, 447
-    if args.smoke:
+    if args.quick:
         steps, hidden, per_class, is_k, n_test = 30, 16, 2, 10, 40
 
     digits = load_digits(backend="numpy")
@@ -50,7 +50,7 @@ def main():
     r_init, r_fit, r_is, r_sample = Rng(args.seed).split(4)
     start = time.perf_counter()
     result = fit(vae.loss, vae.init(r_init), (x, onehot[y]), r_fit, adam(cosine_decay(1e-3, steps, 1e-4)), steps,
-                 batch_size=100, progress=not args.smoke)
+                 batch_size=100, progress=not args.quick)
     params = result.params
     print(f"trained {steps} steps in {time.perf_counter() - start:.1f} s")
 

@@ -1,7 +1,7 @@
 """DDPM vs DDIM on a known truth: trajectories and sample quality against the number of steps.
 
     python examples/ddim_vs_ddpm.py            # a few seconds
-    python examples/ddim_vs_ddpm.py --smoke    # tiny sizes, for the tests
+    python examples/ddim_vs_ddpm.py --quick    # tiny sizes, for the tests
 
 The data are eight Gaussians on a circle, whose exact denoiser at every noise level is known in closed form
 (``genblocks.checks.analytic_gaussian_mixture_model``), so any difference between the samplers comes from
@@ -40,10 +40,10 @@ def trajectory(sampler, oracle, schedule, x_T, **kw):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes")
     parser.add_argument("--out", default="examples-out/ddim_vs_ddpm.png", help="PNG file for the trajectories")
     args = parser.parse_args()
-    n, steps_list = (200, (5, 20)) if args.smoke else (2000, (5, 10, 20, 50, 100, 1000))
+    n, steps_list = (200, (5, 20)) if args.quick else (2000, (5, 10, 20, 50, 100, 1000))
 
     schedule = DiscreteSchedule("linear", 1000)
     oracle = eight_gaussians_oracle(schedule)
@@ -55,8 +55,8 @@ def main():
         ddim = to_numpy(samplers.ddim_sample(oracle, schedule, Rng(2), (n, 2), **kw))
         print(f"{steps:6d} {float(mmd(ddpm, data)):12.5f} {float(mmd(ddim, data)):12.5f}")
 
-    x_T = to_numpy(Rng(3).normal((12 if args.smoke else 40, 2), dtype="float64"))
-    steps = 20 if args.smoke else 100
+    x_T = to_numpy(Rng(3).normal((12 if args.quick else 40, 2), dtype="float64"))
+    steps = 20 if args.quick else 100
     paths = {
         f"DDPM, {steps} steps": trajectory(samplers.ddpm_sample, oracle, schedule, x_T, num_inference_steps=steps),
         f"DDIM (eta=0), {steps} steps": trajectory(samplers.ddim_sample, oracle, schedule, x_T,

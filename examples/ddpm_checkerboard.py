@@ -1,7 +1,7 @@
 """Train a DDPM on the 2-D checkerboard and sample it three ways (DDPM-1000, DDIM-50, DPM-Solver++-20).
 
     python examples/ddpm_checkerboard.py            # about a minute on a laptop core
-    python examples/ddpm_checkerboard.py --smoke    # seconds (tiny sizes, for the tests)
+    python examples/ddpm_checkerboard.py --quick    # seconds (tiny sizes, for the tests)
 
 The network is an MLP with a sinusoidal time embedding and FiLM (``MLPScoreNet``); the schedule is Improved
 DDPM's cosine. We report the MMD between each sampler's output and held-out data, the PF-ODE test NLL and
@@ -30,13 +30,13 @@ SCALE = 2.0  # the board spans [-4, 4]^2; the network sees it divided by 2
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes (seconds)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds)")
     parser.add_argument("--steps", type=int, default=4000, help="training steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="examples-out/ddpm_checkerboard.png", help="PNG file for the samples")
     args = parser.parse_args()
     steps, n_train, n_eval, T, width = (args.steps, 20000, 1000, 1000, 128)
-    if args.smoke:
+    if args.quick:
         steps, n_train, n_eval, T, width = 30, 512, 64, 50, 16
 
     r_data, r_test, r_init, r_fit, r_sample = Rng(args.seed).split(5)
@@ -46,7 +46,7 @@ def main():
     model = Diffusion(MLPScoreNet(2, (width, width, width)), DiscreteSchedule("squaredcos_cap_v2", T))
     start = time.perf_counter()
     result = fit(model.loss, model.init(r_init), train, r_fit, adam(2e-3), steps, batch_size=256,
-                 progress=not args.smoke, ema_decay=0.995)
+                 progress=not args.quick, ema_decay=0.995)
     params = result.ema_params
     print(f"trained {steps} steps in {time.perf_counter() - start:.1f} s, final loss "
           f"{np.mean(result.history['loss'][-50:]):.4f}")

@@ -1,7 +1,7 @@
 """Fit RealNVP and a neural spline flow to two moons; compare test NLL, show samples and the per-layer log-dets.
 
     python examples/flow_two_moons.py            # under a minute on a laptop core
-    python examples/flow_two_moons.py --smoke    # seconds (tiny sizes, for the tests)
+    python examples/flow_two_moons.py --quick    # seconds (tiny sizes, for the tests)
 
 A flow is a base Gaussian pushed through an invertible map; its log-density is exact:
 log p(x) = log N(f^-1(x); 0, I) + log|det d f^-1 / dx|. Training maximises it on the data. We print the
@@ -22,13 +22,13 @@ from genblocks.train.optim import adam, cosine_decay
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes (seconds)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds)")
     parser.add_argument("--steps", type=int, default=1500, help="training steps per model")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="examples-out/flow_two_moons.png", help="PNG file for the samples")
     args = parser.parse_args()
     steps, n_train, n_test, hidden, layers = args.steps, 10000, 4000, (64, 64), 4
-    if args.smoke:
+    if args.quick:
         steps, n_train, n_test, hidden, layers = 20, 256, 256, (8,), 2
 
     r_data, r_test, r_init, r_fit, r_sample = Rng(args.seed).split(5)
@@ -44,7 +44,7 @@ def main():
         params = flow.init_from_data(flow.init(r_i), train)  # ActNorm standardises the data side
         start = time.perf_counter()
         result = fit(flow.loss, params, train, r_f, adam(cosine_decay(3e-3, steps)), steps, batch_size=256,
-                     progress=not args.smoke)
+                     progress=not args.quick)
         seconds = time.perf_counter() - start
         params = result.params
         terms = flow.loss_terms(params, test)
@@ -66,7 +66,7 @@ def main():
     except ImportError:
         print('matplotlib is not installed: pip install "genblocks[plot]" for the picture')
         return
-    if args.smoke:
+    if args.quick:
         return  # the tests do not write pictures
     fig, axes = plt.subplots(1, 3, figsize=(9, 3))
     for ax, (title, pts) in zip(axes, [("data", test), *samples.items()]):

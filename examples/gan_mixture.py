@@ -2,7 +2,7 @@
 
     python examples/gan_mixture.py                      # a few minutes on a laptop core
     python examples/gan_mixture.py --loss wgan_gp       # WGAN-GP, 5 critic steps per generator step
-    python examples/gan_mixture.py --smoke --out DIR    # seconds (tiny sizes, for the tests)
+    python examples/gan_mixture.py --quick --out DIR    # seconds (tiny sizes, for the tests)
 
 The generator and the discriminator train in turns through ``fit(..., groups=gan.players(opt_d, opt_g))``:
 each step makes ``n_critic`` discriminator updates and one generator update, each player with its own
@@ -35,7 +35,7 @@ def density_grid(lim, n=200):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes (seconds)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds)")
     parser.add_argument("--loss", default="non_saturating", choices=list(LOSSES))
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--frame-every", type=int, default=250)
@@ -43,7 +43,7 @@ def main():
     parser.add_argument("--out", default="examples-out/gan_frames", help="folder for the PNG frames")
     args = parser.parse_args()
     steps, every, width, n_train = args.steps, args.frame_every, 128, 20000
-    if args.smoke:
+    if args.quick:
         steps, every, width, n_train = 20, 10, 16, 1024
 
     r_data, r_test, r_init, r_fit, r_sample = Rng(args.seed).split(5)
@@ -64,7 +64,7 @@ def main():
 
     result = fit(None, params, train, r_fit, None, steps, groups=gan.players(adam(lr, b1=0.5), adam(lr, b1=0.5)),
                  state=gan.init_state(params), batch_size=256, ema_decay=0.99, eval_fn=snapshot, eval_every=every,
-                 progress=not args.smoke)
+                 progress=not args.quick)
     print(f"{gan.loss} GAN, n_critic={gan.n_critic}, {steps} steps")
     for step, s in result.history["eval"]:
         print(f"  step {step:5d}: {s['modes']}/8 modes, {100 * s['high_quality']:.1f}% within 3 std, "
@@ -86,7 +86,7 @@ def main():
         return
     os.makedirs(args.out, exist_ok=True)
     lim = 4.0
-    logp = density_grid(lim, 60 if args.smoke else 200)
+    logp = density_grid(lim, 60 if args.quick else 200)
     labels = [f"step {s}" for s, _ in result.history["eval"]] + ["EMA"]
     for i, (pts, label) in enumerate(zip(frames, labels)):
         fig, ax = plt.subplots(figsize=(4, 4))

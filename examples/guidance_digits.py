@@ -1,7 +1,7 @@
 """Class-conditional digits with both kinds of guidance: classifier-free and classifier guidance.
 
     python examples/guidance_digits.py            # a few minutes on a laptop core
-    python examples/guidance_digits.py --smoke    # seconds (tiny sizes, for the tests)
+    python examples/guidance_digits.py --quick    # seconds (tiny sizes, for the tests)
 
 One small U-Net learns eps(x_t, t, y) on scikit-learn's 8x8 digits, with labels replaced by a null token
 10% of the time, so the same network is also unconditional. Classifier-free guidance mixes the two,
@@ -52,7 +52,7 @@ def flat_classifier(clf, params):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes")
     parser.add_argument("--steps", type=int, default=2000, help="diffusion training steps")
     parser.add_argument("--net", choices=("unet", "mlp"), default="unet", help="U-Net on 8x8, or MLP on 64-vectors")
     parser.add_argument("--cfg-weight", type=float, default=2.0, help="classifier-free guidance weight w")
@@ -61,7 +61,7 @@ def main():
     parser.add_argument("--out", default="examples-out/guidance_digits.png")
     args = parser.parse_args()
     steps, clf_steps, base, T, per_class = args.steps, 2000, 16, 500, 10
-    if args.smoke:
+    if args.quick:
         steps, clf_steps, base, T, per_class = 5, 20, 4, 20, 2
 
     x, y = load_digits(split="train", backend="numpy")
@@ -78,7 +78,7 @@ def main():
     model = Diffusion(net, schedule, cond_drop_prob=0.1, data_shape=(8, 8, 1))
     start = time.perf_counter()
     result = fit(model.loss, model.init(r_init), (images, y), r_fit, adam(1e-3), steps, batch_size=64,
-                 progress=not args.smoke, ema_decay=0.999 if not args.smoke else None)
+                 progress=not args.quick, ema_decay=0.999 if not args.quick else None)
     params = result.ema_params if result.ema_params is not None else result.params
     print(f"diffusion: {steps} steps in {time.perf_counter() - start:.1f} s")
 

@@ -1,7 +1,7 @@
 """A gated PixelCNN on the 8x8 digits: exact likelihood, samples, and completions of half-images.
 
     python examples/pixelcnn_digits.py            # a few minutes on a laptop core
-    python examples/pixelcnn_digits.py --smoke    # seconds (tiny sizes, for the tests)
+    python examples/pixelcnn_digits.py --quick    # seconds (tiny sizes, for the tests)
 
 The model is p(x) = prod_{i, j} p(x_ij | pixels before (i, j) in raster order), each conditional a
 categorical over the 17 grey levels, all 64 of them from one pass of masked, gated convolutions. We
@@ -28,7 +28,7 @@ LEVELS = 17
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes")
     parser.add_argument("--steps", type=int, default=2000, help="training steps")
     parser.add_argument("--features", type=int, default=32, help="feature maps per stack")
     parser.add_argument("--blocks", type=int, default=4, help="gated residual blocks")
@@ -36,7 +36,7 @@ def main():
     parser.add_argument("--out", default="examples-out/pixelcnn_digits.png")
     args = parser.parse_args()
     steps, features, blocks, n_show = args.steps, args.features, args.blocks, 10
-    if args.smoke:
+    if args.quick:
         steps, features, blocks, n_show = 5, 4, 1, 3
 
     parts = load_digits(backend="numpy")
@@ -45,7 +45,7 @@ def main():
     model = PixelCNN(8, 8, 1, LEVELS, features=features, num_blocks=blocks)
     start = time.perf_counter()
     result = fit(model.loss, model.init(r_init), train, r_fit, adam(cosine_decay(2e-3, steps)), steps,
-                 batch_size=64, progress=not args.smoke)
+                 batch_size=64, progress=not args.quick)
     params = result.params
     print(f"trained {steps} steps in {time.perf_counter() - start:.1f} s")
 

@@ -1,7 +1,7 @@
 """A VAE on the 8x8 digits: bounds, reconstructions, samples and a latent traversal, saved as one PNG.
 
     python examples/vae_digits.py            # a couple of minutes on a laptop core
-    python examples/vae_digits.py --smoke    # seconds (tiny sizes, for the tests)
+    python examples/vae_digits.py --quick    # seconds (tiny sizes, for the tests)
 
 The encoder maps a digit (64 grey levels in 0..16) to q(z | x) = N(mu(x), diag sigma(x)^2); the decoder maps
 z to 64 categorical distributions over the 17 levels. Training maximises the ELBO. We print the test
@@ -28,7 +28,7 @@ LEVELS = 17
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes")
     parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--latent", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=256)
@@ -36,7 +36,7 @@ def main():
     parser.add_argument("--out", default="examples-out/vae_digits.png")
     args = parser.parse_args()
     steps, hidden, is_k, n_test = args.steps, args.hidden, 1000, 447
-    if args.smoke:
+    if args.quick:
         steps, hidden, is_k, n_test = 30, 16, 20, 40
 
     digits = load_digits(backend="numpy")
@@ -47,7 +47,7 @@ def main():
     r_init, r_fit, r_eval, r_is, r_sample = Rng(args.seed).split(5)
     start = time.perf_counter()
     result = fit(vae.loss, vae.init(r_init), train, r_fit, adam(cosine_decay(1e-3, steps, 1e-4)), steps,
-                 batch_size=100, progress=not args.smoke)
+                 batch_size=100, progress=not args.quick)
     params = result.params
     print(f"trained {steps} steps in {time.perf_counter() - start:.1f} s")
 

@@ -326,7 +326,7 @@ def build_parser():
     demo = sub.add_parser("demo", help="train one small model per family on 2-D data; write a table and a PNG")
     demo.add_argument("--out", default="genblocks-demo", help="output folder (default: ./genblocks-demo)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    demo.add_argument("--smoke", action="store_true", help="tiny sizes: a few seconds, for tests")
+    demo.add_argument("--quick", action="store_true", help="small sizes: a few seconds (the tests run it so)")
     demo.add_argument("--families", default=None,
                       help=f"comma-separated subset of {','.join(f for f, _ in DEMO_FAMILIES)}")
     train = sub.add_parser("train", help="train one family on a toy density or a .npy file; write a checkpoint")
@@ -389,7 +389,7 @@ def main(argv=None):
         families = None if args.families is None else [f.strip() for f in args.families.split(",") if f.strip()]
         start = time.perf_counter()
         try:
-            run_demo(args.out, seed=args.seed, smoke=args.smoke, families=families)
+            run_demo(args.out, seed=args.seed, smoke=args.quick, families=families)
         except ValueError as err:
             print(f"genblocks demo: {err}", file=sys.stderr)
             return 2

@@ -1,4 +1,4 @@
-"""The autoregressive examples run end to end with --smoke (tiny sizes) and write their pictures."""
+"""The autoregressive examples run end to end with --quick (tiny sizes) and write their pictures."""
 
 import os
 import pathlib
@@ -16,7 +16,7 @@ def test_example_runs_with_smoke(script, tmp_path):
     out = tmp_path / "picture.png"
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "MPLBACKEND": "Agg"}
-    proc = subprocess.run([sys.executable, str(ROOT / "examples" / script), "--smoke", "--out", str(out)],
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / script), "--quick", "--out", str(out)],
                           capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert out.exists() and out.stat().st_size > 1000

@@ -1,4 +1,4 @@
-"""The diffusion examples run end to end with --smoke (tiny sizes) and write their pictures."""
+"""The diffusion examples run end to end with --quick (tiny sizes) and write their pictures."""
 
 import os
 import pathlib
@@ -16,7 +16,7 @@ def test_example_runs_with_smoke(script, tmp_path):
     out = tmp_path / "picture.png"
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "MPLBACKEND": "Agg"}
-    proc = subprocess.run([sys.executable, str(ROOT / "examples" / script), "--smoke", "--out", str(out)],
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / script), "--quick", "--out", str(out)],
                           capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert out.exists() and out.stat().st_size > 1000
@@ -32,3 +32,12 @@ def test_examples_write_into_an_output_folder_never_the_repository_root():
         for default in re.findall(r'add_argument\("--out",\s*default="([^"]+)"', script.read_text()):
             assert default.startswith("examples-out/"), (script.name, default)
     assert "/examples-out/" in (ROOT / ".gitignore").read_text().splitlines()
+
+
+def test_one_flag_for_small_runs_across_examples_benchmarks_and_the_demo():
+    scripts = sorted((ROOT / "examples").glob("*.py")) + sorted((ROOT / "benchmarks").glob("bench_*.py"))
+    scripts.append(ROOT / "genblocks" / "cli.py")
+    for script in scripts:
+        text = script.read_text()
+        assert '"--smoke"' not in text, script.name
+    assert all('"--quick"' in p.read_text() for p in sorted((ROOT / "examples").glob("*.py")))

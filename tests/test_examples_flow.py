@@ -1,4 +1,4 @@
-"""The flow examples run end to end (``--smoke``: tiny sizes) and print what they promise."""
+"""The flow examples run end to end (``--quick``: tiny sizes) and print what they promise."""
 
 import os
 import pathlib
@@ -10,7 +10,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def run_example(name, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    out = subprocess.run([sys.executable, str(ROOT / "examples" / name), "--smoke"], cwd=tmp_path, env=env,
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / name), "--quick"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
@@ -20,7 +20,7 @@ def test_flow_two_moons_smoke(tmp_path):
     text = run_example("flow_two_moons.py", tmp_path)
     assert "RealNVP" in text and "neural spline flow" in text
     assert text.count("test NLL") == 2 and "per-layer" in text
-    assert list(tmp_path.iterdir()) == []  # --smoke writes no files
+    assert list(tmp_path.iterdir()) == []  # --quick writes no files
 
 
 def test_custom_bijector_smoke(tmp_path):

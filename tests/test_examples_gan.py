@@ -1,4 +1,4 @@
-"""The GAN example runs end to end with --smoke (tiny sizes) and writes its frames."""
+"""The GAN example runs end to end with --quick (tiny sizes) and writes its frames."""
 
 import os
 import pathlib
@@ -12,7 +12,7 @@ def test_gan_mixture_smoke_writes_frames(tmp_path):
     out = tmp_path / "frames"
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "MPLBACKEND": "Agg"}
-    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "gan_mixture.py"), "--smoke", "--out", str(out)],
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "gan_mixture.py"), "--quick", "--out", str(out)],
                           capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "generator EMA" in proc.stdout and "modes" in proc.stdout and "MMD^2" in proc.stdout

@@ -1,4 +1,4 @@
-"""The VAE examples run end to end (``--smoke``: tiny sizes) and print what they promise."""
+"""The VAE examples run end to end (``--quick``: tiny sizes) and print what they promise."""
 
 import os
 import pathlib
@@ -10,7 +10,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def run_example(name, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    out = subprocess.run([sys.executable, str(ROOT / "examples" / name), "--smoke"], cwd=tmp_path, env=env,
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / name), "--quick"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout

@@ -305,7 +305,7 @@ def run_eval(checkpoint, data, *, n=2000, seed=1, stream=None):
     if scaling is not None:  # log p(x) = log p(z) - sum log std, z = (x - mean) / std
         z = (x - scaling["mean"]) / scaling["std"]
         log_jac = float(xp.sum(xp.log(scaling["std"])))
-    log_p = to_numpy(model.log_prob(params, z)) - log_jac
+    log_p = to_numpy(FAMILIES[family].log_prob(model, params, z)) - log_jac
     nll = float(-log_p.mean())
     samples = to_numpy(model.sample(params, Rng(seed + 1, "numpy"), x.shape[0]))
     distance = float(to_numpy(mmd(xp.asarray(samples, dtype=xp.float64), xp.asarray(z, dtype=xp.float64))))

@@ -4,12 +4,15 @@ A checkpoint written by ``genblocks train`` carries ``{"family", "model": {...},
 config, so ``sample`` and ``eval`` rebuild the model from the file alone, with no code. Each entry is a
 ``Family``: ``build(config) -> model`` for a config holding ``dim`` and the family's options (its
 ``defaults`` fill the rest), ``prepare(model, params, x)`` for any data-dependent initialisation (a flow's
-ActNorm), ``log_prob(model, params, x)`` with how it is computed, and the keyword options its ``sample``
-accepts. New families join ``FAMILIES``.
+ActNorm), ``log_prob(model, params, x)`` with how it is computed (``likelihood``), and the keyword options
+its ``sample`` accepts. New families join ``FAMILIES`` (a GAN, trained by two players, does not fit the
+one-loss ``train`` command yet).
 """
 
 from typing import Callable, NamedTuple
 
+from genblocks.backends import Rng
+from genblocks.blocks.nn import MLP
 from genblocks.blocks.schedules import DiscreteSchedule
 from genblocks.blocks.score_nets import MLPScoreNet
 from genblocks.blocks.validate import check_choice, check_positive_int
@@ -17,6 +20,7 @@ from genblocks.models.autoregressive import MADEModel
 from genblocks.models.diffusion import Diffusion
 from genblocks.models.flow import neural_spline_flow
 from genblocks.models.mixture import GaussianMixture
+from genblocks.models.vae import VAE
 
 __all__ = ["Family", "FAMILIES", "build_model", "model_config"]
 
@@ -28,6 +32,7 @@ class Family(NamedTuple):
     likelihood: str  # how log_prob is computed, for tables
     prepare: Callable = lambda model, params, x: params  # data-dependent initialisation
     sample_options: tuple = ()  # keyword options of model.sample the CLI may pass
+    log_prob: Callable = lambda model, params, x: model.log_prob(params, x)  # (n,) nats
 
 
 FAMILIES = {
@@ -49,6 +54,13 @@ FAMILIES = {
         defaults={"hidden": [128, 128], "beta_schedule": "squaredcos_cap_v2", "num_train_timesteps": 1000,
                   "lr": 2e-3},
         likelihood="PF-ODE", sample_options=("sampler", "num_inference_steps")),
+    "vae": Family(
+        build=lambda c: VAE(MLP((c["dim"], *c["hidden"], 2 * c["latent_dim"])),
+                            MLP((c["latent_dim"], *c["hidden"], 2 * c["dim"])), likelihood="gaussian",
+                            scale="decoder", objective="iwae", num_samples=c["num_samples"]),
+        defaults={"hidden": [64, 64], "latent_dim": 2, "num_samples": 4, "lr": 3e-3},
+        likelihood="importance-sampled, K=1000",
+        log_prob=lambda model, params, x: model.log_prob_estimate(params, x, Rng(0, "numpy"), 1000)),
 }
 
 

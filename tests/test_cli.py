@@ -209,7 +209,7 @@ def test_train_sample_eval_end_to_end_on_a_npy_file_with_resume(tmp_path):
 
 
 SMALL = {"flow": ["layers=1", "hidden=[8]"], "made": ["hidden=[8]", "num_components=2"],
-         "diffusion": ["hidden=[8]", "num_train_timesteps=20"]}
+         "diffusion": ["hidden=[8]", "num_train_timesteps=20"], "vae": ["hidden=[8]", "num_samples=2"]}
 
 
 @pytest.mark.parametrize("family", sorted(SMALL))

@@ -192,3 +192,17 @@ def unpack_batch(batch):
             raise ValueError(f"batch: expected x or (x, context), got a sequence of {len(batch)} items")
         return batch[0], batch[1]
     return batch, None
+
+
+def params_dtype(params, default="float32"):
+    """The dtype name of the first floating leaf of a params tree (``default`` when there is none)."""
+    stack = [params]
+    while stack:
+        node = stack.pop(0)
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
+        elif "float" in str(getattr(node, "dtype", "")):
+            return dtype_name(node.dtype)
+    return default

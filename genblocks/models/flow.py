@@ -22,7 +22,7 @@ discrete NLL in nats per example and bits per dimension) join a flow to that dat
 
 from genblocks.backends import namespace, namespace_of
 from genblocks.blocks import bijectors as bj
-from genblocks.blocks.base import Block, Distribution, check_array, check_dtype, dtype_name, unpack_batch
+from genblocks.blocks.base import Block, Distribution, check_array, check_dtype, params_dtype, unpack_batch
 from genblocks.blocks.distributions import Independent, Normal
 from genblocks.blocks.validate import check_positive_int
 
@@ -88,18 +88,6 @@ def _as_base(base):
                     f"and sample, got {type(base).__name__}")
 
 
-def _float_dtype(params, default="float32"):
-    """The dtype name of the first floating leaf of params (default when there is none)."""
-    stack = [params]
-    while stack:
-        node = stack.pop(0)
-        if isinstance(node, dict):
-            stack.extend(node.values())
-        elif isinstance(node, (list, tuple)):
-            stack.extend(node)
-        elif "float" in str(getattr(node, "dtype", "")):
-            return dtype_name(node.dtype)
-    return default
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -232,7 +220,7 @@ class Flow(Block):
     def _base_sample(self, params, rng, n, dtype):
         self.check_params(params)  # sample and sample_and_log_prob come through here
         check_positive_int(n, "n")
-        dtype = _float_dtype(params) if dtype is None else check_dtype(dtype)
+        dtype = params_dtype(params) if dtype is None else check_dtype(dtype)
         return self.base.sample(params["base"], rng, n, dtype=dtype)
 
     # -- data-dependent parameters -----------------------------------------------------------------

@@ -34,7 +34,7 @@ import math
 
 from genblocks.backends import is_traced, namespace, to_numpy
 from genblocks.blocks import ops
-from genblocks.blocks.base import Block, check_array, check_dtype, dtype_name
+from genblocks.blocks.base import Block, check_array, check_dtype, params_dtype
 from genblocks.blocks.distributions import (
     Bernoulli,
     Categorical,
@@ -61,18 +61,6 @@ def _widths(block):
     return getattr(block, "d_in", None), getattr(block, "d_out", None)
 
 
-def _float_dtype(tree):
-    """The dtype name of the first floating leaf of a params tree (float32 when there is none)."""
-    stack = [tree]
-    while stack:
-        node = stack.pop(0)
-        if isinstance(node, dict):
-            stack.extend(node.values())
-        elif isinstance(node, (list, tuple)):
-            stack.extend(node)
-        elif "float" in str(getattr(node, "dtype", "")):
-            return dtype_name(node.dtype)
-    return "float32"
 
 
 def _with_context(xp, h, context):
@@ -632,7 +620,7 @@ class VAE(Block):
         """
         self.check_params(params)
         n = check_positive_int(n, "n")
-        dtype = _float_dtype(params) if dtype is None else check_dtype(dtype)
+        dtype = params_dtype(params) if dtype is None else check_dtype(dtype)
         r1, r2 = rng.split(2)
         if self.context_dim:
             if context is None:

@@ -38,6 +38,8 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from bench_flows import set_blas_threads  # noqa: E402 (benchmarks/bench_flows.py, beside this script)
+
 from genblocks.backends import Rng, to_numpy, value_and_grad  # noqa: E402
 from genblocks.blocks.discriminators import MLPDiscriminator, MLPGenerator  # noqa: E402
 from genblocks.data import toy  # noqa: E402
@@ -50,20 +52,6 @@ LOSSES = {"non_saturating": dict(loss="non_saturating"),
           "wgan_gp": dict(loss="wasserstein", penalty="gp", n_critic=5)}
 N_EVAL, MIN_COUNT = 2500, 20
 
-
-def set_blas_threads(n):
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return "unchanged (pip install threadpoolctl to set it)"
-    threadpool_limits(n)
-    try:
-        import torch
-
-        torch.set_num_threads(n)
-    except ImportError:
-        pass
-    return n
 
 
 def score(samples, target, test):

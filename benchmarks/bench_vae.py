@@ -51,6 +51,8 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from bench_flows import set_blas_threads  # noqa: E402 (benchmarks/bench_flows.py, beside this script)
+
 from genblocks.backends import Rng, to_numpy, value_and_grad  # noqa: E402
 from genblocks.blocks.nn import MLP  # noqa: E402
 from genblocks.data import load_digits  # noqa: E402
@@ -61,21 +63,6 @@ from genblocks.train.optim import adam, cosine_decay  # noqa: E402
 
 LEVELS = 17
 
-
-def set_blas_threads(n):
-    """Limit numpy's (and torch's) BLAS to ``n`` threads; returns what was applied."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return "unchanged (pip install threadpoolctl to set it)"
-    threadpool_limits(n)
-    try:
-        import torch
-
-        torch.set_num_threads(n)
-    except ImportError:
-        pass
-    return n
 
 
 def make_vae(kind, args):

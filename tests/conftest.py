@@ -92,3 +92,20 @@ def perturb_params(params, seed, scale):
 
 def assert_close_to_numpy(result, reference, rtol=1e-6, atol=1e-6):
     np.testing.assert_allclose(to_numpy(result), to_numpy(reference), rtol=rtol, atol=atol)
+
+
+EXAMPLES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+
+
+def run_example(script, cwd, *args, timeout=300):
+    """Run ``examples/<script> --quick *args`` in ``cwd`` (headless matplotlib, this checkout first on the
+    path); fail with its stderr if it exits non-zero. Returns its stdout."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(EXAMPLES_DIR)
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""), "MPLBACKEND": "Agg"}
+    proc = subprocess.run([sys.executable, os.path.join(EXAMPLES_DIR, script), "--quick", *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout

@@ -1,19 +1,14 @@
 """The flow examples run end to end (``--quick``: tiny sizes) and print what they promise."""
 
-import os
 import pathlib
-import subprocess
-import sys
+
+from conftest import run_example as _run_example
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def run_example(name, tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    out = subprocess.run([sys.executable, str(ROOT / "examples" / name), "--quick"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out.stdout
+    return _run_example(name, tmp_path, timeout=120)
 
 
 def test_flow_two_moons_smoke(tmp_path):

@@ -42,11 +42,15 @@ def count_params(params):
     return int(sum(math.prod(tuple(leaf.shape)) for leaf in tree_leaves(params)))
 
 
-def timed_samples(draw, n=1000):
-    """(samples as a host array, milliseconds per 1000 samples) of ``draw(n)``."""
-    start = time.perf_counter()
+def finish_row(start, draw, test, params, *, n=1000, **fields):
+    """A row's dict: ``fields`` plus seconds since ``start`` (training and scoring), n samples ``draw(n)`` and
+    their milliseconds per 1000, the held-out ``test`` points and the number of trained ``params``."""
+    seconds = time.perf_counter() - start
+    begin = time.perf_counter()
     samples = to_numpy(draw(n))
-    return samples, (time.perf_counter() - start) * 1000.0 * 1000.0 / n
+    sample_ms = (time.perf_counter() - begin) * 1000.0 * 1000.0 / n
+    return {**fields, "seconds": seconds, "samples": samples, "sample_ms": sample_ms, "test": to_numpy(test),
+            "params": count_params(params)}
 
 
 def mixture_row(rng, *, smoke=False):
@@ -60,13 +64,9 @@ def mixture_row(rng, *, smoke=False):
     result = fit(model.loss, params, train, fit_rng, adam(0.05), 60 if smoke else 600, batch_size=256,
                  progress=False)
     nll = float(to_numpy(model.loss(result.params, test)))
-    seconds = time.perf_counter() - start
-    samples, sample_ms = timed_samples(lambda n: model.sample(result.params, sample_rng, n))
-    return {
-        "family": "baseline", "model": "Gaussian mixture (K=8)", "data": "two moons",
-        "metric": "test NLL (nats, exact)", "value": nll, "seconds": seconds, "samples": samples,
-        "sample_ms": sample_ms, "test": to_numpy(test), "params": count_params(result.params),
-    }
+    return finish_row(start, lambda n: model.sample(result.params, sample_rng, n), test, result.params,
+                      family="baseline", model="Gaussian mixture (K=8)", data="two moons",
+                      metric="test NLL (nats, exact)", value=nll)
 
 
 def flow_row(rng, *, smoke=False):
@@ -82,13 +82,9 @@ def flow_row(rng, *, smoke=False):
     result = fit(flow.loss, params, train, fit_rng, adam(cosine_decay(3e-3, steps)), steps, batch_size=256,
                  progress=False)
     nll = float(to_numpy(flow.loss(result.params, test)))
-    seconds = time.perf_counter() - start
-    samples, sample_ms = timed_samples(lambda n: flow.sample(result.params, sample_rng, n))
-    return {
-        "family": "flow", "model": "neural spline flow (coupling)", "data": "checkerboard",
-        "metric": f"test NLL (nats, exact; optimum {math.log(32.0):.3f})", "value": nll, "seconds": seconds,
-        "samples": samples, "sample_ms": sample_ms, "test": to_numpy(test), "params": count_params(result.params),
-    }
+    return finish_row(start, lambda n: flow.sample(result.params, sample_rng, n), test, result.params,
+                      family="flow", model="neural spline flow (coupling)", data="checkerboard",
+                      metric=f"test NLL (nats, exact; optimum {math.log(32.0):.3f})", value=nll)
 
 
 def diffusion_row(rng, *, smoke=False):
@@ -112,14 +108,13 @@ def diffusion_row(rng, *, smoke=False):
     nll = -to_numpy(model.log_prob(params, test, rtol=tol, atol=tol)) + 2.0 * math.log(2.0)
     # DPM-Solver++(2M), 20 steps, predictions of x_0 clipped to the data range [-2, 2]: unclipped, the
     # first steps (SNR near 0 on the cosine schedule) amplify the eps error into streaks
-    seconds = time.perf_counter() - start
-    samples, sample_ms = timed_samples(
-        lambda n: 2.0 * model.sample(params, r_sample, n, sampler="dpm_solver_pp",
-                                     num_inference_steps=20 if not smoke else 5, x0_transform=clip_sample(2.0)),
-        1000 if not smoke else 64)
-    return {"family": "diffusion", "model": "DDPM (MLP + FiLM, cosine T=200), DPM-Solver++ 20", "data": "checkerboard",
-            "metric": "test NLL (nats, PF-ODE)", "value": float(nll.mean()), "seconds": seconds,
-            "samples": samples, "sample_ms": sample_ms, "test": 2.0 * test, "params": count_params(params)}
+    def draw(n):
+        return 2.0 * model.sample(params, r_sample, n, sampler="dpm_solver_pp",
+                                  num_inference_steps=20 if not smoke else 5, x0_transform=clip_sample(2.0))
+
+    return finish_row(start, draw, 2.0 * test, params, n=1000 if not smoke else 64, family="diffusion",
+                      model="DDPM (MLP + FiLM, cosine T=200), DPM-Solver++ 20", data="checkerboard",
+                      metric="test NLL (nats, PF-ODE)", value=float(nll.mean()))
 
 
 def made_row(rng, *, smoke=False):
@@ -137,13 +132,9 @@ def made_row(rng, *, smoke=False):
     lr = cosine_decay(1e-2 if smoke else 3e-3, steps)
     result = fit(model.loss, params, train, fit_rng, adam(lr), steps, batch_size=256, progress=False)
     nll = float(to_numpy(model.loss(result.params, test)))
-    seconds = time.perf_counter() - start
-    samples, sample_ms = timed_samples(lambda n: model.sample(result.params, sample_rng, n))
-    return {
-        "family": "autoregressive", "model": "MADE (mixture of 8 Gaussians per conditional)", "data": "two moons",
-        "metric": "test NLL (nats, exact)", "value": nll, "seconds": seconds, "samples": samples,
-        "sample_ms": sample_ms, "test": to_numpy(test), "params": count_params(result.params),
-    }
+    return finish_row(start, lambda n: model.sample(result.params, sample_rng, n), test, result.params,
+                      family="autoregressive", model="MADE (mixture of 8 Gaussians per conditional)",
+                      data="two moons", metric="test NLL (nats, exact)", value=nll)
 
 
 def vae_row(rng, *, smoke=False):
@@ -166,13 +157,9 @@ def vae_row(rng, *, smoke=False):
                  progress=False)
     k = 50 if smoke else 1000
     nll = -float(to_numpy(model.log_prob_estimate(result.params, test, is_rng, k)).mean())
-    seconds = time.perf_counter() - start
-    samples, sample_ms = timed_samples(lambda n: model.sample(result.params, sample_rng, n))
-    return {
-        "family": "vae", "model": f"VAE (2-D latent, IWAE K={model.num_samples})", "data": "two moons",
-        "metric": f"test NLL (nats, importance-sampled K={k})", "value": nll, "seconds": seconds,
-        "samples": samples, "sample_ms": sample_ms, "test": to_numpy(test), "params": count_params(result.params),
-    }
+    return finish_row(start, lambda n: model.sample(result.params, sample_rng, n), test, result.params,
+                      family="vae", model=f"VAE (2-D latent, IWAE K={model.num_samples})", data="two moons",
+                      metric=f"test NLL (nats, importance-sampled K={k})", value=nll)
 
 
 def gan_row(rng, *, smoke=False):
@@ -191,15 +178,11 @@ def gan_row(rng, *, smoke=False):
     lr = cosine_decay(1e-3, steps, 5e-5)
     result = fit(None, params, train, fit_rng, None, steps, groups=gan.players(adam(lr, b1=0.5), adam(lr, b1=0.5)),
                  state=gan.init_state(params), batch_size=256, ema_decay=0.99, progress=False)
-    seconds = time.perf_counter() - start
-    samples, sample_ms = timed_samples(lambda n: gan.sample(result.ema_params, sample_rng, n))
-    modes = mixture_modes(samples, "eight_gaussians")
-    return {
-        "family": "gan", "model": f"GAN (non-saturating, MLP 3x{width}, EMA)", "data": "8 Gaussians",
-        "metric": "none (a GAN has no likelihood)", "value": None, "seconds": seconds, "samples": samples,
-        "sample_ms": sample_ms, "test": to_numpy(test), "params": count_params(result.params["gen"]),
-        "modes_covered": modes["n_modes_covered"], "high_quality": modes["high_quality"],
-    }
+    row = finish_row(start, lambda n: gan.sample(result.ema_params, sample_rng, n), test, result.params["gen"],
+                     family="gan", model=f"GAN (non-saturating, MLP 3x{width}, EMA)", data="8 Gaussians",
+                     metric="none (a GAN has no likelihood)", value=None)
+    modes = mixture_modes(row["samples"], "eight_gaussians")
+    return {**row, "modes_covered": modes["n_modes_covered"], "high_quality": modes["high_quality"]}
 
 
 # (family, row): the order ``genblocks demo`` runs and prints them in

@@ -8,7 +8,8 @@ import tempfile
 import time
 
 import genblocks
-from genblocks.demo import FAMILIES as DEMO_FAMILIES  # (family, row) pairs
+from genblocks.demo import DIGIT_FAMILIES  # (family, row) pairs on the 8x8 digits
+from genblocks.demo import FAMILIES as DEMO_FAMILIES  # (family, row) pairs on 2-D toy data
 from genblocks.io import write_atomic
 
 
@@ -38,6 +39,56 @@ def format_table(rows):
     return "\n".join(lines)
 
 
+def _image_grid(x, rows, cols, side=8):
+    """Images x (n, side*side) tiled into one (rows*(side+1), cols*(side+1)) array, NaN between tiles."""
+    from genblocks.backends import namespace_of
+
+    xp = namespace_of("numpy")
+    grid = xp.full((rows * (side + 1), cols * (side + 1)), float("nan"))
+    for k in range(min(rows * cols, x.shape[0])):
+        i, j = divmod(k, cols)
+        grid[i * (side + 1):i * (side + 1) + side, j * (side + 1):j * (side + 1) + side] = x[k].reshape(side, side)
+    return grid
+
+
+def _plot_points(ax, r, which, lo, hi):
+    """One panel of 2-D points: the held-out data, the samples, or the path from noise to data."""
+    if which == "data":
+        t = r["test"]
+        ax.scatter(t[:, 0], t[:, 1], s=2, alpha=0.5, color="gray")
+    elif which == "samples":
+        s = r["samples"]
+        ax.scatter(s[:, 0], s[:, 1], s=2, alpha=0.5)
+    else:
+        from genblocks.backends import namespace_of
+
+        p = namespace_of("numpy").stack(r["path"])  # (stages, points, 2)
+        ax.plot(p[:, :, 0], p[:, :, 1], lw=0.4, alpha=0.35, color="tab:blue")
+        ax.scatter(p[0, :, 0], p[0, :, 1], s=2, color="gray", label="noise")
+        ax.scatter(p[-1, :, 0], p[-1, :, 1], s=2, color="tab:red", label="data")
+    pad = 0.1 * (hi - lo)
+    ax.set_xlim(lo[0] - pad[0], hi[0] + pad[0])
+    ax.set_ylim(lo[1] - pad[1], hi[1] + pad[1])
+    ax.set_aspect("equal")
+
+
+def _plot_images(ax, r, which):
+    """One panel of 8x8 images: held-out digits, samples, or 4 images at each stage from noise to data."""
+    if which == "data":
+        ax.imshow(_image_grid(r["test"], 6, 6), cmap="gray_r", vmin=0, vmax=16)
+    elif which == "samples":
+        ax.imshow(_image_grid(r["samples"], 6, 6), cmap="gray_r", vmin=0, vmax=16)
+    else:
+        from genblocks.backends import namespace_of
+
+        last = len(r["path"]) - 1
+        stages = [r["path"][k] for k in sorted({round(i * last / 5) for i in range(6)})]
+        # each stage's images scaled to its own range: noise and data have different units
+        scaled = [(s - s.min()) / max(float(s.max() - s.min()), 1e-12) * 16.0 for s in stages]
+        cols = namespace_of("numpy").stack(scaled, axis=1).reshape(-1, 64)  # row i: image i through the stages
+        ax.imshow(_image_grid(cols, stages[0].shape[0], len(stages)), cmap="gray_r", vmin=0, vmax=16)
+
+
 def _plot(rows, path):
     try:
         import matplotlib
@@ -46,24 +97,30 @@ def _plot(rows, path):
         import matplotlib.pyplot as plt
     except ImportError:
         return 'matplotlib is not installed: pip install "genblocks[plot]" for the picture'
-    # top row: each row's held-out data; bottom row: its model's samples, on the same axes
-    fig, axes = plt.subplots(2, len(rows), figsize=(3.0 * len(rows), 6.4), squeeze=False)
+    # top: each row's held-out data; middle: its model's samples, on the same axes; bottom (flow and
+    # diffusion): the way from noise to data, through the flow's layers or the sampler's steps
+    has_path = any("path" in r for r in rows)
+    images = rows[0]["test"].shape[1] != 2
+    fig, axes = plt.subplots(3 if has_path else 2, len(rows), figsize=(3.0 * len(rows), 9.6 if has_path else 6.4),
+                             squeeze=False)
     for k, r in enumerate(rows):
-        top, bottom = axes[0][k], axes[1][k]
-        t, s = r["test"], r["samples"]
-        top.scatter(t[:, 0], t[:, 1], s=2, alpha=0.5, color="gray")
-        top.set_title(f"data: {r.get('data', '-')}\n({t.shape[0]} held-out points)", fontsize=8)
-        bottom.scatter(s[:, 0], s[:, 1], s=2, alpha=0.5)
         value = "" if r.get("value") is None else f"NLL {r['value']:.3f}, "
-        bottom.set_title(f"{r['family']}: {r['model']}\n{value}MMD^2 {r['mmd']:.4f}", fontsize=7, wrap=True)
-        lo, hi = t.min(axis=0), t.max(axis=0)
-        pad = 0.1 * (hi - lo)
-        for ax in (top, bottom):
-            ax.set_xlim(lo[0] - pad[0], hi[0] + pad[0])
-            ax.set_ylim(lo[1] - pad[1], hi[1] + pad[1])
-            ax.set_aspect("equal")
+        titles = {"data": f"data: {r.get('data', '-')}\n({r['test'].shape[0]} held-out points)",
+                  "samples": f"{r['family']}: {r['model']}\n{value}MMD^2 {r['mmd']:.4f}",
+                  "path": f"{r['family']}: noise -> data\n({len(r.get('path', ())) - 1} "
+                          f"{'layers' if r['family'] == 'flow' else 'steps'})"}
+        lo, hi = r["test"].min(axis=0), r["test"].max(axis=0)
+        for which, ax in zip(("data", "samples", "path"), [axes[i][k] for i in range(len(axes))]):
             ax.set_xticks([])
             ax.set_yticks([])
+            if which == "path" and "path" not in r:
+                ax.axis("off")
+                continue
+            if images:
+                _plot_images(ax, r, which)
+            else:
+                _plot_points(ax, r, which, lo, hi)
+            ax.set_title(titles[which], fontsize=7 if which != "data" else 8, wrap=True)
     fig.tight_layout(h_pad=2.0)
     write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
     plt.close(fig)
@@ -83,10 +140,18 @@ def check_out_folder(out, what="demo.md, demo.json and demo.png"):
     return out
 
 
-def run_demo(out, *, seed=0, smoke=False, families=None, stream=None):
-    """Run every family's demo, print the table, write ``demo.md``, ``demo.json`` and ``demo.png``."""
+def run_demo(out, *, seed=0, smoke=False, families=None, stream=None, data="2d", progress=False):
+    """Run every family's demo, print the table, write ``demo.md``, ``demo.json`` and ``demo.png``.
+
+    ``data``: "2d" (toy 2-D densities, the default) or "digits" (8x8 digits at 17 levels); ``progress``: show
+    ``fit``'s bar for each model, labelled with its family.
+    """
     stream = sys.stdout if stream is None else stream
-    names = [f for f, _ in DEMO_FAMILIES]
+    datasets = {"2d": DEMO_FAMILIES, "digits": DIGIT_FAMILIES}
+    if data not in datasets:
+        raise ValueError(f"--data: expected one of {', '.join(datasets)}, got {data!r}")
+    table_rows = datasets[data]
+    names = [f for f, _ in table_rows]
     chosen = names if families is None else families
     unknown = [f for f in chosen if f not in names]
     if unknown or not chosen:
@@ -95,15 +160,15 @@ def run_demo(out, *, seed=0, smoke=False, families=None, stream=None):
     check_out_folder(out)  # before any training: a bad --out costs nothing
     rng = genblocks.Rng(seed, "numpy")
     rows = []
-    for (family, row), child in zip(DEMO_FAMILIES, rng.split(len(DEMO_FAMILIES))):
+    for (family, row), child in zip(table_rows, rng.split(len(table_rows))):
         if family not in chosen:
             continue
         print(f"[demo] {family} ...", file=stream, flush=True)
-        rows.append(add_mmd(row(child, smoke=smoke)))
+        rows.append(add_mmd(row(child, smoke=smoke, progress=family if progress else False)))
     table = format_table(rows)
     print(table, file=stream)
     write_atomic(os.path.join(out, "demo.md"), lambda f: f.write((table + "\n").encode()))
-    summary = [{k: v for k, v in r.items() if k not in ("samples", "test")} for r in rows]
+    summary = [{k: v for k, v in r.items() if k not in ("samples", "test", "path")} for r in rows]
     write_atomic(os.path.join(out, "demo.json"), lambda f: f.write(json.dumps(summary, indent=2).encode()))
     note = _plot(rows, os.path.join(out, "demo.png"))
     print(note or f"wrote {os.path.join(out, 'demo.md')}, demo.json and demo.png", file=stream)
@@ -329,6 +394,11 @@ def build_parser():
     demo.add_argument("--quick", action="store_true", help="small sizes: a few seconds (the tests run it so)")
     demo.add_argument("--families", default=None,
                       help=f"comma-separated subset of {','.join(f for f, _ in DEMO_FAMILIES)}")
+    demo.add_argument("--data", default="2d", choices=["2d", "digits"],
+                      help="2d: toy 2-D densities (default); digits: 8x8 digits at 17 grey levels (needs "
+                           "scikit-learn, minutes)")
+    demo.add_argument("--no-progress", action="store_true",
+                      help="no progress bars (they are shown when stderr is a terminal)")
     train = sub.add_parser("train", help="train one family on a toy density or a .npy file; write a checkpoint")
     train.add_argument("family", help=f"one of {', '.join(sorted(_family_names()))}")
     train.add_argument("--data", required=True, help="a toy density name (e.g. moons) or a .npy file (n, d)")
@@ -357,6 +427,12 @@ def build_parser():
     ev.add_argument("--n", type=int, default=2000, help="points drawn from a toy density (default 2000)")
     ev.add_argument("--seed", type=int, default=1, help="seed of the held-out toy points (training used 0)")
     return parser
+
+
+def _is_terminal(stream):
+    """True when ``stream`` is an interactive terminal (progress bars are drawn only there by default)."""
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty()) if callable(isatty) else False
 
 
 def _family_names():
@@ -389,7 +465,8 @@ def main(argv=None):
         families = None if args.families is None else [f.strip() for f in args.families.split(",") if f.strip()]
         start = time.perf_counter()
         try:
-            run_demo(args.out, seed=args.seed, smoke=args.quick, families=families)
+            run_demo(args.out, seed=args.seed, smoke=args.quick, families=families, data=args.data,
+                     progress=not args.no_progress and _is_terminal(sys.stderr))
         except ValueError as err:
             print(f"genblocks demo: {err}", file=sys.stderr)
             return 2

@@ -45,6 +45,41 @@ def test_demo_smoke_writes_table_json_and_png(tmp_path, capsys):
     assert [s["family"] for s in summary] == [r["family"] for r in rows]
     assert (tmp_path / "demo.md").read_text().startswith("| family |")
     assert (tmp_path / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # flow and diffusion trace their way from noise to data for the picture's bottom row
+    paths = {r["family"]: r["path"] for r in rows if "path" in r}
+    assert sorted(paths) == ["diffusion", "flow"]
+    for family, path in paths.items():
+        assert len(path) > 2 and all(p.shape == (300, 2) for p in path), family
+        assert abs(path[0] - path[-1]).mean() > 0.1, family  # it moves
+    assert "path" not in summary[0]
+
+
+def test_demo_shows_one_labelled_progress_bar_per_model(tmp_path, capsys):
+    cli.run_demo(str(tmp_path), smoke=True, families=["baseline", "autoregressive"], progress=True)
+    err = capsys.readouterr().err
+    assert "baseline" in err and "autoregressive" in err and "60/60" in err
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_demo_on_digits_scores_every_family_on_the_447_test_images(tmp_path, capsys):
+    import math
+
+    rows = cli.run_demo(str(tmp_path), smoke=True, data="digits")
+    assert [r["family"] for r in rows] == [f for f, _ in cli.DIGIT_FAMILIES]
+    for r in rows:
+        assert r["test"].shape == (447, 64) and r["samples"].shape == (256, 64), r["family"]
+        levels = r["samples"]
+        assert ((levels >= 0) & (levels <= 16) & (levels == levels.round())).all(), r["family"]
+        assert (r["value"] is None) == (r["family"] == "gan")
+        assert r["value"] is None or math.isfinite(r["value"])
+        assert math.isfinite(r["mmd"])
+    # independent pixels: the per-pixel histograms of the training digits (about 106-108 nats per image)
+    assert 100.0 < rows[0]["value"] < 112.0
+    paths = {r["family"]: r["path"] for r in rows if "path" in r}
+    assert sorted(paths) == ["diffusion", "flow"] and all(p.shape == (4, 64) for v in paths.values() for p in v)
+    assert (tmp_path / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="--data: expected one of 2d, digits"):
+        cli.run_demo(str(tmp_path), smoke=True, data="mnist")
 
 
 def test_baseline_learns_two_moons():
@@ -59,7 +94,7 @@ def test_baseline_learns_two_moons():
 def test_failed_demo_leaves_earlier_output_intact(tmp_path, monkeypatch):
     (tmp_path / "demo.md").write_text("earlier result\n")
 
-    def boom(rng, smoke=False):
+    def boom(rng, smoke=False, progress=False):
         raise RuntimeError("training diverged")
 
     monkeypatch.setattr(cli, "DEMO_FAMILIES", (("baseline", boom),) + tuple(cli.DEMO_FAMILIES[1:]))

@@ -104,6 +104,24 @@ def test_sample_and_log_prob_agrees_with_log_prob(name):
     np.testing.assert_allclose(flow.sample(params, Rng(5), 16, state=state), x)
 
 
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_sample_path_runs_layer_by_layer_from_the_base_draws_to_the_samples(name):
+    flow = FACTORIES[name](3)
+    params = random_params(flow)
+    state = random_state(flow, params)
+    path = flow.sample_path(params, Rng(5), 16, state=state)
+    layers = flow.bijector.bijectors if isinstance(flow.bijector, bj.Chain) else [flow.bijector]
+    assert len(path) == len(layers) + 1 and all(p.shape == (16, 3) for p in path)
+    np.testing.assert_array_equal(path[0], flow.base.sample(params["base"], Rng(5), 16, dtype="float64"))
+    np.testing.assert_allclose(path[-1], flow.sample(params, Rng(5), 16, state=state), rtol=1e-12, atol=1e-12)
+    # each step is one layer: inverting it returns the step before
+    for k in range(len(layers), 0, -1):
+        s = None if state is None or not isinstance(flow.bijector, bj.Chain) else state["bijector"][k - 1]
+        p = params["bijector"][k - 1] if isinstance(flow.bijector, bj.Chain) else params["bijector"]
+        back, _ = bj.call_bijector(layers[k - 1], "inverse", p, path[k], None, False, s)
+        np.testing.assert_allclose(back, path[k - 1], rtol=1e-7, atol=1e-7)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Backends and dtypes
 

@@ -123,7 +123,13 @@ def test_clip_norm_bounds_the_step():
 def test_progress_bar_shows_loss(capsys):
     run(steps=5, progress=True)
     err = capsys.readouterr().err
-    assert "loss=" in err and "5/5" in err
+    assert "loss=" in err and "5/5" in err and err.lstrip("\r").startswith("fit")
+
+
+def test_a_string_progress_labels_the_bar(capsys):
+    run(steps=3, progress="flow")
+    err = capsys.readouterr().err
+    assert "flow" in err and "3/3" in err and "fit" not in err
 
 
 # -- NaN / inf -----------------------------------------------------------------------------------------

@@ -217,6 +217,26 @@ class Flow(Block):
                                       self._bstate(state))
         return x, self.base.log_prob(params["base"], z, context) - log_det
 
+    def sample_path(self, params, rng, n, context=None, *, dtype=None, state=None):
+        """[z, f_1(z), f_2(f_1(z)), ..., x]: n base draws and where each layer of the flow moves them.
+
+        For a ``Chain`` bijector f = f_L o ... o f_1 the list has L + 1 arrays (n, dim), from noise to data;
+        any other bijector gives [z, f(z)]. The last entry is what ``sample`` returns for the same ``rng``.
+        The path a flow takes from noise to data, one layer at a time (the demo's picture draws it).
+        """
+        z = self._base_sample(params, rng, n, dtype)
+        context = _context_for(z, context)
+        bstate = self._bstate(state)
+        if not isinstance(self.bijector, bj.Chain):
+            x, _ = bj.call_bijector(self.bijector, "forward", params["bijector"], z, context, False, bstate)
+            return [z, x]
+        states = self.bijector._states(bstate)
+        path = [z]
+        for layer, p, s in zip(self.bijector.bijectors, params["bijector"], states):
+            x, _ = bj.call_bijector(layer, "forward", p, path[-1], context, False, s)
+            path.append(x)
+        return path
+
     def _base_sample(self, params, rng, n, dtype):
         self.check_params(params)  # sample and sample_and_log_prob come through here
         check_positive_int(n, "n")

@@ -204,7 +204,8 @@ def fit(loss, params, data, rng, optimizer, steps, *, state=None, batch_size=128
       the total number of steps (a resumed run continues up to it).
     - ``batch_size``: rows per step, clipped to n. Each epoch is a fresh permutation of the rows cut into
       ``n // batch_size`` full batches; the ``n % batch_size`` leftover rows sit that epoch out.
-    - ``progress``: a tqdm bar showing the loss (refreshed every ``log_every`` steps).
+    - ``progress``: a tqdm bar showing the loss (refreshed every ``log_every`` steps); a string turns it on and
+      labels it (``progress="flow"``), True labels it "fit".
     - ``eval_fn(params) -> result`` runs after every ``eval_every``-th step and after the last step;
       results go to ``history["eval"]`` as ``(steps_done, result)``.
     - ``checkpoint_path``: saved every ``checkpoint_every`` steps and at the end with
@@ -311,7 +312,8 @@ def fit(loss, params, data, rng, optimizer, steps, *, state=None, batch_size=128
     step_fns = [_step_fn(g, state is not None, check_scalar) for g in plan]
     per_step = sum(g.steps for g in plan)
 
-    bar = tqdm(total=steps, initial=start, disable=not progress, desc="fit", dynamic_ncols=True)
+    label = progress if isinstance(progress, str) else "fit"
+    bar = tqdm(total=steps, initial=start, disable=not progress, desc=label, dynamic_ncols=True)
     good = (params, None, None, None)  # (params, step, loss, group) before the last completed update
     try:
         for step in range(start, steps):

@@ -151,6 +151,13 @@ def run_demo(out, *, seed=0, smoke=False, families=None, stream=None, data="2d",
     if data not in datasets:
         raise ValueError(f"--data: expected one of {', '.join(datasets)}, got {data!r}")
     table_rows = datasets[data]
+    if data == "digits":
+        import importlib.util
+
+        from genblocks.data import DATA_INSTALL_HINT
+
+        if importlib.util.find_spec("sklearn") is None:
+            raise ValueError(f"--data digits: needs scikit-learn, which ships the 8x8 digits: {DATA_INSTALL_HINT}")
     names = [f for f, _ in table_rows]
     chosen = names if families is None else families
     unknown = [f for f in chosen if f not in names]

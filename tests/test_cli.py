@@ -82,6 +82,17 @@ def test_demo_on_digits_scores_every_family_on_the_447_test_images(tmp_path, cap
         cli.run_demo(str(tmp_path), smoke=True, data="mnist")
 
 
+def test_demo_on_digits_without_scikit_learn_says_which_extra_before_training(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sklearn" else real(name, *a))
+    monkeypatch.setattr(cli, "DIGIT_FAMILIES", ())  # no row may run
+    with pytest.raises(ValueError, match=r'--data digits: needs scikit-learn.*genblocks\[data\]'):
+        cli.run_demo(str(tmp_path / "out"), smoke=True, data="digits")
+    assert not (tmp_path / "out").exists()
+
+
 def test_baseline_learns_two_moons():
     from genblocks.demo import mixture_row
 

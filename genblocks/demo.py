@@ -14,7 +14,7 @@ only the lecture; training, data and metrics come together here.
 import math
 import time
 
-from genblocks.backends import namespace, to_numpy
+from genblocks.backends import Rng, namespace, to_numpy
 from genblocks.blocks import bijectors as bj
 from genblocks.blocks.discriminators import MLPDiscriminator, MLPGenerator
 from genblocks.blocks.nn import MLP
@@ -225,10 +225,24 @@ def _n(smoke):
     return 256 if smoke else 1000
 
 
-def _digits():
-    """(train, test): the 17-level digits of the fixed 1000/350/447 split, host float32 arrays (n, 64)."""
+def _digits(split=("train", "test")):
+    """The 17-level digits of the fixed 1000/350/447 split, host float32 arrays (n, 64): one per name in split."""
     parts = load_digits(backend="numpy")
-    return to_numpy(parts["train"][0]), to_numpy(parts["test"][0])
+    return tuple(to_numpy(parts[name][0]) for name in split)
+
+
+def _best_on_valid(nll_fn, params):
+    """(eval_fn, best): an ``eval_fn`` for ``fit`` that keeps in best["params"] the params of lowest
+    ``nll_fn(params)`` on the valid split seen so far (early stopping: 1000 training digits overfit)."""
+    best = {"nll": math.inf, "params": params}
+
+    def eval_fn(p):
+        nll = float(to_numpy(nll_fn(p)))
+        if nll < best["nll"]:
+            best.update(nll=nll, params=p)
+        return nll
+
+    return eval_fn, best
 
 
 def _to_unit(x):
@@ -269,14 +283,16 @@ def made_digits_row(rng, *, smoke=False, progress=False):
     """A categorical MADE over the 64 pixels (17 levels each): exact test NLL in nats per image."""
     start = time.perf_counter()
     init_rng, fit_rng, sample_rng = rng.split(3)
-    train, test = _digits()
+    train, valid, test = _digits(("train", "valid", "test"))
     model = MADEModel(64, (32,) if smoke else (512, 512), output="categorical", num_classes=LEVELS)
     params = model.init(init_rng)
     steps = 20 if smoke else 3000
-    result = fit(model.loss, params, train, fit_rng, adam(cosine_decay(1e-3, steps)), steps, batch_size=100,
-                 progress=progress)
-    nll = float(to_numpy(model.loss(result.params, test)))
-    return finish_row(start, lambda n: model.sample(result.params, sample_rng, n), test, result.params, n=_n(smoke),
+    eval_fn, best = _best_on_valid(lambda p: model.loss(p, valid), params)
+    fit(model.loss, params, train, fit_rng, adam(cosine_decay(1e-3, steps)), steps, batch_size=100,
+        eval_fn=eval_fn, eval_every=max(steps // 10, 1), progress=progress)
+    params = best["params"]
+    nll = float(to_numpy(model.loss(params, test)))
+    return finish_row(start, lambda n: model.sample(params, sample_rng, n), test, params, n=_n(smoke),
                       family="autoregressive", model="MADE (categorical, 17 levels)", data="digits 8x8",
                       metric="test NLL (nats, exact)", value=nll)
 
@@ -284,18 +300,22 @@ def made_digits_row(rng, *, smoke=False, progress=False):
 def vae_digits_row(rng, *, smoke=False, progress=False):
     """A VAE with a categorical decoder over 17 levels, 16-D latent, IWAE K=5; importance-sampled test NLL."""
     start = time.perf_counter()
-    init_rng, fit_rng, is_rng, sample_rng = rng.split(4)
-    train, test = _digits()
+    init_rng, fit_rng, valid_rng, is_rng, sample_rng = rng.split(5)
+    train, valid, test = _digits(("train", "valid", "test"))
     h, latent = (32, 4) if smoke else (256, 16)
     model = VAE(MLP((64, h, h, 2 * latent)), MLP((latent, h, h, 64 * LEVELS)), likelihood="categorical",
                 num_levels=LEVELS, objective="iwae", num_samples=2 if smoke else 5)
     params = model.init(init_rng)
     steps = 20 if smoke else 3000
-    result = fit(model.loss, params, train, fit_rng, adam(cosine_decay(1e-3, steps)), steps, batch_size=100,
-                 progress=progress)
+    # early stopping on the valid split's IWAE bound (the same draws each time, so checks compare)
+    draws = valid_rng.state()
+    eval_fn, best = _best_on_valid(lambda p: model.loss(p, valid, Rng.from_state(draws)), params)
+    fit(model.loss, params, train, fit_rng, adam(cosine_decay(1e-3, steps)), steps, batch_size=100,
+        eval_fn=eval_fn, eval_every=max(steps // 10, 1), progress=progress)
+    params = best["params"]
     k = 20 if smoke else 500
-    nll = -float(to_numpy(model.log_prob_estimate(result.params, test, is_rng, k)).mean())
-    return finish_row(start, lambda n: model.sample(result.params, sample_rng, n), test, result.params, n=_n(smoke),
+    nll = -float(to_numpy(model.log_prob_estimate(params, test, is_rng, k)).mean())
+    return finish_row(start, lambda n: model.sample(params, sample_rng, n), test, params, n=_n(smoke),
                       family="vae", model=f"VAE ({latent}-D latent, IWAE K={model.num_samples})", data="digits 8x8",
                       metric=f"test NLL (nats, importance-sampled K={k})", value=nll)
 

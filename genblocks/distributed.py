@@ -29,7 +29,8 @@ import os
 from genblocks.backends import Rng, backend_of, to_device, to_numpy
 from genblocks.blocks.validate import check_callable, check_choice, check_positive_int
 
-__all__ = ["sample", "sample_local", "log_prob", "sweep", "save", "get_client", "close", "SCHEDULER_ENV"]
+__all__ = ["sample", "sample_local", "log_prob", "sweep", "save", "get_client", "local_cluster", "close",
+           "SCHEDULER_ENV"]
 
 SCHEDULER_ENV = "GENBLOCKS_SCHEDULER"
 EXTRA = 'pip install "genblocks[distributed]"'
@@ -50,7 +51,11 @@ def _dask():
 
 
 def get_client(client=None, workers=None):
-    """The Dask client to run on (see the module docstring for the order in which it is chosen)."""
+    """The Dask client to run on (see the module docstring for the order in which it is chosen).
+
+    A client this function starts becomes Dask's default, so ``array.compute()`` runs on it; with a client of
+    your own that is not the default, compute with ``client.compute(array).result()``.
+    """
     _, _, distributed = _dask()
     if client is not None:
         if not isinstance(client, distributed.Client):
@@ -60,7 +65,7 @@ def get_client(client=None, workers=None):
     if address:
         key = ("address", address)
         if key not in _LOCAL:
-            _LOCAL[key] = (None, distributed.Client(address, set_as_default=False))
+            _LOCAL[key] = (None, distributed.Client(address))
         return _LOCAL[key][1]
     if workers is None:
         try:
@@ -69,10 +74,24 @@ def get_client(client=None, workers=None):
             workers = os.cpu_count() or 1
     workers = check_positive_int(workers, "workers")
     if workers not in _LOCAL:
-        cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                           dashboard_address=None)
-        _LOCAL[workers] = (cluster, distributed.Client(cluster, set_as_default=False))
+        cluster = local_cluster(workers)
+        _LOCAL[workers] = (cluster, distributed.Client(cluster))
     return _LOCAL[workers][1]
+
+
+def local_cluster(workers, **kwargs):
+    """A ``LocalCluster`` of ``workers`` single-threaded worker processes, set for numerical work.
+
+    Dask's nanny sets ``MALLOC_TRIM_THRESHOLD_`` in its workers, which turns off glibc's adaptive mmap
+    threshold: every large temporary array is then a fresh mapping that page-faults on first touch, and a
+    worker sampled about half as fast as this process (``benchmarks/bench_distributed.py``). This cluster's
+    workers keep glibc's default, like any other Python process. ``kwargs`` go to ``LocalCluster``.
+    """
+    dask, _, distributed = _dask()
+    options = {"n_workers": check_positive_int(workers, "workers"), "threads_per_worker": 1, "processes": True,
+               "dashboard_address": None, **kwargs}
+    with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
+        return distributed.LocalCluster(**options)
 
 
 def close():
@@ -272,11 +291,13 @@ def save(array, out, *, client=None, workers=None, window=None, info=None):
 
     - ``*.npy``: one file, written block by block in order while later blocks are computed (``window`` in
       flight, default twice the workers' threads), then renamed into place (``io.save_npy_blocks_atomic``).
-    - ``*.zarr``: ``array.to_zarr(out)``; needs ``zarr`` (not a genblocks dependency).
+    - ``*.zarr``: ``dask.array.to_zarr``, written by the workers (so ``out`` must be visible to them); needs
+      ``zarr`` (not a genblocks dependency).
     - anything else: a folder of ``shard-00000.npy``, ... (one per chunk) and ``index.json`` (with ``info``),
       renamed into place when complete (``io.save_npy_folder_atomic``).
 
-    Blocks are gathered to this process and written here, so ``out`` need not be visible to the workers.
+    For ``.npy`` and folders the blocks are gathered to this process and written here, so ``out`` need not
+    be visible to the workers.
     """
     from genblocks.io import save_npy_blocks_atomic, save_npy_folder_atomic
 
@@ -290,7 +311,8 @@ def save(array, out, *, client=None, workers=None, window=None, info=None):
         except ImportError:
             raise ImportError(f"out: writing {out!r} needs zarr (pip install zarr), or write a .npy file or a "
                               "folder of .npy shards") from None
-        array.to_zarr(out)
+        c = get_client(client, workers)
+        c.compute(da.to_zarr(array, out, compute=False)).result()
         return out
     if array.ndim > 1:
         array = array.rechunk({axis: -1 for axis in range(1, array.ndim)})

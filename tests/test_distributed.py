@@ -3,6 +3,7 @@ worker dies, chunk-wise log_prob equal to the in-memory one, a 4-run sweep, the 
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -19,7 +20,7 @@ from genblocks.train.checkpoint import load
 try:
     import cloudpickle
     import dask.array as da
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     MISSING = None
 except ImportError as err:  # the [distributed] extra is not installed
@@ -50,7 +51,7 @@ def client():
     if MISSING is not None:
         pytest.skip(MISSING)
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers need not import this test file
-    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+    cluster = gd.local_cluster(2)
     c = Client(cluster, set_as_default=False)
     yield c
     gd.close()
@@ -186,6 +187,29 @@ def test_sweep_config_errors_name_the_key(tmp_path):
     (tmp_path / "ok.json").write_text(json.dumps({**base, "out": "o", "runs": [{"seed": 2}]}))
     runs, out = cli.read_sweep_config(str(tmp_path / "ok.json"))
     assert out == "o" and runs[0]["seed"] == 2 and runs[0]["steps"] == 10 and runs[0]["batch_size"] == 256
+
+
+@needs_dask
+def test_zarr_output_when_zarr_is_installed(client, tmp_path):
+    zarr = pytest.importorskip("zarr", reason="zarr is not installed (optional; genblocks does not depend on it)")
+    model, params = _flow()
+    out = gd.sample(model, params, 300, client=client, chunk=100, seed=2, out=str(tmp_path / "s.zarr"))
+    assert np.array_equal(zarr.open(out)[:], gd.sample_local(model, params, 300, chunk=100, seed=2))
+
+
+@needs_dask
+def test_the_docs_page_example_runs(client, monkeypatch):
+    """docs/distributed.md's first ``py`` block, on this cluster (found through $GENBLOCKS_SCHEDULER)."""
+    import re
+
+    monkeypatch.setenv(gd.SCHEDULER_ENV, client.scheduler.address)
+    page = (pathlib.Path(__file__).parents[1] / "docs" / "distributed.md").read_text()
+    blocks = re.findall(r"```py\n(.*?)```", page, re.S)
+    assert len(blocks) >= 3 and "gd.sample(" in blocks[0]
+    try:
+        exec(compile(blocks[0], "docs/distributed.md", "exec"), {"__name__": "docs_distributed"})
+    finally:
+        gd.close()
 
 
 @needs_dask

@@ -170,6 +170,27 @@ def test_cli_sample_writes_one_npy_or_shards_equal_for_any_workers(client, tmp_p
             cli._run_command(cli.build_parser().parse_args(["sample", ckpt, "--workers", "2", *args]))
 
 
+def test_blockwise_npy_writer_refuses_gaps_duplicates_and_wrong_blocks(tmp_path):
+    from genblocks.io import load_npy, save_npy_blocks_atomic, save_npy_folder_atomic
+
+    path = tmp_path / "x.npy"
+    blocks = [np.arange(6, dtype="float32").reshape(3, 2), np.ones((2, 2), "float32")]
+    save_npy_blocks_atomic(path, (5, 2), "float32", iter(blocks))
+    assert np.array_equal(load_npy(path), np.concatenate(blocks))
+    for bad, message in [(blocks[:1], "expected 5 rows in all, got 3"), (blocks + blocks[1:], "got more"),
+                         ([blocks[0], np.ones((2, 3), "float32")], "block 1 has shape"),
+                         ([blocks[0].astype("float64")], "dtype float64")]:
+        with pytest.raises(ValueError, match=message):
+            save_npy_blocks_atomic(path, (5, 2), "float32", iter(bad))
+        assert np.array_equal(load_npy(path), np.concatenate(blocks))  # the earlier file, intact
+    folder = save_npy_folder_atomic(tmp_path / "shards", iter(blocks), info={"seed": 1})
+    index = json.loads((tmp_path / "shards" / "index.json").read_text())
+    assert index == {"shape": [5, 2], "dtype": "float32", "rows": [3, 2], "info": {"seed": 1}}
+    with pytest.raises(ValueError, match="exists and is not an empty folder"):
+        save_npy_folder_atomic(folder, iter(blocks))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shards", "x.npy"]
+
+
 def test_sweep_config_errors_name_the_key(tmp_path):
     def error(spec):
         path = tmp_path / "c.json"

@@ -14,21 +14,28 @@ fixed cost per task (chunks of one sample), and how fast results come back to th
     python benchmarks/bench_distributed.py --workers 1 2 4 --n 1000000 --chunk 50000
     python benchmarks/bench_distributed.py --backend cupy --cuda   # one worker per GPU (dask-cuda)
 
-Measured here (2 cores shared with five other sessions, load average 6 to 10; ``python
-benchmarks/bench_distributed.py``): see the figures in the session report; in short the 1-worker Dask path
-costs a few per cent over the plain loop at 20,000-sample chunks, and two processes give less than 2x on
-two cores that other jobs also use. The cupy / ``--cuda`` path was not run (no GPU in that session).
+Measured here (2 cores shared with five other sessions, load average 15 to 22; ``python
+benchmarks/bench_distributed.py``): the plain loop drew 41,457 samples/s, the 1-worker Dask path 44,287
+(-6.4%: no overhead measurable above the load's noise; the same samples bit for bit), 2 workers 36,531
+(0.82x: with twenty runnable processes on two cores, a second worker process gains nothing); parameter
+broadcast 47 ms (93 kB), fixed cost 105 ms of a worker per task, gathering 35 MB/s over loopback. At
+100,000 samples (``--n 100000 --workers 1 --repeat 2``) the Dask path cost +9.6% over the loop (2.96 s
+against 2.70 s: the per-call broadcast, the one-sample probe and the round trips, about 0.25 s at that
+load), and with the ``MALLOC_TRIM_THRESHOLD_`` Dask's nanny sets (``--dask-malloc-trim``) +93.7%: each large
+temporary page-faults afresh once glibc's adaptive mmap threshold is off, which is why
+``distributed.local_cluster`` unsets it. The cupy / ``--cuda`` path was not run (no GPU in that session).
 
-How throughput grows on N GPUs, from these pieces: each chunk costs t_task (the scheduler's fixed cost per
-task, measured below, a few ms) plus chunk / r_gpu (one GPU's samples/s, ``benchmarks/bench_gpu.py``); the
-parameters go to each worker once (scatter, then ``to_device`` once per worker), so they cost nothing per
-chunk and only a start-up of params_bytes / bandwidth per worker; and every sample comes back to the client
-through its network link at b bytes/s (measured below on loopback). N GPUs therefore give
-min(N * r_gpu * chunk / (chunk + t_task * r_gpu), b / sample_bytes) samples/s: linear in N while chunks are
-large enough that t_task * r_gpu << chunk (at r_gpu = 1e7/s and t_task = 5 ms, chunks of 1e6 or more), until
-the client's link is the limit (2-D float32 samples are 8 bytes: 1 GB/s carries 1.25e8 samples/s, about a
-dozen such GPUs). Beyond that, leave the samples where they are drawn (reduce them on the workers, e.g.
-``log_prob`` or statistics of the Dask array) or write shards from the workers to shared storage.
+How throughput grows on N GPUs, from these pieces. Each chunk costs one worker t_task (the fixed cost per
+task: 40 to 105 ms measured here under that load, where every round trip waits for a time slice; far less on
+an idle machine) plus chunk / r_gpu (one GPU's samples/s, ``benchmarks/bench_gpu.py``). The parameters go to
+each worker once (scatter, then ``to_device`` once per worker): a start-up of about params_bytes / bandwidth
+per worker (47 ms for 93 kB here, mostly latency), nothing per chunk. Every sample comes back to the client
+through its link at b bytes/s (35 MB/s on this loaded loopback; a data-centre link gives 1 to 10 GB/s). N GPUs
+therefore give about min(N * r_gpu * chunk / (chunk + t_task * r_gpu), b / sample_bytes) samples/s: linear in
+N while chunk >> t_task * r_gpu (at r_gpu = 1e7 samples/s and t_task = 10 ms, chunks of 1e6 samples or more),
+until the client's link is full (2-D float32 samples are 8 bytes: 1 GB/s carries 1.25e8 samples/s, about a
+dozen such GPUs). Beyond that, keep the samples where they are drawn (reduce them on the workers with
+``log_prob`` or statistics of the Dask array, or write ``.zarr`` from the workers to shared storage).
 
 Figures are indicative: they move with the machine's load and the BLAS build.
 """
@@ -114,7 +121,8 @@ def main(argv=None):
     print("|---|---|---|---|---|")
     plain_s = None
     base = None
-    for w in ([1] if args.cuda else args.workers):
+    settings = [1] if args.cuda else args.workers
+    for k, w in enumerate(settings):
         c, client = cluster(w, args.cuda, args.dask_malloc_trim)
         try:
             w = len(client.nthreads())
@@ -139,7 +147,7 @@ def main(argv=None):
             if same is not None:
                 print(f"|   (same samples as the plain loop: {same}; overhead "
                       f"{100 * (seconds / plain_s - 1):+.1f}%, target <= 5%) | | | | |")
-            if w == max(args.workers):
+            if k == len(settings) - 1:
                 pieces(client, model, params, args, w)
         finally:
             client.close()

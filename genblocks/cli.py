@@ -328,7 +328,7 @@ def _distributed():
     try:
         from genblocks import distributed
 
-        distributed._dask()
+        distributed.require_dask()
     except ImportError as err:
         raise ValueError(f"--workers: {err}") from None
     return distributed

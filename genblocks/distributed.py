@@ -30,7 +30,7 @@ from genblocks.backends import Rng, backend_of, to_device, to_numpy
 from genblocks.blocks.validate import check_callable, check_choice, check_positive_int
 
 __all__ = ["sample", "sample_local", "log_prob", "sweep", "save", "get_client", "local_cluster", "close",
-           "SCHEDULER_ENV"]
+           "require_dask", "SCHEDULER_ENV"]
 
 SCHEDULER_ENV = "GENBLOCKS_SCHEDULER"
 EXTRA = 'pip install "genblocks[distributed]"'
@@ -39,7 +39,7 @@ _LOCAL = {}  # n_workers -> (cluster, client), the local clusters this process s
 _ON_BACKEND = {}  # in a worker: (id(params), backend) -> (params, params on that backend)
 
 
-def _dask():
+def require_dask():
     """(dask, dask.array, distributed), or ImportError naming the extra to install."""
     try:
         import dask
@@ -56,7 +56,7 @@ def get_client(client=None, workers=None):
     A client this function starts becomes Dask's default, so ``array.compute()`` runs on it; with a client of
     your own that is not the default, compute with ``client.compute(array).result()``.
     """
-    _, _, distributed = _dask()
+    _, _, distributed = require_dask()
     if client is not None:
         if not isinstance(client, distributed.Client):
             raise TypeError(f"client: expected a distributed.Client or None, got {type(client).__name__}")
@@ -87,7 +87,7 @@ def local_cluster(workers, **kwargs):
     worker sampled about half as fast as this process (``benchmarks/bench_distributed.py``). This cluster's
     workers keep glibc's default, like any other Python process. ``kwargs`` go to ``LocalCluster``.
     """
-    dask, _, distributed = _dask()
+    dask, _, distributed = require_dask()
     options = {"n_workers": check_positive_int(workers, "workers"), "threads_per_worker": 1, "processes": True,
                "dashboard_address": None, **kwargs}
     with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
@@ -207,7 +207,7 @@ def sample(model, params, n, *, client=None, workers=None, chunk=100_000, backen
 
     Nothing is drawn until the array is computed, except one sample on a worker that gives the shape and dtype.
     """
-    _, da, _ = _dask()
+    _, da, _ = require_dask()
     check_choice(backend, "backend", BACKENDS)
     sizes = _sizes(n, chunk)
     streams = _streams(len(sizes), backend, seed, rng)
@@ -248,7 +248,7 @@ def log_prob(model, params, data, *, client=None, workers=None, backend="numpy",
     The result is float64 when the data or the params are, else float32; for a deterministic log-density it
     equals the in-memory ``model.log_prob(params, data)``.
     """
-    _, da, _ = _dask()
+    _, da, _ = require_dask()
     check_choice(backend, "backend", BACKENDS)
     if fn is not None:
         check_callable(fn, "fn", "a callable fn(model, params, x) -> log p (rows,)")
@@ -301,7 +301,7 @@ def save(array, out, *, client=None, workers=None, window=None, info=None):
     """
     from genblocks.io import save_npy_blocks_atomic, save_npy_folder_atomic
 
-    _, da, _ = _dask()
+    _, da, _ = require_dask()
     if not isinstance(array, da.Array):
         raise TypeError(f"array: expected a Dask array, got {type(array).__name__}")
     out = os.fspath(out)

@@ -75,6 +75,16 @@ def test_samples_equal_the_in_process_loop_and_params_travel_once_per_worker(cli
     assert not np.array_equal(got, gd.sample_local(model, params, 1000, chunk=120, seed=4))
     # every chunk a worker ran used the one scattered tree (a copy per chunk would be a new object each time)
     assert set(client.run(lambda: len(gd._ON_BACKEND)).values()) <= {1}
+    # sampler options pass through to model.sample; an Rng gives the streams instead of a seed
+    from genblocks.blocks.schedules import DiscreteSchedule
+    from genblocks.blocks.score_nets import MLPScoreNet
+    from genblocks.models.diffusion import Diffusion
+
+    diffusion = Diffusion(MLPScoreNet(2, (16, 16)), DiscreteSchedule("squaredcos_cap_v2", 100))
+    dp = diffusion.init(Rng(2))
+    kw = dict(chunk=30, sampler="ddim", num_inference_steps=4)
+    got = client.compute(gd.sample(diffusion, dp, 70, client=client, rng=Rng(9), **kw)).result()
+    assert np.array_equal(got, gd.sample_local(diffusion, dp, 70, rng=Rng(9), **kw))
     with pytest.raises(ValueError, match="seed: pass seed or rng"):
         gd.sample(model, params, 10, client=client, seed=1, rng=Rng(1))
     with pytest.raises(ValueError, match="n: expected a positive int, got 0"):

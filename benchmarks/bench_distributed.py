@@ -15,27 +15,32 @@ fixed cost per task (chunks of one sample), and how fast results come back to th
     python benchmarks/bench_distributed.py --backend cupy --cuda   # one worker per GPU (dask-cuda)
 
 Measured here (2 cores shared with five other sessions, load average 15 to 22; ``python
-benchmarks/bench_distributed.py``): the plain loop drew 41,457 samples/s, the 1-worker Dask path 44,287
-(-6.4%: no overhead measurable above the load's noise; the same samples bit for bit), 2 workers 36,531
-(0.82x: with twenty runnable processes on two cores, a second worker process gains nothing); parameter
-broadcast 47 ms (93 kB), fixed cost 105 ms of a worker per task, gathering 35 MB/s over loopback. At
-100,000 samples (``--n 100000 --workers 1 --repeat 2``) the Dask path cost +9.6% over the loop (2.96 s
-against 2.70 s: the per-call broadcast, the one-sample probe and the round trips, about 0.25 s at that
-load), and with the ``MALLOC_TRIM_THRESHOLD_`` Dask's nanny sets (``--dask-malloc-trim``) +93.7%: each large
-temporary page-faults afresh once glibc's adaptive mmap threshold is off, which is why
+benchmarks/bench_distributed.py``, three runs in turn): the plain loop drew 41,457 / (not kept) / 38,885
+samples/s, the 1-worker Dask path 44,287 / 34,801 / 38,282, an overhead of -6.4% / +2.6% / +1.6% (target
+<= 5%; the same samples bit for bit every time); 2 workers gave 0.82x / 0.86x / 1.22x the 1-worker rate:
+with about twenty runnable processes on two cores, a second worker process gains little or nothing.
+Parameter broadcast 14 to 58 ms (93 kB), fixed cost 53 to 111 ms of a worker per task, gathering 24 to 152
+MB/s over loopback. At 100,000 samples (``--n 100000 --workers 1 --repeat 2``) the Dask path cost +9.6% over
+the loop (2.96 s against 2.70 s: the per-call broadcast, the one-sample probe and the round trips, about
+0.25 s at that load), and with the ``MALLOC_TRIM_THRESHOLD_`` Dask's nanny sets (``--dask-malloc-trim``)
++93.7%: each large temporary page-faults afresh once glibc's adaptive mmap threshold is off, which is why
 ``distributed.local_cluster`` unsets it. The cupy / ``--cuda`` path was not run (no GPU in that session).
 
 How throughput grows on N GPUs, from these pieces. Each chunk costs one worker t_task (the fixed cost per
-task: 40 to 105 ms measured here under that load, where every round trip waits for a time slice; far less on
+task: 50 to 110 ms measured here under that load, where every round trip waits for a time slice; far less on
 an idle machine) plus chunk / r_gpu (one GPU's samples/s, ``benchmarks/bench_gpu.py``). The parameters go to
 each worker once (scatter, then ``to_device`` once per worker): a start-up of about params_bytes / bandwidth
-per worker (47 ms for 93 kB here, mostly latency), nothing per chunk. Every sample comes back to the client
-through its link at b bytes/s (35 MB/s on this loaded loopback; a data-centre link gives 1 to 10 GB/s). N GPUs
-therefore give about min(N * r_gpu * chunk / (chunk + t_task * r_gpu), b / sample_bytes) samples/s: linear in
-N while chunk >> t_task * r_gpu (at r_gpu = 1e7 samples/s and t_task = 10 ms, chunks of 1e6 samples or more),
-until the client's link is full (2-D float32 samples are 8 bytes: 1 GB/s carries 1.25e8 samples/s, about a
-dozen such GPUs). Beyond that, keep the samples where they are drawn (reduce them on the workers with
-``log_prob`` or statistics of the Dask array, or write ``.zarr`` from the workers to shared storage).
+per worker (14 to 58 ms for 93 kB here, all latency), nothing per chunk. Every sample comes back to the
+client through its link at b bytes/s (24 to 152 MB/s on this loaded loopback; a data-centre link gives 1 to
+10 GB/s). N GPUs therefore give about
+
+    min(N * r_gpu * chunk / (chunk + t_task * r_gpu), b / sample_bytes) samples/s:
+
+linear in N while chunk >> t_task * r_gpu (at r_gpu = 1e7 samples/s and t_task = 10 ms, chunks of 1e6
+samples or more), until the client's link is full (2-D float32 samples are 8 bytes: 1 GB/s carries 1.25e8
+samples/s, about a dozen such GPUs). Beyond that, keep the samples where they are drawn (reduce them on the
+workers with ``log_prob`` or statistics of the Dask array, or write ``.zarr`` from the workers to shared
+storage).
 
 Figures are indicative: they move with the machine's load and the BLAS build.
 """
@@ -164,9 +169,8 @@ def pieces(client, model, params, args, workers):
     t_tiny, _ = best(lambda: run(tasks), args.repeat)
     t_one, _ = best(lambda: run(1), args.repeat)
     per_task = (t_tiny - t_one) / (tasks - 1) * workers  # seconds of one worker per extra task
-    ones = da.ones((args.n * 8, 2), chunks=(args.chunk * 8, 2), dtype="float32").persist()
-    client.wait_for_workers(workers)
-    t_gather, x = best(lambda: client.compute(ones).result(), args.repeat)
+    held = client.persist(da.random.default_rng(0).random((args.n * 4, 2), chunks=(args.chunk * 4, 2)))
+    t_gather, x = best(lambda: client.compute(held).result(), args.repeat)  # drawn on the workers, sent here
     print(f"pieces ({workers} workers): parameter broadcast {1e3 * t_scatter:.1f} ms; fixed cost per task "
           f"{1e3 * per_task:.1f} ms of a worker ({tasks} one-sample chunks {t_tiny:.2f} s, one {t_one:.2f} s); "
           f"gathering {x.nbytes / t_gather / 1e6:,.0f} MB/s ({x.nbytes / 1e6:.0f} MB to the client)")

@@ -1,4 +1,7 @@
-"""Command line: ``genblocks demo`` (a small model per family: table and picture), ``train``, ``sample``, ``eval``."""
+"""Command line: ``genblocks demo`` (a small model per family: table and picture), ``train``, ``sample``, ``eval``.
+
+``genblocks sample ... --workers W`` and ``genblocks sweep config.json`` run on Dask (``genblocks.distributed``).
+"""
 
 import argparse
 import json
@@ -389,6 +392,190 @@ def run_eval(checkpoint, data, *, n=2000, seed=1, stream=None):
     return report
 
 
+# ---------------------------------------------------------------------------------------------------
+# on Dask: sample --workers, sweep (genblocks.distributed; the dask import happens there, on first use)
+
+
+def _distributed():
+    try:
+        from genblocks import distributed
+
+        distributed.require_dask()
+    except ImportError as err:
+        raise ValueError(f"--workers: {err}") from None
+    return distributed
+
+
+def _check_out_shards(out):
+    """``out`` for sharded samples: a .npy file, a .zarr store or a folder of .npy shards (absent or empty)."""
+    if out.endswith((".npz", ".png")):
+        raise ValueError(f"--out: with --workers, expected samples.npy, a .zarr store or a folder for .npy shards, "
+                         f"got {out!r}")
+    if out.endswith(".npy"):
+        return _check_out_file(out, (".npy",), "the samples")
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise ValueError(f"--out: {out!r} exists; expected a new (or empty) folder for the shards")
+    check_out_folder(os.path.dirname(os.path.abspath(out)) or ".", "the shards")
+    return out
+
+
+def run_sample_distributed(checkpoint, n, out, *, workers, chunk=100_000, backend="numpy", seed=0, options=None,
+                           stream=None):
+    """``n`` samples from ``checkpoint`` drawn on Dask workers in chunks of ``chunk``, written to ``out``.
+
+    ``workers`` local worker processes, or the cluster at ``$GENBLOCKS_SCHEDULER``. Chunk i comes from stream
+    i of ``seed`` (``genblocks.distributed.sample``): the same file for any number of workers.
+    """
+    from genblocks.data import unstandardize
+    from genblocks.families import FAMILIES
+
+    stream = sys.stdout if stream is None else stream
+    for value, name in ((n, "--n"), (workers, "--workers"), (chunk, "--chunk")):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    _check_out_shards(out)
+    gd = _distributed()
+    family, model, params, state, config = _load_checkpoint(checkpoint)
+    options = {k: v for k, v in (options or {}).items() if v is not None}
+    allowed = FAMILIES[family].sample_options
+    extra = sorted(set(options) - set(allowed))
+    if extra:
+        raise ValueError(f"--{extra[0].replace('_', '-')}: the {family} family takes "
+                         f"{['--' + a.replace('_', '-') for a in allowed] or 'no sampling options'}")
+    try:
+        client = gd.get_client(workers=workers)
+        start = time.perf_counter()
+        x = gd.sample(model, params, n, client=client, chunk=chunk, backend=backend, seed=seed, **options)
+        scaling = _scaling(config)
+        if scaling is not None:
+            x = x.map_blocks(unstandardize, scaling, dtype=x.dtype)
+        gd.save(x, out, client=client, info={"checkpoint": os.path.basename(checkpoint), "family": family, "n": n,
+                                              "chunk": chunk, "seed": seed, "backend": backend, **options})
+        seconds, used = time.perf_counter() - start, len(client.nthreads())
+    finally:
+        gd.close()
+    print(f"[sample] {n} samples of the {family} model on {used} Dask workers "
+          f"({n / max(seconds, 1e-9):,.0f} samples/s) -> {out}", file=stream)
+    return out
+
+
+SWEEP_KEYS = {  # key -> (check, what it expects, default); "family", "data" and "steps" have no default
+    "family": (lambda v: isinstance(v, str), "a family name", None),
+    "data": (lambda v: isinstance(v, str), "a toy density name or a .npy path", None),
+    "steps": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a positive int", None),
+    "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a non-negative int", 0),
+    "n": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 2, "an int >= 2", 4096),
+    "batch_size": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a positive int", 256),
+    "lr": (lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0),
+           "a positive number or null", None),
+    "standardize": (lambda v: isinstance(v, bool), "true or false", True),
+    "option": (lambda v: isinstance(v, dict), "a dict of model options", {}),
+    "eval_data": (lambda v: v is None or isinstance(v, str), "a toy density name or a .npy path", None),
+    "eval_n": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 2, "an int >= 2", 2000),
+}
+
+
+def read_sweep_config(path):
+    """The runs of a ``genblocks sweep`` JSON file and its ``out``: ``(runs, out)``; errors name the key.
+
+    The file is ``{"family": ..., "data": ..., "steps": ..., "out": "folder", "runs": [{...}, ...]}``: the top
+    level sets every run's defaults, each entry of ``runs`` overrides them (keys: ``SWEEP_KEYS``).
+    """
+    from genblocks.families import FAMILIES
+
+    try:
+        with open(path) as f:
+            spec = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"config: no file at {path!r}") from None
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"config: {path!r} is not readable JSON ({err})") from None
+    if not isinstance(spec, dict):
+        raise ValueError(f"config: {path}: expected a JSON object, got {type(spec).__name__}")
+
+    def checked(entry, where, allowed):
+        unknown = sorted(set(entry) - allowed)
+        if unknown:
+            raise ValueError(f"config: {path}: {where}{unknown[0]}: unknown key; expected one of {sorted(allowed)}")
+        for key, value in entry.items():
+            if key in SWEEP_KEYS and not SWEEP_KEYS[key][0](value):
+                raise ValueError(f"config: {path}: {where}{key}: expected {SWEEP_KEYS[key][1]}, got {value!r}")
+        return entry
+
+    base = checked(spec, "", set(SWEEP_KEYS) | {"out", "runs"})
+    out, entries = base.pop("out", None), base.pop("runs", None)
+    if out is not None and not isinstance(out, str):
+        raise ValueError(f"config: {path}: out: expected a folder path, got {out!r}")
+    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
+        raise ValueError(f"config: {path}: runs: expected a non-empty list of objects, got {entries!r}")
+    runs = []
+    for i, entry in enumerate(entries):
+        run = {k: d for k, (_, _, d) in SWEEP_KEYS.items() if d is not None or k in ("lr", "eval_data")}
+        run.update(base)
+        run.update(checked(entry, f"runs[{i}].", set(SWEEP_KEYS)))
+        missing = [k for k in ("family", "data", "steps") if k not in run]
+        if missing:
+            raise ValueError(f"config: {path}: runs[{i}].{missing[0]}: missing (set it at the top level or in the run)")
+        if run["family"] not in FAMILIES:
+            raise ValueError(f"config: {path}: runs[{i}].family: expected one of {sorted(FAMILIES)}, "
+                             f"got {run['family']!r}")
+        runs.append(run)
+    return runs, out
+
+
+def sweep_run(run):
+    """Train and evaluate one run of ``genblocks sweep`` (on a worker): ``{"checkpoint": bytes, "metrics": dict}``.
+
+    The checkpoint is written to a temporary folder on the worker and returned as bytes, so the workers need no
+    file system in common with the client; the metrics are ``run_eval``'s report, the final loss and seconds.
+    """
+    import contextlib
+    import io
+    import pathlib
+
+    quiet = io.StringIO()
+    with tempfile.TemporaryDirectory(prefix="genblocks-sweep-") as tmp, contextlib.redirect_stderr(quiet):
+        path = os.path.join(tmp, "run.npz")
+        start = time.perf_counter()
+        result = run_train(run["family"], run["data"], run["steps"], path, seed=run["seed"], n=run["n"],
+                           batch_size=run["batch_size"], lr=run["lr"], standardize=run["standardize"],
+                           options=run["option"], stream=quiet)
+        seconds = time.perf_counter() - start
+        report = run_eval(path, run["eval_data"] or run["data"], n=run["eval_n"], stream=quiet)
+        data = pathlib.Path(path).read_bytes()
+    loss = result.history["loss"][-1] if result.history["loss"] else float("nan")
+    return {"checkpoint": data, "metrics": {**report, "final_loss": float(loss), "train_seconds": seconds}}
+
+
+def run_sweep(config, *, workers=None, out=None, stream=None):
+    """Train every run of the JSON sweep file ``config`` on Dask workers; write ``out/run-000.npz``, ... and
+    ``out/sweep.json`` (each run's settings, metrics and checkpoint). Returns the runs' results."""
+    stream = sys.stdout if stream is None else stream
+    runs, config_out = read_sweep_config(config)
+    out = out or config_out
+    if out is None:
+        raise ValueError("--out: expected a folder for the checkpoints (or \"out\" in the config file)")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ValueError(f"--workers: expected a positive int, got {workers!r}")
+    check_out_folder(out, "the sweep's checkpoints and sweep.json")
+    gd = _distributed()
+    try:
+        client = gd.get_client(workers=workers)
+        print(f"[sweep] {len(runs)} runs on {len(client.nthreads())} Dask workers -> {out}", file=stream, flush=True)
+        results = gd.sweep(sweep_run, runs, client=client, out=out)
+    finally:
+        gd.close()
+    summary = [{"run": i, "checkpoint": os.path.basename(r["checkpoint"]), "config": r["config"],
+                "metrics": r["metrics"]} for i, r in enumerate(results)]
+    write_atomic(os.path.join(out, "sweep.json"), lambda f: f.write(json.dumps(summary, indent=1).encode()))
+    for s in summary:
+        m = s["metrics"]
+        print(f"[sweep] run {s['run']}: {s['config']['family']} seed {s['config']['seed']}: final loss "
+              f"{m['final_loss']:.4f}, test NLL {m['nll_nats']:.4f} nats, MMD^2 {m['mmd_standardised']:.5f} "
+              f"-> {os.path.join(out, s['checkpoint'])}", file=stream)
+    return results
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="genblocks", description="Deep generative models from small composable blocks."
@@ -423,11 +610,19 @@ def build_parser():
     samp = sub.add_parser("sample", help="draw samples from a checkpoint written by 'genblocks train'")
     samp.add_argument("checkpoint")
     samp.add_argument("--n", type=int, default=1000)
-    samp.add_argument("--out", required=True, help="samples.npy, samples.npz or a scatter plot .png")
+    samp.add_argument("--out", required=True, help="samples.npy, samples.npz or a scatter plot .png; with "
+                      "--workers: samples.npy, a .zarr store (zarr installed) or a folder of .npy shards")
     samp.add_argument("--backend", default="numpy", choices=["numpy", "cupy", "strict"])
     samp.add_argument("--seed", type=int, default=0)
     samp.add_argument("--sampler", default=None, help="diffusion: ddpm, ddim, dpm_solver_pp, heun, ...")
     samp.add_argument("--num-inference-steps", type=int, default=None, help="diffusion: sampling steps")
+    samp.add_argument("--workers", type=int, default=None,
+                      help="draw on Dask: W local worker processes, or the cluster at $GENBLOCKS_SCHEDULER")
+    samp.add_argument("--chunk", type=int, default=100_000, help="with --workers: samples per chunk (per stream)")
+    sweep = sub.add_parser("sweep", help="train one model per run of a JSON config on Dask workers")
+    sweep.add_argument("config", help='{"family", "data", "steps", "out", "runs": [{...}, ...]} (see docs)')
+    sweep.add_argument("--workers", type=int, default=None, help="local worker processes (default: one per core)")
+    sweep.add_argument("--out", default=None, help="folder for the checkpoints and sweep.json (else the config's)")
     ev = sub.add_parser("eval", help="test NLL (nats, bits/dim) and MMD of a checkpoint on held-out data")
     ev.add_argument("checkpoint")
     ev.add_argument("--data", required=True, help="a toy density name (fresh points) or a .npy file (n, d)")
@@ -453,6 +648,12 @@ def _run_command(args):
         run_train(args.family, args.data, args.steps, args.out, resume=args.resume, seed=args.seed, n=args.n,
                   batch_size=args.batch_size, lr=args.lr, standardize=not args.no_standardize,
                   options=_parse_options(args.option))
+    elif args.command == "sample" and args.workers is not None:
+        run_sample_distributed(args.checkpoint, args.n, args.out, workers=args.workers, chunk=args.chunk,
+                               backend=args.backend, seed=args.seed,
+                               options={"sampler": args.sampler, "num_inference_steps": args.num_inference_steps})
+    elif args.command == "sweep":
+        run_sweep(args.config, workers=args.workers, out=args.out)
     elif args.command == "sample":
         run_sample(args.checkpoint, args.n, args.out, backend=args.backend, seed=args.seed,
                    options={"sampler": args.sampler, "num_inference_steps": args.num_inference_steps})

@@ -7,17 +7,24 @@
 - ``load_npz(path)``: read every array eagerly with ``allow_pickle=False`` (a file cannot run code);
   truncated, foreign or corrupt files raise ``ValueError`` naming the path.
 - ``save_npy_atomic(path, array)`` / ``load_npy(path)``: one array as ``.npy``, never unpickling.
+- ``save_npy_blocks_atomic(path, shape, dtype, blocks)``: one ``.npy`` written block by block along the first
+  axis (arrays larger than memory, e.g. from ``genblocks.distributed``), atomically, every row checked.
+- ``save_npy_folder_atomic(folder, blocks)``: blocks as ``shard-00000.npy``, ... plus ``index.json``, the
+  folder renamed into place when complete.
 - ``read_idx(path)``: parse an IDX file (the MNIST / Fashion-MNIST format, optionally gzipped).
 """
 
 import gzip
+import json
 import os
+import shutil
 import tempfile
 import zipfile
 
-from genblocks.backends.npz import idx_array, read_npy, read_npz, write_npy, write_npz
+from genblocks.backends.npz import idx_array, read_npy, read_npz, write_npy, write_npy_header, write_npy_rows, write_npz
 
-__all__ = ["write_atomic", "save_npz_atomic", "load_npz", "save_npy_atomic", "load_npy", "read_idx"]
+__all__ = ["write_atomic", "save_npz_atomic", "load_npz", "save_npy_atomic", "load_npy", "read_idx",
+           "save_npy_blocks_atomic", "save_npy_folder_atomic"]
 
 
 def _umask():
@@ -76,6 +83,68 @@ def load_npz(path):
 def save_npy_atomic(path, array):
     """Write one array to ``path`` as ``.npy`` atomically (``write_atomic``); returns the final path."""
     return write_atomic(path, lambda f: write_npy(f, array))
+
+
+def _check_block(block, i, tail, dtype):
+    if tuple(block.shape[1:]) != tuple(tail) or str(block.dtype) != str(dtype):
+        raise ValueError(f"blocks: block {i} has shape {tuple(block.shape)} and dtype {block.dtype}; expected "
+                         f"(rows, {', '.join(str(s) for s in tail)}) and {dtype}")
+    return int(block.shape[0])
+
+
+def save_npy_blocks_atomic(path, shape, dtype, blocks):
+    """Write the host arrays ``blocks`` (consecutive rows, in order) as one ``.npy`` of ``shape`` and ``dtype``.
+
+    Only one block is in memory at a time. The write is atomic (``write_atomic``): if a block has the wrong
+    shape or dtype, or the rows do not add up to ``shape[0]`` (a gap or a duplicate), it raises ``ValueError``
+    and ``path`` keeps what it held before. Returns the final path.
+    """
+    shape = tuple(int(s) for s in shape)
+
+    def write(f):
+        write_npy_header(f, shape, dtype)
+        rows = 0
+        for i, block in enumerate(blocks):
+            rows += _check_block(block, i, shape[1:], dtype)
+            if rows > shape[0]:
+                break
+            write_npy_rows(f, block)
+        if rows != shape[0]:
+            raise ValueError(f"blocks: expected {shape[0]} rows in all, got {rows if rows <= shape[0] else 'more'}")
+
+    return write_atomic(path, write)
+
+
+def save_npy_folder_atomic(folder, blocks, info=None):
+    """Write the host arrays ``blocks`` as ``folder/shard-00000.npy``, ... and ``folder/index.json``.
+
+    ``index.json`` holds the shape of the whole array, its dtype, each shard's rows and ``info`` (a JSON dict).
+    The shards go to a temporary folder beside ``folder`` that is renamed into place once complete, so
+    ``folder`` never holds part of a result; ``folder`` must not exist or be empty. Returns the final path.
+    """
+    folder = os.path.abspath(os.fspath(folder))
+    if os.path.exists(folder) and (not os.path.isdir(folder) or os.listdir(folder)):
+        raise ValueError(f"out: {folder!r} exists and is not an empty folder")
+    parent = os.path.dirname(folder)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    try:
+        rows, tail, dtype = [], None, None
+        for i, block in enumerate(blocks):
+            if tail is None:
+                tail, dtype = tuple(block.shape[1:]), str(block.dtype)
+            rows.append(_check_block(block, i, tail, dtype))
+            save_npy_atomic(os.path.join(tmp, f"shard-{i:05d}.npy"), block)
+        index = {"shape": [sum(rows), *(tail or ())], "dtype": dtype, "rows": rows, "info": info or {}}
+        write_atomic(os.path.join(tmp, "index.json"), lambda f: f.write(json.dumps(index, indent=1).encode()))
+        os.chmod(tmp, 0o777 & ~_umask())
+        if os.path.isdir(folder):
+            os.rmdir(folder)  # empty (checked above)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
 
 
 def load_npy(path):

@@ -7,6 +7,8 @@ bytes and back, because only ``backends/`` may import numpy.
 - ``read_npz(f)``: every array of the ``.npz`` in ``f`` as host arrays, ``allow_pickle=False`` (a file
   cannot run code); ``ValueError`` for a plain ``.npy`` or anything numpy cannot read as an archive.
 - ``write_npy(f, array)`` / ``read_npy(f)``: one array as ``.npy`` (``allow_pickle=False`` both ways).
+- ``write_npy_header(f, shape, dtype)`` then ``write_npy_rows(f, array)`` per block: one ``.npy`` written in
+  blocks along its first axis, without holding the whole array (``genblocks.io.save_npy_blocks_atomic``).
 - ``idx_array(raw, where)``: the array in the bytes of an IDX file (MNIST / Fashion-MNIST format).
 """
 
@@ -31,6 +33,19 @@ def read_npz(f):
 
 def write_npy(f, array):
     onp.save(f, onp.asarray(array), allow_pickle=False)
+
+
+def write_npy_header(f, shape, dtype):
+    """The ``.npy`` header of a C-ordered array of ``shape`` and ``dtype``; its data must follow in order."""
+    header = {"descr": onp.lib.format.dtype_to_descr(onp.dtype(dtype)), "fortran_order": False,
+              "shape": tuple(int(s) for s in shape)}
+    onp.lib.format.write_array_header_1_0(f, header)
+
+
+def write_npy_rows(f, array):
+    """The bytes of ``array`` (a host array) in C order, as the next rows of a ``.npy`` opened by
+    ``write_npy_header``."""
+    f.write(onp.ascontiguousarray(array).tobytes())
 
 
 def read_npy(f):

@@ -122,7 +122,8 @@ def global_norm(tree):
     xp = namespace(leaves)
     total = 0.0
     for leaf in leaves:
-        flat = xp.reshape(xp.astype(leaf, xp.float64), (-1,))
+        wide = leaf if leaf.dtype == xp.float64 else xp.astype(leaf, xp.float64)  # float64: no copy
+        flat = xp.reshape(wide, (-1,))
         total += float(xp.vecdot(flat, flat))
     return math.sqrt(total)
 

@@ -17,6 +17,7 @@ torch runs under it too); see ``benchmarks/allocator.py``.
     python benchmarks/bench_diffusion.py            # about two minutes on 2 quiet cores
     python benchmarks/bench_diffusion.py --quick    # a smoke run (seconds, numbers meaningless)
     python benchmarks/bench_diffusion.py --threads 1   # single-threaded BLAS and torch (a like-for-like loop)
+    python benchmarks/bench_diffusion.py --sampling-only --threads 1 --profile   # where sampling time goes
 
 Figures are indicative: they move with the machine's load and the BLAS build.
 """
@@ -38,6 +39,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from allocator import keep_freed_memory  # noqa: E402 (benchmarks/allocator.py, next to this script)
+from profile_parts import HEADER, cpu_model, format_parts, profile_parts  # noqa: E402
 
 from genblocks.backends import Rng, to_numpy, value_and_grad  # noqa: E402
 from genblocks.blocks.samplers import clip_sample  # noqa: E402
@@ -233,7 +235,10 @@ def main():
     parser.add_argument("--sampling-only", action="store_true", help="skip the quality figures")
     parser.add_argument("--allocator", choices=["default", "keep", "both"], default="both",
                         help="time sampling with the default allocator, after keep_freed_memory(), or both")
+    parser.add_argument("--profile", action="store_true",
+                        help="print where genblocks' sampling time goes (benchmarks/profile_parts.py) first")
     args = parser.parse_args()
+    print(f"CPU: {cpu_model()} ({os.cpu_count()} logical cores); numpy {np.__version__}, BLAS {blas_info()}")
     steps_cb, steps_dg, T = (50, 30, 100) if args.quick else (2000, 1500, 1000)
 
     board = to_numpy(checkerboard(Rng(10), 20000)) / 2.0
@@ -263,9 +268,43 @@ def main():
     sampling_tables(model, params, args)
 
 
+def blas_info():
+    """numpy's BLAS, its kernels and threads (threadpoolctl when installed)."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return f"threads {os.environ.get('OPENBLAS_NUM_THREADS', 'default')} (threadpoolctl not installed)"
+    infos = [p for p in threadpool_info() if p.get("user_api") == "blas"]
+    return ", ".join(f"{p.get('internal_api')} {p.get('version')} {p.get('architecture')} kernels, "
+                     f"{p.get('num_threads')} threads" for p in infos) or "unknown"
+
+
+def profile_sampling(model, params, quick):
+    """Where the time of the network forward and of two sampling loops goes (profile_parts); the fixed
+    cost is the same call at batch 2 (batch 1 would skip the FiLM folding, a different computation)."""
+    n = 200 if quick else 1000
+    fn = model.model_fn(params, shared_time=True)
+    rng = np.random.default_rng(0)
+    x, x2 = rng.normal(size=(n, 2)).astype(np.float32), rng.normal(size=(2, 2)).astype(np.float32)
+    t, t2 = np.full((n,), 500.0, dtype=np.float32), np.full((2,), 500.0, dtype=np.float32)
+    print(f"\nprofile ({n} samples; ms; fixed = the same call at batch 2; elem+mem = total - BLAS - fixed; "
+          "faults = minor page faults per call)")
+    print(HEADER)
+    print("-" * len(HEADER))
+    print(format_parts("forward", profile_parts(lambda: fn(x, t), lambda: fn(x2, t2), 10 if quick else 50)))
+    runs = [("DDIM-50", "ddim", {"num_inference_steps": 50}),
+            ("DPM-Solver++-20", "dpm_solver_pp", {"num_inference_steps": 20, "x0_transform": clip_sample(2.0)})]
+    for name, sampler, kw in runs:
+        parts = profile_parts(lambda: model.sample(params, Rng(0), n, sampler=sampler, **kw),
+                              lambda: model.sample(params, Rng(0), 2, sampler=sampler, **kw), 3 if quick else 7)
+        print(format_parts(name, parts), flush=True)
+
+
 def sampling_tables(model, params, args):
     """The sampling table with glibc's default allocator and/or after keep_freed_memory() (process-wide:
     genblocks and torch run under the same setting; torch keeps its own CPU caching either way)."""
+    if args.profile:
+        profile_sampling(model, params, args.quick)
     if args.allocator in ("default", "both"):
         print("\nallocator: default")
         sampling_table(model, params, args.quick, args.threads)

@@ -8,6 +8,7 @@ this process with the same number of BLAS threads, and the table shows genblocks
     python benchmarks/bench_train_step.py                  # under a minute on 2 quiet cores
     python benchmarks/bench_train_step.py --quick          # fewer steps, a smoke run
     python benchmarks/bench_train_step.py --threads 1      # single-threaded BLAS and torch
+    python benchmarks/bench_train_step.py --threads 1 --profile   # where genblocks' time goes, then the table
 
 The table is printed twice: with the default allocator, then after
 ``keep_freed_memory()`` of ``benchmarks/allocator.py`` (opt-in, process-wide: freed blocks are reused
@@ -28,6 +29,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from allocator import keep_freed_memory  # noqa: E402 (benchmarks/allocator.py, next to this script)
+from profile_parts import HEADER, cpu_model, format_parts, profile_parts  # noqa: E402
 
 from genblocks.backends import Rng, namespace, value_and_grad  # noqa: E402
 from genblocks.blocks.nn import MLP  # noqa: E402
@@ -177,6 +179,8 @@ def main(argv=None):
                         help="BLAS and torch threads (default: what numpy's BLAS uses now)")
     parser.add_argument("--allocator", choices=["default", "keep", "both"], default="both",
                         help="run with the default allocator, after keep_freed_memory(), or both (default)")
+    parser.add_argument("--profile", action="store_true",
+                        help="first print where genblocks' step time goes (benchmarks/profile_parts.py)")
     args = parser.parse_args(argv)
     n_warmup, n_large, n_small = (3, 10, 30) if args.quick else (10, 100, 400)
 
@@ -192,11 +196,14 @@ def main(argv=None):
         except ImportError:
             torch = None
     _, adam_name = get_adam(1e-3)
+    print(f"CPU: {cpu_model()} ({os.cpu_count()} logical cores); python {sys.version.split()[0]}")
     print(f"numpy {np.__version__} ({blas_arch()}), BLAS threads {threads}, "
           f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE')!r}"
           + (f", torch {torch.__version__} ({torch.get_num_threads()} threads)" if torch else ", torch not installed"))
     print(f"optimizer: {adam_name}; median ms per step over {n_large} (batch 256) / {n_small} (batch 64) steps; "
           "fwd+bwd and adam are genblocks' two halves")
+    if args.profile:
+        profile_table(n_small if not args.quick else 10)
     modes = ["default", "keep"] if args.allocator == "both" else [args.allocator]
     for mode in modes:
         if mode == "keep":
@@ -205,6 +212,22 @@ def main(argv=None):
         else:
             print("\nallocator: default")
         run_table(torch, n_warmup, n_large, n_small)
+
+
+def profile_table(n):
+    """Per model and dtype: the whole step, fwd+bwd and the optimizer, split by profile_parts."""
+    print("\nprofile (ms per step; fixed = the same step on 1-wide arrays; elem+mem = total - BLAS - fixed; "
+          "faults = minor page faults per step)")
+    print(HEADER)
+    print("-" * len(HEADER))
+    for widths, batch in CONFIGS:
+        for dtype in ("float32", "float64"):
+            step, pieces, *_ = genblocks_step(widths, batch, dtype)
+            small_step, small_pieces, *_ = genblocks_step((1,) * len(widths), 1, dtype)
+            tag = f"{widths[1]}w b{batch} {dtype[5:]}"
+            print(format_parts(f"{tag} step", profile_parts(step, small_step, n)))
+            for key in ("fwd+bwd", "adam"):
+                print(format_parts(f"{tag} {key}", profile_parts(pieces[key], small_pieces[key], n)), flush=True)
 
 
 def blas_arch():

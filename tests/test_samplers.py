@@ -726,3 +726,29 @@ def test_the_default_step_count_fits_a_short_schedule_and_an_explicit_one_must()
     with pytest.raises(ValueError, match="num_inference_steps: expected at most num_train_timesteps=20, got 50"):
         S.ddim_sample(oracle(short), short, Rng(0), (2, 2), num_inference_steps=50)
     assert repr(S.NUM_INFERENCE_STEPS) == "50" and S.NUM_INFERENCE_STEPS + 1 == 51
+
+
+def test_dpm_solver_pp_step_reuses_its_buffers_and_keeps_the_textbook_roundings():
+    """The step writes D and x0_hat_prev into buffers kept in ``history``; each D equals the out-of-place
+    expression (1 + 1/(2r)) x0 - 1/(2r) x0_prev bit for bit."""
+    rng = np.random.default_rng(5)
+    x0s = [rng.normal(size=(6, 3)).astype("float32") for _ in range(4)]
+    grid = S.dpm_solver_timesteps(LINEAR, 4)
+    history, buffers, prev, h_prev = {}, [], None, None
+    x = rng.normal(size=(6, 3)).astype("float32")
+    for k in range(3):
+        t, t_next = grid[k], grid[k + 1]
+        x0 = x0s[k]
+        terms = S.dpm_solver_pp_step(x, t, t_next, lambda z, tt, x0=x0: S.Denoised(x0, None, None), None,
+                                     schedule=LINEAR, history=history)
+        a, s = LINEAR.marginal_host(t)
+        a_next, s_next = LINEAR.marginal_host(t_next)
+        h = math.log(a_next / s_next) - math.log(a / s)
+        want = x0 if prev is None else (1.0 + 0.5 / (h_prev / h)) * x0 - (0.5 / (h_prev / h)) * prev
+        np.testing.assert_array_equal(terms[1][1], want)
+        assert terms[1][1].dtype == np.float32
+        np.testing.assert_array_equal(history["x0"], x0)
+        buffers.append((id(history["x0"]), id(history.get("D"))))
+        prev, h_prev = x0.copy(), h
+    assert buffers[1] == buffers[2]  # the same two arrays on every step after the first
+    assert x0s[0] is not history["x0"]  # never the model's own array

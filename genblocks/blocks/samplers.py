@@ -529,7 +529,8 @@ def dpm_solver_pp_step(x, t, t_next, denoise, noise, *, schedule, history):
 
     D = x_0_hat on the first step, (1 + 1/(2r)) x_0_hat - 1/(2r) x_0_hat_prev after it (r = h_prev / h); the
     last step lands on sigma = 0: x_0 = x_0_hat. ``history`` (a dict, empty at the start) keeps x_0_hat_prev
-    and h_prev between steps. From alpha = 0 (lambda = -inf) h is inf: e^{-h} = 0, a first-order step.
+    and h_prev between steps (its D and x_0_hat_prev buffers are rewritten in place from step to step).
+    From alpha = 0 (lambda = -inf) h is inf: e^{-h} = 0, a first-order step.
     """
     a, s = schedule.marginal_host(t)
     x0 = denoise(x, t).x0
@@ -537,13 +538,26 @@ def dpm_solver_pp_step(x, t, t_next, denoise, noise, *, schedule, history):
         return [(1.0, x0)]
     a_next, s_next = schedule.marginal_host(t_next)
     h = math.log(a_next / s_next) - math.log(a / s) if a > 0.0 else math.inf
-    if "x0" not in history:
+    xp = namespace(x0)
+    prev = history.get("x0")
+    if prev is None:
         D = x0
+        # a copy: x0_hat can be the model's output, which a model may reuse on its next call
+        history["x0"] = xp.asarray(x0, copy=True)
     else:
         r = history["h"] / h
-        D = (1.0 + 0.5 / r) * x0 - (0.5 / r) * history["x0"]
-    # a copy: x0_hat can be the model's output, which a model may reuse on its next call
-    history.update(x0=namespace(x0).asarray(x0, copy=True), h=h)
+        # D = (1 + 1/(2r)) x0 - 1/(2r) x0_prev, written into buffers kept in ``history`` (no fresh arrays per
+        # step; same roundings as the expression): D is read by the loop before the next step rewrites it
+        D = history.get("D")
+        if D is None:
+            D = history["D"] = xp.asarray(x0, copy=True)
+        else:
+            D[...] = x0
+        D *= 1.0 + 0.5 / r
+        prev *= 0.5 / r
+        D -= prev
+        prev[...] = x0  # x0_hat_prev for the next step
+    history["h"] = h
     return [(s_next / s, x), (-(a_next * math.expm1(-h)), D)]
 
 

@@ -278,6 +278,8 @@ def _check_optimizer(optimizer, name="optimizer"):
 def ema(decay):
     """Exponential moving average of parameters: ``avg <- decay * avg + (1 - decay) * params``.
 
+    (Computed as ``avg + (1 - decay) (params - avg)``, the same average with one fresh array per leaf.)
+
     ``init(params)`` starts the average AT the parameters (a copy), so it needs no bias correction
     (an average started at zero would, like Adam's moments); the state is the averaged tree itself.
     ``update(params, avg) -> avg``; dtypes follow the params.
@@ -290,6 +292,13 @@ def ema(decay):
 
     def update(params, avg):
         xp = namespace(params)
-        return tree_map(lambda a, p: decay * a + (1.0 - decay) * _cast_like(xp, p, a), avg, params)
+
+        def step(a, p):  # avg + (1 - decay) (params - avg): one fresh array, three passes
+            new = _cast_like(xp, p, a) - a
+            new *= 1.0 - decay
+            new += a
+            return new
+
+        return tree_map(step, avg, params)
 
     return Optimizer(init, update)

@@ -21,28 +21,65 @@ def tree_map(fn, tree, *rest, path=""):
     """``fn(leaf, *other_leaves)`` at every leaf; the trees must share ``tree``'s structure.
 
     Structure differences (missing dict keys, list lengths, a dict where a leaf was expected) raise
-    ValueError naming the path, e.g. ``"[1]['W']"``.
+    ValueError naming the path, e.g. ``"[1]['W']"``. The walk itself carries no path (it runs in every
+    optimizer step): on a mismatch, ``_check_same`` walks again, with paths, to name it.
     """
+    try:
+        return _map(fn, tree, rest)
+    except _Mismatch:
+        _check_same(tree, rest, path)
+        raise AssertionError("tree_map: a structure mismatch was detected but not located") from None
+
+
+class _Mismatch(Exception):
+    """Raised by ``_map`` at the first structure difference; ``tree_map`` then locates it."""
+
+
+def _map(fn, tree, rest):
     if isinstance(tree, dict):
         for other in rest:
-            if not isinstance(other, dict) or set(other) != set(tree):
-                raise ValueError(f"trees differ at {_where(path)}: {_describe(tree)} vs {_describe(other)}")
-        return {k: tree_map(fn, v, *(o[k] for o in rest), path=f"{path}[{k!r}]") for k, v in tree.items()}
+            if not isinstance(other, dict) or other.keys() != tree.keys():
+                raise _Mismatch
+        return {k: _map(fn, v, [o[k] for o in rest]) for k, v in tree.items()}
     if isinstance(tree, (list, tuple)):
         for other in rest:
             if not isinstance(other, (list, tuple)) or len(other) != len(tree):
-                raise ValueError(f"trees differ at {_where(path)}: {_describe(tree)} vs {_describe(other)}")
-        out = [tree_map(fn, v, *(o[i] for o in rest), path=f"{path}[{i}]") for i, v in enumerate(tree)]
+                raise _Mismatch
+        out = [_map(fn, v, [o[i] for o in rest]) for i, v in enumerate(tree)]
         return tuple(out) if isinstance(tree, tuple) else out
     if tree is None:
         for other in rest:
             if other is not None:
-                raise ValueError(f"trees differ at {_where(path)}: None vs {_describe(other)}")
+                raise _Mismatch
         return None
     for other in rest:
         if isinstance(other, (dict, list, tuple)) or other is None:
-            raise ValueError(f"trees differ at {_where(path)}: a leaf vs {_describe(other)}")
+            raise _Mismatch
     return fn(tree, *rest)
+
+
+def _check_same(tree, rest, path):
+    """Raise ValueError naming the first place where ``rest`` differs from ``tree``'s structure."""
+    if isinstance(tree, dict):
+        for other in rest:
+            if not isinstance(other, dict) or set(other) != set(tree):
+                raise ValueError(f"trees differ at {_where(path)}: {_describe(tree)} vs {_describe(other)}")
+        for k, v in tree.items():
+            _check_same(v, [o[k] for o in rest], f"{path}[{k!r}]")
+    elif isinstance(tree, (list, tuple)):
+        for other in rest:
+            if not isinstance(other, (list, tuple)) or len(other) != len(tree):
+                raise ValueError(f"trees differ at {_where(path)}: {_describe(tree)} vs {_describe(other)}")
+        for i, v in enumerate(tree):
+            _check_same(v, [o[i] for o in rest], f"{path}[{i}]")
+    elif tree is None:
+        for other in rest:
+            if other is not None:
+                raise ValueError(f"trees differ at {_where(path)}: None vs {_describe(other)}")
+    else:
+        for other in rest:
+            if isinstance(other, (dict, list, tuple)) or other is None:
+                raise ValueError(f"trees differ at {_where(path)}: a leaf vs {_describe(other)}")
 
 
 def _describe(node):
@@ -85,7 +122,8 @@ def global_norm(tree):
     xp = namespace(leaves)
     total = 0.0
     for leaf in leaves:
-        flat = xp.reshape(xp.astype(leaf, xp.float64), (-1,))
+        wide = leaf if leaf.dtype == xp.float64 else xp.astype(leaf, xp.float64)  # float64: no copy
+        flat = xp.reshape(wide, (-1,))
         total += float(xp.vecdot(flat, flat))
     return math.sqrt(total)
 

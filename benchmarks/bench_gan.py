@@ -84,12 +84,14 @@ def train(target, loss_name, args):
     test = to_numpy(toy(target, Rng(9), 2000))
     w = args.width
     gan = GAN(MLPGenerator(args.latent, 2, (w,) * 3),
-              MLPDiscriminator(2, (w,) * 3, minibatch_std=args.minibatch_std, spectral_norm=args.spectral_norm),
-              **LOSSES[loss_name])
+              MLPDiscriminator(2 * args.pack, (w,) * 3, minibatch_std=args.minibatch_std,
+                               spectral_norm=args.spectral_norm, input_range=args.input_range or None),
+              pack=args.pack, **LOSSES[loss_name])
     params = gan.init(Rng(1))
     total = args.steps
     lr = cosine_decay(args.lr, total, args.lr * 0.05)
-    groups = gan.players(adam(lr, b1=0.5), adam(lr, b1=0.5))
+    b1, b2 = args.wgan_betas if loss_name == "wgan_gp" else (0.5, 0.999)
+    groups = gan.players(adam(lr, b1=b1, b2=b2), adam(lr, b1=b1, b2=b2))
     ms = step_ms(gan, params, gan.init_state(params), data[:args.batch_size], repeats=3 if args.quick else 20)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -218,6 +220,10 @@ def main(argv=None):
     p.add_argument("--latent", type=int, default=2)
     p.add_argument("--minibatch-std", action="store_true", help="the batch-std feature in the discriminator")
     p.add_argument("--spectral-norm", action="store_true", help="a spectral-normalised discriminator")
+    p.add_argument("--input-range", type=float, default=4.0,
+                   help="the discriminator's first-layer kinks start inside [-s, s]^2 (0: zero biases)")
+    p.add_argument("--pack", type=int, default=1, help="PacGAN: samples the discriminator sees at once")
+    p.add_argument("--wgan-betas", type=float, nargs=2, default=(0.5, 0.999), help="Adam's b1, b2 for WGAN-GP")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch twin")
     p.add_argument("--digits-steps", type=int, default=1500, help="steps of the digits GAN (0: skip it)")
     p.add_argument("--digits-latent", type=int, default=16)
@@ -228,7 +234,8 @@ def main(argv=None):
     threads = set_blas_threads(args.threads)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, {platform.python_version()}, BLAS threads "
           f"{threads}; budget {args.seconds:.0f} s or {args.steps} steps per run, {args.width}-wide 3-layer MLPs, "
-          f"latent {args.latent}, lr {args.lr}, minibatch_std {args.minibatch_std}, spectral_norm {args.spectral_norm}")
+          f"latent {args.latent}, lr {args.lr}, minibatch_std {args.minibatch_std}, "
+          f"spectral_norm {args.spectral_norm}, input_range {args.input_range}, pack {args.pack}, EMA {args.ema}")
     print("| run | steps | s | modes (>= 20 of 2500 within 3 std) | high quality | MMD^2 | ms/D step | ms/G step |")
     print("|---|---|---|---|---|---|---|---|")
     for target in args.targets:

@@ -50,7 +50,8 @@ def _gan_players(model, lr, d_lr_scale, b1=0.5):
 def _gan(c):
     hidden = tuple(c["hidden"])
     return GAN(MLPGenerator(c["latent_dim"], c["dim"], hidden),
-               MLPDiscriminator(c["dim"] * c["pack"], hidden, minibatch_std=c["minibatch_std"]),
+               MLPDiscriminator(c["dim"] * c["pack"], hidden, minibatch_std=c["minibatch_std"],
+                                input_range=c["input_range"]),
                loss=c["loss"], penalty=c["penalty"], n_critic=c["n_critic"], pack=c["pack"])
 
 
@@ -83,7 +84,8 @@ FAMILIES = {
     "gan": Family(
         build=_gan,
         defaults={"hidden": [128, 128, 128], "latent_dim": 2, "loss": "non_saturating", "penalty": None,
-                  "n_critic": 1, "pack": 1, "minibatch_std": False, "d_lr_scale": 1.0, "lr": 5e-4},
+                  "n_critic": 1, "pack": 1, "minibatch_std": False, "input_range": 2.0, "d_lr_scale": 1.0,
+                  "lr": 5e-4},
         likelihood="none: a GAN has no likelihood", log_prob=None, ema_decay=0.999,
         players=lambda model, lr, c: _gan_players(model, lr, c["d_lr_scale"])),
 }

@@ -90,8 +90,9 @@ def train(target, loss_name, args):
     params = gan.init(Rng(1))
     total = args.steps
     lr = cosine_decay(args.lr, total, args.lr * 0.05)
+    lr_d = cosine_decay(args.lr * args.d_lr_scale, total, args.lr * args.d_lr_scale * 0.05)
     b1, b2 = args.wgan_betas if loss_name == "wgan_gp" else (0.5, 0.999)
-    groups = gan.players(adam(lr, b1=b1, b2=b2), adam(lr, b1=b1, b2=b2))
+    groups = gan.players(adam(lr_d, b1=b1, b2=b2), adam(lr, b1=b1, b2=b2))
     ms = step_ms(gan, params, gan.init_state(params), data[:args.batch_size], repeats=3 if args.quick else 20)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -110,7 +111,8 @@ def train(target, loss_name, args):
 
 
 def torch_twin(target, args):
-    """The non-saturating run in PyTorch (same widths, Adam, cosine decay, EMA, batch), same time budget."""
+    """The non-saturating run in PyTorch (same widths, init of D's first layer, Adam and its two learning rates,
+    cosine decay, EMA, batch), same time budget (it does not pack)."""
     try:
         import torch
     except ImportError:
@@ -124,10 +126,16 @@ def torch_twin(target, args):
         return torch.nn.Sequential(*layers, torch.nn.Linear(w, d_out))
 
     G, D = mlp(2, 2, torch.nn.ReLU), mlp(2, 1, lambda: torch.nn.LeakyReLU(0.01))
+    if args.input_range:  # the same start as MLPDiscriminator(input_range=s): kinks through points of the box
+        with torch.no_grad():
+            first = D[0]
+            c = (torch.rand(first.weight.shape) * 2.0 - 1.0) * args.input_range
+            first.bias.copy_(-(first.weight * c).sum(1))
     ema = [p.detach().clone() for p in G.parameters()]
     opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.5, 0.999))
-    opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(0.5, 0.999))
-    sched = [torch.optim.lr_scheduler.CosineAnnealingLR(o, args.steps, eta_min=args.lr * 0.05) for o in (opt_g, opt_d)]
+    opt_d = torch.optim.Adam(D.parameters(), lr=args.lr * args.d_lr_scale, betas=(0.5, 0.999))
+    sched = [torch.optim.lr_scheduler.CosineAnnealingLR(o, args.steps, eta_min=o.param_groups[0]["lr"] * 0.05)
+             for o in (opt_g, opt_d)]
     data = torch.tensor(to_numpy(toy(target, Rng(0), args.n_train)))
     test = to_numpy(toy(target, Rng(9), 2000))
     sp = torch.nn.functional.softplus
@@ -181,8 +189,9 @@ def digits_run(args):
               MLPDiscriminator(64, (w, w)), loss="non_saturating")
     params = gan.init(Rng(1))
     steps = 20 if args.quick else args.digits_steps
-    groups = gan.players(adam(cosine_decay(args.lr, steps, args.lr * 0.05), b1=0.5),
-                         adam(cosine_decay(args.lr, steps, args.lr * 0.05), b1=0.5))
+    lr = args.digits_lr
+    schedule = cosine_decay(lr, steps, lr * 0.05)
+    groups = gan.players(adam(schedule, b1=0.5), adam(schedule, b1=0.5))
     start = time.perf_counter()
     result = fit(None, params, x, Rng(2), None, steps, groups=groups, state=gan.init_state(params),
                  batch_size=min(args.batch_size, 128), ema_decay=args.ema, progress=False)
@@ -212,21 +221,24 @@ def main(argv=None):
     p.add_argument("--chunk", type=int, default=250, help="steps between time checks")
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--ema", type=float, default=0.99)
     p.add_argument("--n-train", type=int, default=20000)
-    p.add_argument("--targets", nargs="+", default=["eight_gaussians", "grid_gaussians"])
+    p.add_argument("--targets", nargs="*", default=["eight_gaussians", "grid_gaussians"])
     p.add_argument("--losses", nargs="+", default=list(LOSSES), choices=list(LOSSES))
     p.add_argument("--latent", type=int, default=2)
-    p.add_argument("--minibatch-std", action="store_true", help="the batch-std feature in the discriminator")
+    p.add_argument("--minibatch-std", action=argparse.BooleanOptionalAction, default=True,
+                   help="the batch-std feature in the discriminator (default on)")
     p.add_argument("--spectral-norm", action="store_true", help="a spectral-normalised discriminator")
     p.add_argument("--input-range", type=float, default=4.0,
                    help="the discriminator's first-layer kinks start inside [-s, s]^2 (0: zero biases)")
+    p.add_argument("--d-lr-scale", type=float, default=1.0, help="the discriminator's lr is this times --lr")
     p.add_argument("--pack", type=int, default=1, help="PacGAN: samples the discriminator sees at once")
     p.add_argument("--wgan-betas", type=float, nargs=2, default=(0.5, 0.999), help="Adam's b1, b2 for WGAN-GP")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch twin")
     p.add_argument("--digits-steps", type=int, default=1500, help="steps of the digits GAN (0: skip it)")
     p.add_argument("--digits-latent", type=int, default=16)
+    p.add_argument("--digits-lr", type=float, default=5e-4)
     p.add_argument("--threads", type=int, default=1, help="BLAS threads (default 1)")
     args = p.parse_args(argv)
     if args.quick:
@@ -235,7 +247,8 @@ def main(argv=None):
     print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, {platform.python_version()}, BLAS threads "
           f"{threads}; budget {args.seconds:.0f} s or {args.steps} steps per run, {args.width}-wide 3-layer MLPs, "
           f"latent {args.latent}, lr {args.lr}, minibatch_std {args.minibatch_std}, "
-          f"spectral_norm {args.spectral_norm}, input_range {args.input_range}, pack {args.pack}, EMA {args.ema}")
+          f"spectral_norm {args.spectral_norm}, D lr x{args.d_lr_scale}, input_range {args.input_range}, "
+          f"pack {args.pack}, EMA {args.ema}")
     print("| run | steps | s | modes (>= 20 of 2500 within 3 std) | high quality | MMD^2 | ms/D step | ms/G step |")
     print("|---|---|---|---|---|---|---|---|")
     for target in args.targets:

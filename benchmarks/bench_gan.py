@@ -1,29 +1,26 @@
 """GANs on the 8-Gaussian ring and the 5x5 grid (std 0.05): modes, high-quality rate, MMD, ms per D and G step.
 
-Each run trains a 3x128 MLP generator and discriminator (latent dimension 2, Adam b1 = 0.5, cosine-decayed
-learning rate, generator EMA) for a wall-clock budget (``--seconds``, default 120, the figure the issue
-quotes for PyTorch) or a step count, then scores 2500 samples of the EMA generator: modes covered (a mode
-counts with at least 20 samples within 3 std of its centre, PacGAN's rule), the high-quality rate (the
-fraction of samples within 3 std of some centre) and the MMD^2 to 2000 held-out points. Losses:
-non-saturating, and WGAN-GP (n_critic 5). Prints ms per discriminator step and per generator step
-(forward, backward, Adam) and, when torch is importable, the same figures for a PyTorch twin of the
-non-saturating run trained for the same time.
+Each run trains a 3x128 MLP generator and discriminator (latent dimension 2, Adam b1 = 0.5, lr 2e-3
+cosine-decayed to 5%, generator EMA 0.99; by default the discriminator has the minibatch-std feature and
+its first-layer kinks start inside [-4, 4]^2, ``MLPDiscriminator(input_range=4)``: the recipe that took the
+grid from 1 to 11 of 25 modes, docs/gan.md) for a wall-clock budget (``--seconds``, default 120, the
+figure the issue quotes for PyTorch) or a step count, then scores 2500 samples of the EMA generator: modes
+covered (a mode counts with at least 20 samples within 3 std of its centre, PacGAN's rule), the
+high-quality rate (the fraction of samples within 3 std of some centre) and the MMD^2 to 2000 held-out
+points. Losses: non-saturating, and WGAN-GP (n_critic 5; ``--wgan-betas 0 0.9 --d-lr-scale 4`` is the
+setting that works). Prints ms per discriminator step and per generator step (forward, backward, Adam)
+and, when torch is importable, the same figures for a PyTorch twin of the non-saturating run (same D start
+and learning rates, no minibatch std) trained for the same time or steps. Then an MLP GAN on the 8x8
+digits, scored by the Frechet distance on ``genblocks.metrics.DigitsFeatures`` (``--digits-steps 0``
+skips it).
 
-    python benchmarks/bench_gan.py                   # both targets, both losses, 120 s each (about 10 minutes)
+    python benchmarks/bench_gan.py                   # both targets, both losses, 120 s each, digits (15 minutes)
     python benchmarks/bench_gan.py --quick           # tiny sizes: checks the script runs (seconds)
-    python benchmarks/bench_gan.py --seconds 60 --targets eight_gaussians --losses non_saturating
+    python benchmarks/bench_gan.py --targets grid_gaussians --losses non_saturating --steps 1500 --seconds 100000
 
-Measured here (2 shared cores, load average about 10, one BLAS thread; ``python benchmarks/bench_gan.py
---losses non_saturating``, 120 s per run): on eight Gaussians genblocks 8/8 modes at 97.6% high quality,
-MMD^2 0.0017 in 1750 steps (PyTorch twin: 8/8 at 98.5%, 1804 steps); on the 5x5 grid 1/25 modes at 7.8%
-(PyTorch twin 3/25 at 9.3%), far from the >= 20/25 target. With --minibatch-std --steps 1300 --lr 1e-3 the
-grid gave 1/25 at 6.6%, and 4000 steps (--seconds 240, 189 s) 4/25 at 13.2%. WGAN-GP gave 1/25 (250
-steps) on the grid and 2/8 at 28.5% (750 steps) on eight Gaussians (at --lr 1e-4: 1/8 at 4.0% after
-1500 steps; the cause is not established). ms per D step 40, per G step 22 (PyTorch 29 and 25) at that
-load.
-
-Figures are indicative: they move with the machine's load and the BLAS build. Not done here: the
-Frechet distance on digits features (the issue's digits classifier is not built yet).
+Measured figures, with the commands and the machine's load, are in docs/gan.md ("Measured"): at 1500
+steps 8/8 at 97.8% on eight Gaussians and 11/25 at 51.8% on the grid (the >= 20/25 target is not met).
+Figures move with the machine's load and the BLAS build.
 """
 
 import argparse

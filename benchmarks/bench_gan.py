@@ -19,8 +19,8 @@ skips it).
     python benchmarks/bench_gan.py --targets grid_gaussians --losses non_saturating --steps 1500 --seconds 100000
 
 Measured figures, with the commands and the machine's load, are in docs/gan.md ("Measured"): at 1500
-steps 8/8 at 97.8% on eight Gaussians and 11/25 at 51.8% on the grid; 20/25 at 74.0% after 4000 steps
-(790 s at load 15 to 20: the grid's count is reached in steps, not in two minutes).
+steps 8/8 at 97.8% on eight Gaussians and 11/25 at 51.8% on the grid; the default (120 s or 4000 steps) at
+load about 10 gave 20/25 at 74.0% on the grid in 4000 steps (122 s; PyTorch twin 13/25 in 81 s).
 Figures move with the machine's load and the BLAS build.
 """
 

@@ -1,29 +1,27 @@
 """GANs on the 8-Gaussian ring and the 5x5 grid (std 0.05): modes, high-quality rate, MMD, ms per D and G step.
 
-Each run trains a 3x128 MLP generator and discriminator (latent dimension 2, Adam b1 = 0.5, cosine-decayed
-learning rate, generator EMA) for a wall-clock budget (``--seconds``, default 120, the figure the issue
-quotes for PyTorch) or a step count, then scores 2500 samples of the EMA generator: modes covered (a mode
-counts with at least 20 samples within 3 std of its centre, PacGAN's rule), the high-quality rate (the
-fraction of samples within 3 std of some centre) and the MMD^2 to 2000 held-out points. Losses:
-non-saturating, and WGAN-GP (n_critic 5). Prints ms per discriminator step and per generator step
-(forward, backward, Adam) and, when torch is importable, the same figures for a PyTorch twin of the
-non-saturating run trained for the same time.
+Each run trains a 3x128 MLP generator and discriminator (latent dimension 2, Adam b1 = 0.5, lr 2e-3
+cosine-decayed to 5%, generator EMA 0.99; by default the discriminator has the minibatch-std feature and
+its first-layer kinks start inside [-4, 4]^2, ``MLPDiscriminator(input_range=4)``: the recipe that took the
+grid from 1 to 11 of 25 modes, docs/gan.md) for a wall-clock budget (``--seconds``, default 120, the
+figure the issue quotes for PyTorch) or a step count, then scores 2500 samples of the EMA generator: modes
+covered (a mode counts with at least 20 samples within 3 std of its centre, PacGAN's rule), the
+high-quality rate (the fraction of samples within 3 std of some centre) and the MMD^2 to 2000 held-out
+points. Losses: non-saturating, and WGAN-GP (n_critic 5; ``--wgan-betas 0 0.9 --d-lr-scale 4`` is the
+setting that works). Prints ms per discriminator step and per generator step (forward, backward, Adam)
+and, when torch is importable, the same figures for a PyTorch twin of the non-saturating run (same D start
+and learning rates, no minibatch std) trained for the same time or steps. Then an MLP GAN on the 8x8
+digits, scored by the Frechet distance on ``genblocks.metrics.DigitsFeatures`` (``--digits-steps 0``
+skips it).
 
-    python benchmarks/bench_gan.py                   # both targets, both losses, 120 s each (about 10 minutes)
+    python benchmarks/bench_gan.py                   # both targets, both losses, 120 s each, digits (15 minutes)
     python benchmarks/bench_gan.py --quick           # tiny sizes: checks the script runs (seconds)
-    python benchmarks/bench_gan.py --seconds 60 --targets eight_gaussians --losses non_saturating
+    python benchmarks/bench_gan.py --targets grid_gaussians --losses non_saturating --steps 1500 --seconds 100000
 
-Measured here (2 shared cores, load average about 10, one BLAS thread; ``python benchmarks/bench_gan.py
---losses non_saturating``, 120 s per run): on eight Gaussians genblocks 8/8 modes at 97.6% high quality,
-MMD^2 0.0017 in 1750 steps (PyTorch twin: 8/8 at 98.5%, 1804 steps); on the 5x5 grid 1/25 modes at 7.8%
-(PyTorch twin 3/25 at 9.3%), far from the >= 20/25 target. With --minibatch-std --steps 1300 --lr 1e-3 the
-grid gave 1/25 at 6.6%, and 4000 steps (--seconds 240, 189 s) 4/25 at 13.2%. WGAN-GP gave 1/25 (250
-steps) on the grid and 2/8 at 28.5% (750 steps) on eight Gaussians (at --lr 1e-4: 1/8 at 4.0% after
-1500 steps; the cause is not established). ms per D step 40, per G step 22 (PyTorch 29 and 25) at that
-load.
-
-Figures are indicative: they move with the machine's load and the BLAS build. Not done here: the
-Frechet distance on digits features (the issue's digits classifier is not built yet).
+Measured figures, with the commands and the machine's load, are in docs/gan.md ("Measured"): at 1500
+steps 8/8 at 97.8% on eight Gaussians and 11/25 at 51.8% on the grid; the default (120 s or 4000 steps) at
+load about 10 gave 20/25 at 74.0% on the grid in 4000 steps (122 s; PyTorch twin 13/25 in 81 s).
+Figures move with the machine's load and the BLAS build.
 """
 
 import argparse
@@ -84,12 +82,15 @@ def train(target, loss_name, args):
     test = to_numpy(toy(target, Rng(9), 2000))
     w = args.width
     gan = GAN(MLPGenerator(args.latent, 2, (w,) * 3),
-              MLPDiscriminator(2, (w,) * 3, minibatch_std=args.minibatch_std, spectral_norm=args.spectral_norm),
-              **LOSSES[loss_name])
+              MLPDiscriminator(2 * args.pack, (w,) * 3, minibatch_std=args.minibatch_std,
+                               spectral_norm=args.spectral_norm, input_range=args.input_range or None),
+              pack=args.pack, **LOSSES[loss_name])
     params = gan.init(Rng(1))
     total = args.steps
     lr = cosine_decay(args.lr, total, args.lr * 0.05)
-    groups = gan.players(adam(lr, b1=0.5), adam(lr, b1=0.5))
+    lr_d = cosine_decay(args.lr * args.d_lr_scale, total, args.lr * args.d_lr_scale * 0.05)
+    b1, b2 = args.wgan_betas if loss_name == "wgan_gp" else (0.5, 0.999)
+    groups = gan.players(adam(lr_d, b1=b1, b2=b2), adam(lr, b1=b1, b2=b2))
     ms = step_ms(gan, params, gan.init_state(params), data[:args.batch_size], repeats=3 if args.quick else 20)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -108,7 +109,8 @@ def train(target, loss_name, args):
 
 
 def torch_twin(target, args):
-    """The non-saturating run in PyTorch (same widths, Adam, cosine decay, EMA, batch), same time budget."""
+    """The non-saturating run in PyTorch (same widths, init of D's first layer, Adam and its two learning rates,
+    cosine decay, EMA, batch), same time budget (it does not pack)."""
     try:
         import torch
     except ImportError:
@@ -122,10 +124,16 @@ def torch_twin(target, args):
         return torch.nn.Sequential(*layers, torch.nn.Linear(w, d_out))
 
     G, D = mlp(2, 2, torch.nn.ReLU), mlp(2, 1, lambda: torch.nn.LeakyReLU(0.01))
+    if args.input_range:  # the same start as MLPDiscriminator(input_range=s): kinks through points of the box
+        with torch.no_grad():
+            first = D[0]
+            c = (torch.rand(first.weight.shape) * 2.0 - 1.0) * args.input_range
+            first.bias.copy_(-(first.weight * c).sum(1))
     ema = [p.detach().clone() for p in G.parameters()]
     opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.5, 0.999))
-    opt_d = torch.optim.Adam(D.parameters(), lr=args.lr, betas=(0.5, 0.999))
-    sched = [torch.optim.lr_scheduler.CosineAnnealingLR(o, args.steps, eta_min=args.lr * 0.05) for o in (opt_g, opt_d)]
+    opt_d = torch.optim.Adam(D.parameters(), lr=args.lr * args.d_lr_scale, betas=(0.5, 0.999))
+    sched = [torch.optim.lr_scheduler.CosineAnnealingLR(o, args.steps, eta_min=o.param_groups[0]["lr"] * 0.05)
+             for o in (opt_g, opt_d)]
     data = torch.tensor(to_numpy(toy(target, Rng(0), args.n_train)))
     test = to_numpy(toy(target, Rng(9), 2000))
     sp = torch.nn.functional.softplus
@@ -161,6 +169,43 @@ def torch_twin(target, args):
             **score(samples, target, test)}
 
 
+def digits_run(args):
+    """An MLP GAN on the 1000 training digits (pixels / 16 in [0, 1], sigmoid generator) for ``--digits-seconds``;
+    the Frechet distance on DigitsFeatures of its samples and, for scale, of the valid split and of noise,
+    each against the 447 test digits."""
+    from genblocks.data import load_digits
+    from genblocks.metrics import DigitsFeatures
+
+    start = time.perf_counter()
+    feats = DigitsFeatures.train(Rng(0), steps=60 if args.quick else 400)
+    train_s = time.perf_counter() - start
+    x = load_digits(split="train", backend="numpy")[0] / 16.0
+    test = load_digits(split="test", backend="numpy")[0]
+    valid = load_digits(split="valid", backend="numpy")[0]
+    w = args.width
+    gan = GAN(MLPGenerator(args.digits_latent, 64, (w, w), final_activation="sigmoid"),
+              MLPDiscriminator(64, (w, w)), loss="non_saturating")
+    params = gan.init(Rng(1))
+    steps = 20 if args.quick else args.digits_steps
+    lr = args.digits_lr
+    schedule = cosine_decay(lr, steps, lr * 0.05)
+    groups = gan.players(adam(schedule, b1=0.5), adam(schedule, b1=0.5))
+    start = time.perf_counter()
+    result = fit(None, params, x, Rng(2), None, steps, groups=groups, state=gan.init_state(params),
+                 batch_size=min(args.batch_size, 128), ema_decay=args.ema, progress=False)
+    seconds = time.perf_counter() - start
+    samples = 16.0 * to_numpy(gan.sample(result.ema_params, Rng(3), test.shape[0]))
+    noise = 16.0 * to_numpy(Rng(4).uniform(test.shape))
+    print(f"digits (8x8, 1000 training images): classifier {feats.mlp.widths} trained in {train_s:.1f} s, valid "
+          f"accuracy {100 * feats.accuracy:.1f}%; Frechet distance on its {feats.mlp.widths[-2]} penultimate "
+          f"features, against the {test.shape[0]} test digits:")
+    print("| images | FD |\n|---|---|")
+    print(f"| valid split (real digits) | {feats.frechet_distance(valid, test):.2f} |")
+    print(f"| MLP GAN {w}x2, latent {args.digits_latent}, {steps} steps ({seconds:.0f} s), EMA generator | "
+          f"{feats.frechet_distance(samples, test):.2f} |")
+    print(f"| uniform noise | {feats.frechet_distance(noise, test):.2f} |", flush=True)
+
+
 def row(name, r):
     return (f"| {name} | {r['steps']} | {r['seconds']:.0f} | {r['modes']} | {100 * r['hq']:.1f}% | {r['mmd']:.5f} "
             f"| {r['ms_d']:.2f} | {r['ms_g']:.2f} |")
@@ -174,15 +219,24 @@ def main(argv=None):
     p.add_argument("--chunk", type=int, default=250, help="steps between time checks")
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--ema", type=float, default=0.99)
     p.add_argument("--n-train", type=int, default=20000)
-    p.add_argument("--targets", nargs="+", default=["eight_gaussians", "grid_gaussians"])
-    p.add_argument("--losses", nargs="+", default=list(LOSSES), choices=list(LOSSES))
+    p.add_argument("--targets", nargs="*", default=["eight_gaussians", "grid_gaussians"])
+    p.add_argument("--losses", nargs="*", default=list(LOSSES), choices=list(LOSSES))
     p.add_argument("--latent", type=int, default=2)
-    p.add_argument("--minibatch-std", action="store_true", help="the batch-std feature in the discriminator")
+    p.add_argument("--minibatch-std", action=argparse.BooleanOptionalAction, default=True,
+                   help="the batch-std feature in the discriminator (default on)")
     p.add_argument("--spectral-norm", action="store_true", help="a spectral-normalised discriminator")
+    p.add_argument("--input-range", type=float, default=4.0,
+                   help="the discriminator's first-layer kinks start inside [-s, s]^2 (0: zero biases)")
+    p.add_argument("--d-lr-scale", type=float, default=1.0, help="the discriminator's lr is this times --lr")
+    p.add_argument("--pack", type=int, default=1, help="PacGAN: samples the discriminator sees at once")
+    p.add_argument("--wgan-betas", type=float, nargs=2, default=(0.5, 0.999), help="Adam's b1, b2 for WGAN-GP")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch twin")
+    p.add_argument("--digits-steps", type=int, default=1500, help="steps of the digits GAN (0: skip it)")
+    p.add_argument("--digits-latent", type=int, default=16)
+    p.add_argument("--digits-lr", type=float, default=5e-4)
     p.add_argument("--threads", type=int, default=1, help="BLAS threads (default 1)")
     args = p.parse_args(argv)
     if args.quick:
@@ -190,7 +244,9 @@ def main(argv=None):
     threads = set_blas_threads(args.threads)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, {platform.python_version()}, BLAS threads "
           f"{threads}; budget {args.seconds:.0f} s or {args.steps} steps per run, {args.width}-wide 3-layer MLPs, "
-          f"latent {args.latent}, lr {args.lr}, minibatch_std {args.minibatch_std}, spectral_norm {args.spectral_norm}")
+          f"latent {args.latent}, lr {args.lr}, minibatch_std {args.minibatch_std}, "
+          f"spectral_norm {args.spectral_norm}, D lr x{args.d_lr_scale}, input_range {args.input_range}, "
+          f"pack {args.pack}, EMA {args.ema}")
     print("| run | steps | s | modes (>= 20 of 2500 within 3 std) | high quality | MMD^2 | ms/D step | ms/G step |")
     print("|---|---|---|---|---|---|---|---|")
     for target in args.targets:
@@ -203,6 +259,8 @@ def main(argv=None):
             print(f"| PyTorch non_saturating, {target} | [torch not importable] | | | | | | |")
         else:
             print(row(f"PyTorch non_saturating, {target}", theirs), flush=True)
+    if args.digits_steps > 0:
+        digits_run(args)
     print(f"targets: 8/8 modes at >= 97% high quality on eight_gaussians, >= 20/25 on the grid; sqrt(2)/4 and "
           f"0.05 are the stds, {math.sqrt(2) / 4 * 3:.3f} and 0.15 the 3-std radii")
 

@@ -235,7 +235,11 @@ def _load_checkpoint(path):
     if family not in FAMILIES or "model" not in config:
         raise ValueError(f"checkpoint: {path!r} was not written by 'genblocks train' (its config has no known "
                          f"family: {family!r}; expected one of {sorted(FAMILIES)})")
-    return family, build_model(family, config["model"]), ckpt["params"], ckpt["state"], config
+    params = ckpt["params"]
+    average = (ckpt["opt_state"] or {}).get("ema") if FAMILIES[family].ema_decay else None
+    if average is not None:  # a family trained with a parameter EMA samples and is scored with it
+        params = average
+    return family, build_model(family, config["model"]), params, ckpt["state"], config
 
 
 def _scaling(config):
@@ -298,11 +302,21 @@ def run_train(family, data, steps, out, *, resume=False, seed=0, n=4096, batch_s
     params = entry.prepare(model, model.init(r_init), x)
     print(f"[train] {family} on {described}{', standardised' if standardize else ''}: {steps} steps -> {out}",
           file=stream, flush=True)
-    result = fit(model.loss, params, x, r_fit, adam(entry.defaults["lr"] if lr is None else lr), steps,
-                 batch_size=batch_size, checkpoint_path=out, checkpoint_every=max(1, min(100, steps // 10)),
-                 config=config, resume=resume)
-    final = result.history["loss"][-1] if result.history["loss"] else float("nan")
-    print(f"[train] done: final loss {final:.4f}; checkpoint {out}", file=stream)
+    lr = entry.defaults["lr"] if lr is None else lr
+    every = max(1, min(100, steps // 10))
+    if entry.players is not None:  # several players (a GAN): one optimizer and loss each, through fit's groups
+        result = fit(None, params, x, r_fit, None, steps, groups=entry.players(model, lr, config["model"]),
+                     state=model.init_state(params), batch_size=batch_size, checkpoint_path=out,
+                     checkpoint_every=every, config=config, resume=resume, ema_decay=entry.ema_decay)
+    else:
+        result = fit(model.loss, params, x, r_fit, adam(lr), steps, batch_size=batch_size, checkpoint_path=out,
+                     checkpoint_every=every, config=config, resume=resume, ema_decay=entry.ema_decay)
+    losses = result.history["loss"]
+    if isinstance(losses, dict):
+        final = ", ".join(f"{k} {v[-1]:.4f}" if v else f"{k} nan" for k, v in losses.items())
+    else:
+        final = f"{losses[-1]:.4f}" if losses else "nan"
+    print(f"[train] done: final loss {final}; checkpoint {out}", file=stream)
     return result
 
 
@@ -380,15 +394,19 @@ def run_eval(checkpoint, data, *, n=2000, seed=1, stream=None):
     if scaling is not None:  # log p(x) = log p(z) - sum log std, z = (x - mean) / std
         z = (x - scaling["mean"]) / scaling["std"]
         log_jac = float(xp.sum(xp.log(scaling["std"])))
-    log_p = to_numpy(FAMILIES[family].log_prob(model, params, z)) - log_jac
-    nll = float(-log_p.mean())
+    nll = None
+    if FAMILIES[family].log_prob is not None:
+        nll = float(-(to_numpy(FAMILIES[family].log_prob(model, params, z)) - log_jac).mean())
     samples = to_numpy(model.sample(params, Rng(seed + 1, "numpy"), x.shape[0]))
     distance = float(to_numpy(mmd(xp.asarray(samples, dtype=xp.float64), xp.asarray(z, dtype=xp.float64))))
     d = x.shape[1]
-    report = {"family": family, "data": described, "nll_nats": nll, "bits_per_dim": nll / (d * math.log(2.0)),
+    report = {"family": family, "data": described, "nll_nats": nll,
+              "bits_per_dim": None if nll is None else nll / (d * math.log(2.0)),
               "likelihood": FAMILIES[family].likelihood, "mmd_standardised": distance, "points": int(x.shape[0])}
-    print(f"[eval] {family} on {described}: test NLL {nll:.4f} nats ({report['bits_per_dim']:.4f} bits/dim, "
-          f"{report['likelihood']}), MMD^2 {distance:.5f} (standardised units, {x.shape[0]} samples)", file=stream)
+    scored = (f"no test NLL ({report['likelihood']})" if nll is None else
+              f"test NLL {nll:.4f} nats ({report['bits_per_dim']:.4f} bits/dim, {report['likelihood']})")
+    print(f"[eval] {family} on {described}: {scored}, MMD^2 {distance:.5f} (standardised units, {x.shape[0]} "
+          "samples)", file=stream)
     return report
 
 

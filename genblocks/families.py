@@ -5,13 +5,15 @@ config, so ``sample`` and ``eval`` rebuild the model from the file alone, with n
 ``Family``: ``build(config) -> model`` for a config holding ``dim`` and the family's options (its
 ``defaults`` fill the rest), ``prepare(model, params, x)`` for any data-dependent initialisation (a flow's
 ActNorm), ``log_prob(model, params, x)`` with how it is computed (``likelihood``), and the keyword options
-its ``sample`` accepts. New families join ``FAMILIES`` (a GAN, trained by two players, does not fit the
-one-loss ``train`` command yet).
+its ``sample`` accepts. A family trained by several players (the GAN) gives ``players(model, lr, config) -> groups``
+for ``fit(..., groups=...)`` instead of one loss, ``log_prob=None`` (no likelihood) and an ``ema_decay``:
+its checkpoint keeps a parameter average, which ``sample`` and ``eval`` use. New families join ``FAMILIES``.
 """
 
 from typing import Callable, NamedTuple
 
 from genblocks.backends import Rng
+from genblocks.blocks.discriminators import MLPDiscriminator, MLPGenerator
 from genblocks.blocks.nn import MLP
 from genblocks.blocks.schedules import DiscreteSchedule
 from genblocks.blocks.score_nets import MLPScoreNet
@@ -19,6 +21,7 @@ from genblocks.blocks.validate import check_choice, check_positive_int
 from genblocks.models.autoregressive import MADEModel
 from genblocks.models.diffusion import Diffusion
 from genblocks.models.flow import neural_spline_flow
+from genblocks.models.gan import GAN
 from genblocks.models.mixture import GaussianMixture
 from genblocks.models.vae import VAE
 
@@ -32,7 +35,24 @@ class Family(NamedTuple):
     likelihood: str  # how log_prob is computed, for tables
     prepare: Callable = lambda model, params, x: params  # data-dependent initialisation
     sample_options: tuple = ()  # keyword options of model.sample the CLI may pass
-    log_prob: Callable = lambda model, params, x: model.log_prob(params, x)  # (n,) nats
+    log_prob: Callable = lambda model, params, x: model.log_prob(params, x)  # (n,) nats; None: no likelihood
+    players: Callable = None  # (model, lr, config) -> fit's groups, for a family trained by several players
+    ema_decay: float = None  # keep a parameter EMA while training; sample and eval use it
+
+
+def _gan_players(model, lr, d_lr_scale, b1=0.5):
+    """The GAN's two players with Adam (b1 = 0.5): the discriminator's learning rate is ``d_lr_scale * lr``."""
+    from genblocks.train.optim import adam
+
+    return model.players(adam(lr * d_lr_scale, b1=b1), adam(lr, b1=b1))
+
+
+def _gan(c):
+    hidden = tuple(c["hidden"])
+    return GAN(MLPGenerator(c["latent_dim"], c["dim"], hidden),
+               MLPDiscriminator(c["dim"] * c["pack"], hidden, minibatch_std=c["minibatch_std"],
+                                input_range=c["input_range"]),
+               loss=c["loss"], penalty=c["penalty"], n_critic=c["n_critic"], pack=c["pack"])
 
 
 FAMILIES = {
@@ -61,6 +81,13 @@ FAMILIES = {
         defaults={"hidden": [64, 64], "latent_dim": 2, "num_samples": 4, "lr": 3e-3},
         likelihood="importance-sampled, K=1000",
         log_prob=lambda model, params, x: model.log_prob_estimate(params, x, Rng(0, "numpy"), 1000)),
+    "gan": Family(
+        build=_gan,
+        defaults={"hidden": [128, 128, 128], "latent_dim": 2, "loss": "non_saturating", "penalty": None,
+                  "n_critic": 1, "pack": 1, "minibatch_std": False, "input_range": 2.0, "d_lr_scale": 1.0,
+                  "lr": 5e-4},
+        likelihood="none: a GAN has no likelihood", log_prob=None, ema_decay=0.999,
+        players=lambda model, lr, c: _gan_players(model, lr, c["d_lr_scale"])),
 }
 
 

@@ -315,3 +315,81 @@ def frechet_distance(feat_a, feat_b):
 def _covariance(host, a, mu):
     c = a - mu[None, :]
     return host.matmul(host.matrix_transpose(c), c) / float(a.shape[0] - 1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Frechet distance on the features of a small digits classifier (no Inception network)
+
+DIGITS_LEVELS = 16.0  # load_digits' grey levels run 0..16
+
+
+class DigitsFeatures:
+    """phi(x) = h_2 (n, hidden[-1]): the penultimate layer of an MLP classifier 64 -> 128 -> 64 -> 10 of the digits.
+
+    ``DigitsFeatures.train(rng, steps)`` fits the classifier (softmax cross-entropy, Adam) on the 1000
+    training digits of ``genblocks.data.load_digits`` (needs scikit-learn); ``.features(x)`` maps images
+    x (n, 64) or (n, 8, 8[, 1]) in load_digits' grey levels 0..16 (multiply images in [0, 1] by 16) to
+    their features; ``.frechet_distance(x, y)`` is ``frechet_distance`` on the features of two image sets:
+    the FID recipe with a classifier that trains in seconds instead of an Inception network.
+    ``.accuracy``: the classifier's accuracy on the 350 validation digits (a sanity figure).
+    """
+
+    def __init__(self, mlp, params, accuracy=None):
+        self.mlp, self.params, self.accuracy = mlp, params, accuracy
+
+    def __repr__(self):
+        acc = "untested" if self.accuracy is None else f"valid accuracy {self.accuracy:.3f}"
+        return f"DigitsFeatures(widths={self.mlp.widths}, {acc})"
+
+    @classmethod
+    def train(cls, rng, steps=400, *, hidden=(128, 64), batch_size=128, lr=2e-3):
+        """The classifier fitted for ``steps`` Adam steps on the training digits, its init and batches from ``rng``.
+
+        Deterministic for a given ``rng`` seed (float64 on the host). A few seconds at the defaults.
+        """
+        from genblocks.blocks import ops
+        from genblocks.blocks.nn import MLP
+        from genblocks.data import load_digits
+        from genblocks.train.loop import fit
+        from genblocks.train.optim import adam
+
+        if not isinstance(rng, Rng):
+            raise TypeError(f"rng: expected a genblocks Rng, got {type(rng).__name__}")
+        steps = check_positive_int(steps, "steps")
+        hidden = tuple(check_positive_int(h, "hidden") for h in hidden)
+        mlp = MLP((64,) + hidden + (10,), activation="relu")
+        x, y = load_digits(split="train", dtype="float64", backend="numpy")
+        r_init, r_fit = rng.split(2)
+
+        def loss(params, batch, _rng):
+            xb, yb = batch
+            xp = namespace(xb, params)
+            logits = mlp.apply(params, xb / DIGITS_LEVELS)
+            picked = xp.take_along_axis(logits, xp.reshape(yb, (-1, 1)), axis=-1)[:, 0]
+            return xp.mean(ops.logsumexp(logits, axis=-1) - picked)
+
+        result = fit(loss, mlp.init(r_init, "float64"), (x, y), r_fit, adam(lr), steps, batch_size=batch_size,
+                     progress=False)
+        out = cls(mlp, result.params)
+        xv, yv = load_digits(split="valid", dtype="float64", backend="numpy")
+        xp = namespace(xv)
+        logits = mlp.apply(out.params, xv / DIGITS_LEVELS)
+        out.accuracy = float(xp.mean(xp.astype(xp.equal(xp.argmax(logits, axis=-1), yv), xp.float64)))
+        return out
+
+    def features(self, x):
+        """h_2 (n, hidden[-1]) for images x (n, 64) or (n, 8, 8[, 1]) in grey levels 0..16, on the host in float64."""
+        shape = getattr(x, "shape", None)
+        if shape is None or len(shape) < 2 or math.prod(shape[1:]) != 64:
+            raise ValueError(f"x: expected 8x8 digit images (n, 64) or (n, 8, 8[, 1]), got shape "
+                             f"{None if shape is None else tuple(shape)}")
+        h = to_device(to_numpy(x), "numpy", dtype="float64")
+        host = namespace(h)
+        h = host.reshape(h, (h.shape[0], 64)) / DIGITS_LEVELS
+        for p, layer in zip(self.params[:-1], self.mlp.layers[:-1]):
+            h = host.dense(h, p["W"], p["b"], layer.activation)
+        return h
+
+    def frechet_distance(self, x, y):
+        """``frechet_distance(features(x), features(y))``: x (n, 64), y (m, 64) digit images, n, m >= 2."""
+        return frechet_distance(self.features(x), self.features(y))

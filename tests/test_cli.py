@@ -277,7 +277,7 @@ def test_train_sample_eval_refuse_bad_arguments_in_one_line(tmp_path, capsys):
     ckpt = str(tmp_path / "c.npz")
     assert cli.main(["train", "mixture", "--data", "moons", "--n", "64", "--steps", "2", "--out", ckpt]) == 0
     bad = [
-        (["train", "gan", "--data", "moons", "--steps", "2", "--out", str(tmp_path / "g.npz")], "family: expected"),
+        (["train", "nope", "--data", "moons", "--steps", "2", "--out", str(tmp_path / "g.npz")], "family: expected"),
         (["train", "mixture", "--data", "moons", "--steps", "2", "--out", str(tmp_path / "g.npz"), "--option",
           "depth=3"], "--option: the mixture family takes ['num_components'], got ['depth']"),
         (["train", "mixture", "--data", "nope", "--steps", "2", "--out", str(tmp_path / "g.npz")], "--data: expected"),

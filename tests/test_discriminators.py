@@ -208,3 +208,20 @@ def test_shapes_labels_and_errors():
     with pytest.raises(ValueError, match="y: this generator is class-conditional"):
         MLPGenerator(4, 2, (8,), num_classes=3).apply(MLPGenerator(4, 2, (8,), num_classes=3).init(Rng(0)),
                                                       np.zeros((2, 4), np.float32))
+
+
+def test_input_range_puts_the_first_layers_kinks_inside_the_data_box():
+    s = 4.0
+    disc = MLPDiscriminator(2, (256, 16), input_range=s)
+    params = disc.init(Rng(0), "float64")
+    W, b = np.asarray(params[0]["W"]), np.asarray(params[0]["b"])
+    # unit j's kink is the line w_j . x + b_j = 0; it passes through a point of [-s, s]^2, so its distance
+    # to the origin is at most s sqrt(2), and the points spread over the box (not all through the origin)
+    dist = np.abs(b) / np.linalg.norm(W, axis=0)
+    assert dist.max() <= s * np.sqrt(2) and dist.mean() > 0.25 * s
+    # the other layers are the default ones; without input_range the biases start at zero
+    assert not np.asarray(MLPDiscriminator(2, (256, 16)).init(Rng(0), "float64")[0]["b"]).any()
+    again = disc.init(Rng(0), "float64")
+    np.testing.assert_array_equal(np.asarray(again[0]["b"]), b)
+    with pytest.raises(ValueError, match="input_range"):
+        MLPDiscriminator(2, (8,), input_range=0.0)

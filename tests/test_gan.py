@@ -158,3 +158,21 @@ def test_demo_row_reports_mmd_and_says_there_is_no_likelihood():
     assert row["family"] == "gan" and "no likelihood" in row["metric"] and row["value"] is None
     assert row["samples"].shape == (1000, 2) and row["test"].shape == (256, 2)  # the CLI adds the MMD^2
     assert 0 <= row["modes_covered"] <= 8 and 0.0 <= row["high_quality"] <= 1.0
+
+
+def test_pack_shows_the_discriminator_rows_side_by_side():
+    gan = GAN(MLPGenerator(2, 2, (8,)), MLPDiscriminator(6, (8,)), pack=3)
+    params = gan.init(Rng(0), "float64")
+    x = np.random.default_rng(0).normal(size=(12, 2))
+    terms = gan.loss_terms(params, x, Rng(1))
+    assert terms["d_real"].shape == (4,) and terms["d_fake"].shape == (4,)
+    # D(real) is the discriminator on rows 3k, 3k+1, 3k+2 concatenated
+    want, _ = gan.discriminator.apply(params["disc"], {}, x.reshape(4, 6))
+    np.testing.assert_array_equal(to_numpy(terms["d_real"]), to_numpy(want))
+    assert np.isfinite(float(gan.loss_g(params, x, Rng(2)))) and "pack=3" in repr(gan)
+    with pytest.raises(ValueError, match="batch: pack=3 needs a batch size divisible by 3, got 10 rows"):
+        gan.loss_d(params, x[:10], Rng(1))
+    with pytest.raises(ValueError, match="pack: packing is for unconditional GANs"):
+        GAN(MLPGenerator(2, 2, (8,), num_classes=3), ProjectionDiscriminator(4, 3, (8,)), pack=2)
+    with pytest.raises(ValueError, match="pack"):
+        GAN(MLPGenerator(2, 2, (8,)), MLPDiscriminator(2, (8,)), pack=0)

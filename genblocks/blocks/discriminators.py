@@ -28,7 +28,7 @@ from genblocks.backends import Rng, grad, namespace, stop_gradient
 from genblocks.blocks import ops
 from genblocks.blocks.base import Block, check_array, check_dtype
 from genblocks.blocks.nn import Dense, _check_activation_arg, conv_pads, get_init, upsample_nearest, zeros
-from genblocks.blocks.validate import check_choice, check_nonnegative_int, check_positive_int
+from genblocks.blocks.validate import check_choice, check_nonnegative_int, check_positive_int, check_real
 
 __all__ = [
     "LOSSES", "PENALTIES", "spectral_normalize", "minibatch_std", "MLPDiscriminator", "ConvDiscriminator",
@@ -130,23 +130,38 @@ class MLPDiscriminator(_SNLayers):
 
     ``hidden``: widths of the hidden layers; ``spectral_norm``: every W_k used as W_k / sigma(W_k);
     ``minibatch_std``: the batch-std feature appended before the last layer. Params: list of Dense dicts.
+    ``input_range`` s (optional): the first layer's biases start at b_j = -w_j . c_j with c_j ~ U(-s, s)^d_in,
+    so its units' kinks (hyperplanes w_j . x + b_j = 0) cut the box [-s, s]^d_in where the data lie, instead
+    of all passing through the origin (zero biases): D can then resolve modes far from the origin from the
+    first step (data on the 5x5 grid reach |x| = 4; zero biases must first travel that far).
     """
 
     def __init__(self, d_in, hidden=(128, 128, 128), *, activation="leaky_relu", spectral_norm=False,
-                 minibatch_std=False, n_power_iterations=1):
+                 minibatch_std=False, n_power_iterations=1, input_range=None):
         self.d_in = check_positive_int(d_in, "d_in")
         self.hidden = tuple(check_positive_int(h, "hidden") for h in hidden)
         self.activation = _check_activation_arg(activation)
         self.spectral_norm = bool(spectral_norm)
         self.minibatch_std = bool(minibatch_std)
         self.n_power_iterations = check_positive_int(n_power_iterations, "n_power_iterations")
+        self.input_range = None if input_range is None else check_real(input_range, "input_range", low=0.0,
+                                                                         low_open=True)
         widths = (self.d_in,) + self.hidden
         self.layers = [Dense(widths[i], widths[i + 1], init="he") for i in range(len(self.hidden))]
         self.layers.append(Dense(widths[-1] + int(self.minibatch_std), 1, init="glorot"))
 
     def init(self, rng, dtype="float32"):
         dtype = check_dtype(dtype)
-        return [layer.init(r, dtype) for layer, r in zip(self.layers, rng.split(len(self.layers)))]
+        if self.input_range is not None:
+            rng, r_centres = rng.split(2)
+        params = [layer.init(r, dtype) for layer, r in zip(self.layers, rng.split(len(self.layers)))]
+        if self.input_range is not None and self.hidden:
+            first = params[0]
+            xp = namespace(first["W"])
+            s = self.input_range
+            c = r_centres.uniform((self.hidden[0], self.d_in), low=-s, high=s, dtype=dtype)  # one point per unit
+            first["b"] = -xp.sum(xp.matrix_transpose(first["W"]) * c, axis=-1)
+        return params
 
     def _sn_weights(self, params):
         return params

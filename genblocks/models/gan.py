@@ -51,12 +51,16 @@ class GAN(Block):
       (defaults 10, 10, 0.01). A Wasserstein critic needs one of gp, clip or a spectral-normalised
       discriminator.
     - ``n_critic``: discriminator updates per generator update (int >= 1).
+    - ``pack``: PacGAN packing (Lin et al. 2018): D sees ``pack`` samples at once, rows (n, d) concatenated
+      into (n / pack, pack * d) (so the discriminator takes ``d_in = pack * d``); a packed batch of fakes
+      from a collapsed generator looks unlike a packed batch of data, which penalises mode collapse. The
+      batch size must be a multiple of ``pack``; unconditional flat data only.
     - Class-conditional when the discriminator has ``num_classes`` (projection): the batches are
       ``(x, y)`` and the generator must take the same labels.
     """
 
     def __init__(self, generator, discriminator, *, loss="non_saturating", penalty=None, penalty_weight=None,
-                 n_critic=1, latent_dim=None):
+                 n_critic=1, latent_dim=None, pack=1):
         if loss not in LOSSES:
             raise ValueError(f"loss: expected one of {LOSSES}, got {loss!r}")
         if penalty not in PENALTY_FITS:
@@ -85,6 +89,10 @@ class GAN(Block):
         if self.num_classes != int(getattr(generator, "num_classes", 0) or 0):
             raise ValueError(f"generator: the discriminator is conditioned on {self.num_classes} classes, the "
                              f"generator on {getattr(generator, 'num_classes', 0)}; they must agree")
+        self.pack = check_int(pack, "pack", low=1)
+        if self.pack > 1 and self.num_classes:
+            raise ValueError(f"pack: packing is for unconditional GANs; this one is conditioned on {self.num_classes} "
+                             f"classes, got pack={self.pack}")
         self.generator, self.discriminator = generator, discriminator
         self.loss, self.penalty = loss, penalty
         weight = _DEFAULT_WEIGHT.get(penalty, 0.0) if penalty_weight is None else penalty_weight
@@ -92,7 +100,8 @@ class GAN(Block):
 
     def __repr__(self):
         return (f"GAN({self.generator!r}, {self.discriminator!r}, loss={self.loss!r}, penalty={self.penalty!r}, "
-                f"penalty_weight={self.penalty_weight}, n_critic={self.n_critic})")
+                f"penalty_weight={self.penalty_weight}, n_critic={self.n_critic}"
+                + (f", pack={self.pack})" if self.pack > 1 else ")"))
 
     # ------------------------------------------------------------------------------------------------
     # params and state
@@ -121,6 +130,18 @@ class GAN(Block):
             raise ValueError("batch: this GAN is unconditional: expected an array x (n, ...), got a tuple")
         return batch, None
 
+    def _packed(self, x):
+        """x (n, ...) -> (n / pack, pack * prod(...)): ``pack`` consecutive rows side by side (x itself for pack=1)."""
+        if self.pack == 1:
+            return x
+        n = x.shape[0]
+        if n % self.pack:
+            raise ValueError(f"batch: pack={self.pack} needs a batch size divisible by {self.pack}, got {n} rows")
+        width = 1
+        for s in x.shape[1:]:
+            width *= s
+        return namespace(x).reshape(x, (n // self.pack, self.pack * width))
+
     # ------------------------------------------------------------------------------------------------
     # sampling
 
@@ -141,7 +162,7 @@ class GAN(Block):
     # the two losses
 
     def loss_terms(self, params, batch, rng, state=None):
-        """{"d_real": D(x) (n,), "d_fake": D(G(z)) (n,), "penalty": scalar (0 without one)}.
+        """{"d_real": D(x) (n / pack,), "d_fake": D(G(z)) (n / pack,), "penalty": scalar (0 without one)}.
 
         ``state``: the model state (``init_state``); None is allowed for a discriminator without
         spectral norm. Training uses ``loss_d_and_state``, which also returns the advanced state.
@@ -163,6 +184,8 @@ class GAN(Block):
             fake = namespace(fake).reshape(fake, x.shape)
         D = self.discriminator
         d_state = state["disc"]
+        x, fake = self._packed(x), self._packed(fake)
+        n = x.shape[0]
         d_real, d_state = D.apply(params["disc"], d_state, x, y)
         d_fake, d_state = D.apply(params["disc"], d_state, fake, y)
         xp = namespace(x, params)
@@ -195,7 +218,7 @@ class GAN(Block):
         x, y = self._split(batch)
         check_array(x, "x", min_ndim=2)
         fake = self._fake(params, rng, x.shape[0], y, x)
-        d_fake, d_state = self.discriminator.apply(params["disc"], state["disc"], fake, y)
+        d_fake, d_state = self.discriminator.apply(params["disc"], state["disc"], self._packed(fake), y)
         return g_loss(self.loss, d_fake), {"disc": d_state}
 
     def _default_state(self, params, method):

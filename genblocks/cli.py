@@ -29,16 +29,27 @@ def add_mmd(row):
     return {**row, "mmd": float(mmd(a, b))}
 
 
+def add_frechet(rows, rng, steps=400):
+    """The digits rows with "fd": the Frechet distance between samples and held-out images on the features of
+    a small digits classifier (``metrics.DigitsFeatures``, trained once from ``rng`` for all rows)."""
+    from genblocks.metrics import DigitsFeatures
+
+    features = DigitsFeatures.train(rng, steps)
+    return [{**r, "fd": float(features.frechet_distance(r["samples"], r["test"]))} for r in rows]
+
+
 def format_table(rows):
     """A Markdown table of the demo rows: test NLL and how it was computed, MMD^2, size and times."""
-    lines = ["| family | model | data | test NLL (nats) | how | MMD^2 | held-out points | params | train s "
-             "| sample ms / 1000 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    fd = any("fd" in r for r in rows)  # the digits table adds the classifier-feature Frechet distance
+    lines = ["| family | model | data | test NLL (nats) | how | MMD^2 | " + ("FD (digits features) | " if fd else "")
+             + "held-out points | params | train s | sample ms / 1000 |", "|---" * (11 if fd else 10) + "|"]
     for r in rows:
         value = "-" if r.get("value") is None else f"{r['value']:.4f}"
         how = r["metric"].split("(", 1)[-1].rstrip(")") if "(" in r["metric"] else r["metric"]
         how = how[len("nats, "):] if how.startswith("nats, ") else how
+        extra = f"{r['fd']:.2f} | " if fd else ""
         lines.append(f"| {r['family']} | {r['model']} | {r.get('data', '-')} | {value} | {how} | {r['mmd']:.5f} "
-                     f"| {r['test'].shape[0]} | {r['params']} | {r['seconds']:.1f} | {r['sample_ms']:.1f} |")
+                     f"| {extra}{r['test'].shape[0]} | {r['params']} | {r['seconds']:.1f} | {r['sample_ms']:.1f} |")
     return "\n".join(lines)
 
 
@@ -109,7 +120,8 @@ def _plot(rows, path):
     for k, r in enumerate(rows):
         value = "" if r.get("value") is None else f"NLL {r['value']:.3f}, "
         titles = {"data": f"data: {r.get('data', '-')}\n({r['test'].shape[0]} held-out points)",
-                  "samples": f"{r['family']}: {r['model']}\n{value}MMD^2 {r['mmd']:.4f}",
+                  "samples": f"{r['family']}: {r['model']}\n{value}MMD^2 {r['mmd']:.4f}"
+                             + (f", FD {r['fd']:.1f}" if "fd" in r else ""),
                   "path": f"{r['family']}: noise -> data\n({len(r.get('path', ())) - 1} "
                           f"{'layers' if r['family'] == 'flow' else 'steps'})"}
         lo, hi = r["test"].min(axis=0), r["test"].max(axis=0)
@@ -175,6 +187,8 @@ def run_demo(out, *, seed=0, smoke=False, families=None, stream=None, data="2d",
             continue
         print(f"[demo] {family} ...", file=stream, flush=True)
         rows.append(add_mmd(row(child, smoke=smoke, progress=family if progress else False)))
+    if data == "digits":
+        rows = add_frechet(rows, genblocks.Rng(seed, "numpy"), steps=50 if smoke else 400)
     table = format_table(rows)
     print(table, file=stream)
     write_atomic(os.path.join(out, "demo.md"), lambda f: f.write((table + "\n").encode()))

@@ -72,7 +72,8 @@ def test_demo_on_digits_scores_every_family_on_the_447_test_images(tmp_path, cap
         assert ((levels >= 0) & (levels <= 16) & (levels == levels.round())).all(), r["family"]
         assert (r["value"] is None) == (r["family"] == "gan")
         assert r["value"] is None or math.isfinite(r["value"])
-        assert math.isfinite(r["mmd"])
+        assert math.isfinite(r["mmd"]) and math.isfinite(r["fd"]) and r["fd"] >= 0.0
+    assert "| FD (digits features) |" in (tmp_path / "demo.md").read_text()
     # independent pixels: the per-pixel histograms of the training digits (about 106-108 nats per image)
     assert 100.0 < rows[0]["value"] < 112.0
     paths = {r["family"]: r["path"] for r in rows if "path" in r}

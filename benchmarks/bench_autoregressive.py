@@ -67,8 +67,11 @@ def train(model, data, shape, args, steps, lr, seed=0):
         return nats
 
     t0 = time.perf_counter()
-    fit(model.loss, params, x["train"], r_fit, adam(cosine_decay(lr, steps)), steps, batch_size=args.batch_size,
-        progress=args.progress, eval_fn=keep_best, eval_every=max(steps // args.eval_points, 1))
+    result = fit(model.loss, params, x["train"], r_fit, adam(cosine_decay(lr, steps)), steps,
+                 batch_size=args.batch_size, progress=args.progress, eval_fn=keep_best,
+                 eval_every=max(steps // args.eval_points, 1), ema_decay=args.ema or None)
+    if result.ema_params is not None:  # the parameter average competes with the checkpoints, on valid
+        keep_best(result.ema_params)
     seconds = time.perf_counter() - t0
     return best["params"], seconds, best["nats"], nll(model, best["params"], x["test"])
 
@@ -200,11 +203,15 @@ def main():
     parser.add_argument("--pixelcnn-steps", type=int, default=3000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--made-hidden", type=int, nargs="+", default=[512, 512])
-    parser.add_argument("--made-masks", type=int, default=1, help="MADE connectivity masks (probabilities averaged)")
+    parser.add_argument("--made-masks", type=int, default=1, help="MADE masks (probabilities averaged)")
+    parser.add_argument("--made-order", choices=["natural", "random"], default="natural",
+                        help="random: each MADE mask its own variable order (order-agnostic training)")
     parser.add_argument("--features", type=int, default=32)
     parser.add_argument("--blocks", type=int, default=4)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--eval-points", type=int, default=10)
+    parser.add_argument("--ema", type=float, default=0.0,
+                        help="also keep a parameter EMA with this decay (0 = none); it competes on valid")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--n-sample", type=int, default=100)
     parser.add_argument("--models", nargs="+", default=["made", "pixelcnn"], choices=["made", "pixelcnn"])
@@ -225,10 +232,11 @@ def main():
           f"{'torch ms':>8} {'ratio':>6} {'naive img/s':>11} {'cached img/s':>12} {'speed-up':>8}", flush=True)
     if "made" in args.models:
         made = MADEModel(64, tuple(args.made_hidden), output="categorical", num_classes=LEVELS,
-                         num_masks=args.made_masks)
+                         num_masks=args.made_masks, order=args.made_order, order_seed=0)
         params, seconds, valid, test = train(made, data, (64,), args, args.made_steps, args.lr)
         ms = ms_per_step(made, params, batch, args.repeats)
-        name = "MADE " + "x".join(map(str, args.made_hidden)) + f" masks={args.made_masks}"
+        name = "MADE " + "x".join(map(str, args.made_hidden)) + f" masks={args.made_masks}" + (
+            " own orders" if args.made_order == "random" else "")
         row(name, args.made_steps, seconds, valid, test, ms, with_torch(torch_made_ms, made, batch, args.repeats),
             None, None)
     if "pixelcnn" in args.models:

@@ -164,6 +164,71 @@ def torch_pixelcnn_ms(model, batch, repeats):
     return _time(step, repeats)
 
 
+def torch_pixelcnn_twin(model, params, device):
+    """``PixelCNN._forward`` in torch with the given genblocks weights (one channel, categorical output, no
+    classes): x (n, 1, H, W) levels -> logits (n, L, H, W). For sampling speed (bench_gpu.py) and checks."""
+    import torch
+    import torch.nn.functional as tf
+
+    from genblocks.models.autoregressive import channel_groups, horizontal_mask
+
+    if model.channels != 1 or model.output != "categorical" or model.context_classes:
+        raise ValueError(f"model: the torch twin covers one channel, categorical, no classes; got {model!r}")
+    F, r, L = model.features, model.radius, model.levels
+    g_feat = channel_groups(F, 1)
+
+    def conv(p, mask=None):  # genblocks (kh, kw, c_in, c_out) -> torch (c_out, c_in, kh, kw), mask applied
+        W = np.asarray(to_numpy(p["W"]), np.float32) * (1.0 if mask is None else np.asarray(mask, np.float32))
+        return (torch.tensor(W.transpose(3, 2, 0, 1).copy(), device=device),
+                torch.tensor(np.asarray(to_numpy(p["b"]), np.float32), device=device))
+
+    def dense(p, mask=None):  # (in, out) -> a 1x1 conv
+        W = np.asarray(to_numpy(p["W"]), np.float32) * (1.0 if mask is None else np.asarray(mask, np.float32))
+        return (torch.tensor(W.T[:, :, None, None].copy(), device=device),
+                torch.tensor(np.asarray(to_numpy(p["b"]), np.float32), device=device))
+
+    pin = params["input"]
+    in_v, in_h = conv(pin["v"]), conv(pin["h"], horizontal_mask(r, (0,), g_feat, "A"))
+    in_link = dense(pin["link"])
+    blocks = [(conv(p["v"]), conv(p["h"], horizontal_mask(r, g_feat, g_feat + g_feat, "B")), dense(p["link"]),
+               dense(p["res"], model.residuals[i].mask)) for i, p in enumerate(params["blocks"])]
+    head = [dense(p, layer.mask) for p, layer in zip(params["head"], model.head)]
+
+    def down(a):
+        return tf.pad(a, (0, 0, 1, 0))[:, :, :-1, :]
+
+    def gate(a):
+        return torch.tanh(a[:, :F]) * torch.sigmoid(a[:, F:])
+
+    def forward(x):
+        u = x * (2.0 / (L - 1)) - 1.0
+        v = tf.conv2d(tf.pad(u, (r, r, r, 0)), *in_v)
+        h = tf.conv2d(tf.pad(u, (r, 0, 0, 0)), *in_h) + tf.conv2d(down(v), *in_link)
+        for (cv, ch, link, res) in blocks:
+            a_v = tf.conv2d(tf.pad(v, (r, r, r, 0)), *cv)
+            a_h = tf.conv2d(tf.pad(h, (r, 0, 0, 0)), *ch) + tf.conv2d(down(a_v), *link)
+            v = gate(a_v)
+            h = h + tf.conv2d(gate(a_h), *res)
+        return tf.conv2d(torch.relu(tf.conv2d(torch.relu(h), *head[0])), *head[1])
+
+    return forward
+
+
+def torch_pixelcnn_sample(forward, model, n, device, seed=0):
+    """The naive loop in torch: the whole network per pixel, Gumbel-max draws; (n, 1, H, W) levels."""
+    import torch
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = torch.zeros(n, 1, model.height, model.width, device=device)
+    with torch.no_grad():
+        for i in range(model.height):
+            for j in range(model.width):
+                logits = forward(x)[:, :, i, j]
+                u = torch.rand(logits.shape, generator=gen, device=device).clamp_(1e-30, 1.0 - 1e-7)
+                x[:, 0, i, j] = torch.argmax(logits - torch.log(-torch.log(u)), dim=1).to(x.dtype)
+    return x
+
+
 def _time(step, repeats):
     step()
     t0 = time.perf_counter()

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import assert_backend, perturb_params
+from conftest import BACKENDS, assert_backend, perturb_params
 from scipy.special import logsumexp
 
 from genblocks.backends import Rng, jacobian, to_device, to_numpy
@@ -619,6 +619,30 @@ def test_pixelcnn_on_every_backend_gives_numpy_s_numbers(backend):
                            context=to_device(y[:4], backend), cached=cached)
         assert_backend(out, backend)
         np.testing.assert_array_equal(to_numpy(out), ref)
+
+
+GPU = [b for b in BACKENDS if getattr(b, "values", (b,))[0] == "cupy"]  # cupy only: skips, saying why, without
+
+
+@pytest.mark.parametrize("gpu", GPU)
+@pytest.mark.parametrize("output", ["categorical", "logistic_mixture"])
+def test_pixelcnn_on_cupy_samples_without_waiting_for_the_host(gpu, output):
+    import cupyx
+
+    if getattr(cupyx, "allow_synchronize", None) is None:
+        pytest.skip("this cupy has no cupyx.allow_synchronize to catch a host synchronisation")
+    model = _pixelcnn(4, 5, 3, 6, output=output, num_components=2, context_classes=0, num_blocks=2)
+    params = to_device(_params(model), gpu, dtype="float32")
+    images = []
+    for cached in (False, True):
+        with cupyx.allow_synchronize(False):  # any device-to-host copy or sync in the pixel loop raises
+            x = model.sample(params, Rng(3, gpu), 7, cached=cached)
+        assert_backend(x, gpu)
+        images.append(to_numpy(x))
+    np.testing.assert_array_equal(images[0], images[1])  # the same draws, the same images
+    host = to_device(params, "numpy", dtype="float64")
+    np.testing.assert_allclose(to_numpy(model.log_prob(params, x)), to_numpy(model.log_prob(host, images[0])),
+                               rtol=1e-4, atol=1e-3)
 
 
 def test_pixelcnn_loss_terms_add_up_and_the_dtype_follows_the_params():

@@ -3,7 +3,8 @@
 Trains a categorical MADE (64 variables, 17 levels each) and a gated PixelCNN (8 x 8 x 1, 17 levels) on
 the 1000 training digits of ``genblocks.data.load_digits`` (the fixed 1000/350/447 split), keeps the
 checkpoint with the best valid NLL and reports the test NLL in nats per image (the independent-pixel
-floor is 106.4). Then: training ms/step (loss, gradient, Adam) at the same batch size, and, when torch
+floor is 106.4; with ``--binarized`` the pixels are x >= 8, MADE has Bernoulli outputs and PixelCNN 2 levels,
+floor 24.9). Then: training ms/step (loss, gradient, Adam) at the same batch size, and, when torch
 is importable, the same network (same masks, same widths, float32) in PyTorch with the ratio genblocks /
 torch; then sampling
 images/s for PixelCNN's naive loop (the whole network per sub-pixel) and its cached loop (one vertical
@@ -12,6 +13,7 @@ row per image row, one horizontal column per step), which give the same images.
     python benchmarks/bench_autoregressive.py            # the full run (minutes on 2 cores)
     python benchmarks/bench_autoregressive.py --quick    # a smoke run (seconds, numbers meaningless)
     python benchmarks/bench_autoregressive.py --threads 1   # single-threaded BLAS and torch (like for like)
+    python benchmarks/bench_autoregressive.py --binarized   # binary digits (pixel >= 8)
 
 Figures are indicative: they move with the machine's load and the BLAS build.
 """
@@ -40,11 +42,14 @@ from genblocks.train.loop import fit  # noqa: E402
 from genblocks.train.optim import adam, cosine_decay  # noqa: E402
 
 LEVELS = 17
+FLOOR = {17: 106.4, 2: 24.9}  # test nats of independent pixels, 17-level and binarized digits
 
 
-def digits():
+def digits(binarized=False):
+    """The three splits as (n, 64) float32 levels 0..16, or 0/1 (pixel >= 8) when ``binarized``."""
     parts = load_digits(backend="numpy", dtype="float32")
-    return {name: to_numpy(parts[name][0]) for name in ("train", "valid", "test")}
+    data = {name: to_numpy(parts[name][0]) for name in ("train", "valid", "test")}
+    return {k: (v >= 8.0).astype(np.float32) for k, v in data.items()} if binarized else data
 
 
 def nll(model, params, x, batch=500):
@@ -107,9 +112,12 @@ def torch_made_ms(model, batch, repeats):
         for i, (W, b, m) in enumerate(zip(Ws, bs, masks)):
             h = h @ (W * m) + b
             h = torch.relu(h) if i < len(masks) - 1 else h
-        logits = h.reshape(-1, model.dim, LEVELS)
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, LEVELS), x.reshape(-1).long(),
-                                                 reduction="sum") / x.shape[0]
+        if model.output == "bernoulli":
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(h, x, reduction="sum") / x.shape[0]
+        else:
+            K = model.num_classes
+            loss = torch.nn.functional.cross_entropy(h.reshape(-1, K), x.reshape(-1).long(),
+                                                     reduction="sum") / x.shape[0]
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -280,6 +288,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--n-sample", type=int, default=100)
     parser.add_argument("--models", nargs="+", default=["made", "pixelcnn"], choices=["made", "pixelcnn"])
+    parser.add_argument("--binarized", action="store_true", help="binary digits (pixel >= 8), floor 24.9 nats")
     parser.add_argument("--progress", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="BLAS and torch threads (default: theirs)")
     args = parser.parse_args()
@@ -289,14 +298,16 @@ def main():
         args.eval_points = 2
     print(f"machine: {platform.machine()} {platform.processor() or ''} {os.cpu_count()} cpus, python "
           f"{platform.python_version()}, numpy {np.__version__}")
-    data = digits()
-    print(f"digits: {len(data['train'])}/{len(data['valid'])}/{len(data['test'])} images, {LEVELS} levels; "
-          f"independent-pixel floor 106.4 test nats")
+    data = digits(args.binarized)
+    levels = 2 if args.binarized else LEVELS
+    print(f"digits: {len(data['train'])}/{len(data['valid'])}/{len(data['test'])} images, {levels} levels; "
+          f"independent-pixel floor {FLOOR[levels]} test nats")
     batch = data["train"][:args.batch_size]
     print(f"\n{'model':<26} {'steps':>6} {'train s':>8} {'valid':>7} {'test nats':>9} {'ms/step':>8} "
           f"{'torch ms':>8} {'ratio':>6} {'naive img/s':>11} {'cached img/s':>12} {'speed-up':>8}", flush=True)
     if "made" in args.models:
-        made = MADEModel(64, tuple(args.made_hidden), output="categorical", num_classes=LEVELS,
+        made = MADEModel(64, tuple(args.made_hidden), **({"output": "bernoulli"} if args.binarized else
+                                                           {"output": "categorical", "num_classes": LEVELS}),
                          num_masks=args.made_masks, order=args.made_order, order_seed=0)
         params, seconds, valid, test = train(made, data, (64,), args, args.made_steps, args.lr)
         ms = ms_per_step(made, params, batch, args.repeats)
@@ -305,7 +316,7 @@ def main():
         row(name, args.made_steps, seconds, valid, test, ms, with_torch(torch_made_ms, made, batch, args.repeats),
             None, None)
     if "pixelcnn" in args.models:
-        pcnn = PixelCNN(8, 8, 1, LEVELS, features=args.features, num_blocks=args.blocks)
+        pcnn = PixelCNN(8, 8, 1, levels, features=args.features, num_blocks=args.blocks)
         params, seconds, valid, test = train(pcnn, data, (8, 8, 1), args, args.pixelcnn_steps, args.lr)
         ms = ms_per_step(pcnn, params, batch.reshape(-1, 8, 8, 1), args.repeats)
         naive = sampling_rate(pcnn, params, args.n_sample, cached=False)

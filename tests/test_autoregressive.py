@@ -18,7 +18,8 @@ from genblocks.train.loop import fit
 from genblocks.train.optim import adam
 
 KW = {"bernoulli": {}, "categorical": {"num_classes": 3}, "gaussian": {},
-      "mixture_gaussian": {"num_components": 3}, "mixture_logistic": {"num_components": 2}}
+      "mixture_gaussian": {"num_components": 3}, "mixture_logistic": {"num_components": 2},
+      "discretized_logistic": {"num_classes": 4, "num_components": 2}}
 
 
 def _model(output, dim=4, **kw):
@@ -43,7 +44,8 @@ def _frequencies(samples, configs):
 
 
 @pytest.mark.parametrize("num_masks", [1, 3])
-@pytest.mark.parametrize("output,levels,dim", [("bernoulli", 2, 4), ("categorical", 3, 3)])
+@pytest.mark.parametrize("output,levels,dim", [("bernoulli", 2, 4), ("categorical", 3, 3),
+                                               ("discretized_logistic", 4, 3)])
 def test_probabilities_of_all_configurations_sum_to_one(output, levels, dim, num_masks):
     model = _model(output, dim, order="random", order_seed=3, num_masks=num_masks)
     assert model.shared_order == (num_masks == 1)  # several masks: each its own random order
@@ -131,7 +133,7 @@ def test_each_conditional_depends_only_on_earlier_variables(output, order):
     if order == "random":
         with pytest.raises(ValueError, match="order: the masks have different orders"):
             model.conditional_log_probs(params, x)
-    elif output not in ("bernoulli", "categorical"):
+    elif output not in ("bernoulli", "categorical", "discretized_logistic"):
         J = to_numpy(jacobian(lambda v: model.conditional_log_probs(params, v))(x))  # (D, D): mask mixture
         for i, j in itertools.product(range(4), repeat=2):
             if rank[j] > rank[i]:
@@ -324,7 +326,7 @@ def test_same_seed_same_samples_in_the_params_dtype(output):
 
 
 @pytest.mark.parametrize("order", ["natural", "random"])
-@pytest.mark.parametrize("output", ["bernoulli", "categorical", "mixture_gaussian"])
+@pytest.mark.parametrize("output", ["bernoulli", "categorical", "mixture_gaussian", "discretized_logistic"])
 def test_backend_arrays_in_and_out(output, order, backend):
     model = _model(output, 3, num_masks=2, context_classes=2, order=order, order_seed=1)
     host = _params(model)

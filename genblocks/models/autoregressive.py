@@ -159,6 +159,8 @@ OUTPUTS = {
     "gaussian": "x_i real: P = 2, N(x_i; mu, sigma), log sigma = s_min + softplus(raw - s_min)",
     "mixture_gaussian": "x_i real: P = 3C, sum_c pi_c N(x_i; mu_c, sigma_c), pi = softmax(logits)",
     "mixture_logistic": "x_i real: P = 3C, sum_c pi_c Logistic(x_i; mu_c, s_c), pi = softmax(logits)",
+    "discretized_logistic": "x_i in {0, ..., K-1}: P = 3C, DiscretizedLogisticMixture(logits, loc, log_scale) on "
+                            "[-1, 1], K bins (neighbouring levels share mass)",
 }
 
 
@@ -190,11 +192,12 @@ class MADEModel(Block):
         for i, width in enumerate(self.hidden):
             check_positive_int(width, f"hidden[{i}]")
         self.output = check_choice(output, "output", tuple(OUTPUTS))
-        if output == "categorical":
+        if output in ("categorical", "discretized_logistic"):
             if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-                raise ValueError(f"num_classes: expected an int >= 2 with output='categorical', got {num_classes!r}")
+                raise ValueError(f"num_classes: expected an int >= 2 with output={output!r}, got {num_classes!r}")
         elif num_classes is not None:
-            raise ValueError(f"num_classes: only for output='categorical', got {num_classes!r} with output={output!r}")
+            raise ValueError(f"num_classes: only for output='categorical' or 'discretized_logistic', got "
+                             f"{num_classes!r} with output={output!r}")
         self.num_classes = num_classes
         self.num_components = check_positive_int(num_components, "num_components")
         self.num_masks = check_positive_int(num_masks, "num_masks")
@@ -234,7 +237,7 @@ class MADEModel(Block):
         extra = [f"output={self.output!r}"]
         if self.num_classes:
             extra.append(f"num_classes={self.num_classes}")
-        if self.output.startswith("mixture"):
+        if self.output.startswith("mixture") or self.output == "discretized_logistic":
             extra.append(f"num_components={self.num_components}")
         if not self.shared_order:
             extra.append("order: one per mask")
@@ -330,6 +333,10 @@ class MADEModel(Block):
             return Bernoulli(logits=theta[..., 0], validate=False)
         if out == "categorical":
             return Categorical(logits=theta, validate=False)
+        if out == "discretized_logistic":
+            C = self.num_components
+            return DiscretizedLogisticMixture(theta[..., :C], theta[..., C:2 * C], self._log_scale(theta[..., 2 * C:]),
+                                              num_bins=self.num_classes, validate=False)
         if out == "gaussian":
             return Normal(theta[..., 0], xp.exp(self._log_scale(theta[..., 1])), validate=False)
         C = self.num_components
@@ -343,10 +350,10 @@ class MADEModel(Block):
         Real outputs use the log-scale s directly, so a huge s never overflows exp(s):
         log N(x; mu, e^s) = -z^2 / 2 - s - log(2 pi) / 2 and log Logistic = -|z| - 2 log(1 + e^-|z|) - s,
         z = (x - mu) e^-s; a mixture is logsumexp_c(log_softmax(logits)_c + log p_c). Discrete outputs use
-        ``conditional(theta).log_prob(x)`` (log_sigmoid, log_softmax).
+        ``conditional(theta).log_prob(x)`` (log_sigmoid, log_softmax, the bins' log-masses).
         """
         out = self.output
-        if out in ("bernoulli", "categorical"):
+        if out in ("bernoulli", "categorical", "discretized_logistic"):
             return self.conditional(theta).log_prob(x)
         xp = namespace(theta, x)
         if out == "gaussian":

@@ -827,7 +827,11 @@ class PixelCNN(Block):
         W = params["head"][0]["W"]
         x = self._images(xp, x, W.dtype)
         onehot = self._onehot(xp, context, x.shape[0], W.dtype, xp.device_of(W))
-        return self.conditional(self._forward(xp, params, x, onehot)).log_prob(x)
+        theta = self._forward(xp, params, x, onehot)
+        if self.output == "categorical":  # log_softmax picked by a one-hot: a cheap gradient (x checked above)
+            hit = xp.expand_dims(x, axis=-1) == xp.arange(self.levels, dtype=x.dtype, device=xp.device_of(x))
+            return xp.sum(xp.where(hit, ops.log_softmax(theta, axis=-1), 0.0), axis=-1)
+        return self.conditional(theta).log_prob(x)
 
     def log_prob(self, params, x, context=None):
         """log p(x | y) = sum_{i, j, c} log p(x[i, j, c] | x_<(i, j, c), y): x (n, H, W, C) -> (n,), one pass."""

@@ -1,10 +1,12 @@
 """Autoregressive benchmark: MADE and gated PixelCNN on the 17-level 8x8 digits, exact test NLL in nats.
 
-Trains a categorical MADE (64 variables, 17 levels each) and a gated PixelCNN (8 x 8 x 1, 17 levels) on
-the 1000 training digits of ``genblocks.data.load_digits`` (the fixed 1000/350/447 split), keeps the
-checkpoint with the best valid NLL and reports the test NLL in nats per image (the independent-pixel
-floor is 106.4). Then: training ms/step (loss, gradient, Adam) at the same batch size, and, when torch
-is importable, the same network (same masks, same widths, float32) in PyTorch with the ratio genblocks /
+Trains a categorical MADE (64 variables, 17 levels each; by default 8 masks, each with its own random order,
+probabilities averaged at evaluation) and a gated PixelCNN (8 x 8 x 1, 17 levels) on the 1000 training
+digits of ``genblocks.data.load_digits`` (the fixed 1000/350/447 split), keeps the checkpoint with the best
+valid NLL (``--ema``: the parameter average competes too) and reports the test NLL in nats per image (the
+independent-pixel floor is 106.4; with ``--binarized`` the pixels are x >= 8, MADE has Bernoulli outputs and
+PixelCNN 2 levels, floor 24.9). Then: training ms/step (loss, gradient, Adam) at the same batch size, and,
+when torch is importable, the same network (same masks, same widths, float32) in PyTorch with the ratio genblocks /
 torch; then sampling
 images/s for PixelCNN's naive loop (the whole network per sub-pixel) and its cached loop (one vertical
 row per image row, one horizontal column per step), which give the same images.
@@ -12,6 +14,7 @@ row per image row, one horizontal column per step), which give the same images.
     python benchmarks/bench_autoregressive.py            # the full run (minutes on 2 cores)
     python benchmarks/bench_autoregressive.py --quick    # a smoke run (seconds, numbers meaningless)
     python benchmarks/bench_autoregressive.py --threads 1   # single-threaded BLAS and torch (like for like)
+    python benchmarks/bench_autoregressive.py --binarized   # binary digits (pixel >= 8)
 
 Figures are indicative: they move with the machine's load and the BLAS build.
 """
@@ -40,11 +43,14 @@ from genblocks.train.loop import fit  # noqa: E402
 from genblocks.train.optim import adam, cosine_decay  # noqa: E402
 
 LEVELS = 17
+FLOOR = {17: 106.4, 2: 24.9}  # test nats of independent pixels, 17-level and binarized digits
 
 
-def digits():
+def digits(binarized=False):
+    """The three splits as (n, 64) float32 levels 0..16, or 0/1 (pixel >= 8) when ``binarized``."""
     parts = load_digits(backend="numpy", dtype="float32")
-    return {name: to_numpy(parts[name][0]) for name in ("train", "valid", "test")}
+    data = {name: to_numpy(parts[name][0]) for name in ("train", "valid", "test")}
+    return {k: (v >= 8.0).astype(np.float32) for k, v in data.items()} if binarized else data
 
 
 def nll(model, params, x, batch=500):
@@ -67,8 +73,11 @@ def train(model, data, shape, args, steps, lr, seed=0):
         return nats
 
     t0 = time.perf_counter()
-    fit(model.loss, params, x["train"], r_fit, adam(cosine_decay(lr, steps)), steps, batch_size=args.batch_size,
-        progress=args.progress, eval_fn=keep_best, eval_every=max(steps // args.eval_points, 1))
+    result = fit(model.loss, params, x["train"], r_fit, adam(cosine_decay(lr, steps)), steps,
+                 batch_size=args.batch_size, progress=args.progress, eval_fn=keep_best,
+                 eval_every=max(steps // args.eval_points, 1), ema_decay=args.ema or None)
+    if result.ema_params is not None:  # the parameter average competes with the checkpoints, on valid
+        keep_best(result.ema_params)
     seconds = time.perf_counter() - t0
     return best["params"], seconds, best["nats"], nll(model, best["params"], x["test"])
 
@@ -104,9 +113,12 @@ def torch_made_ms(model, batch, repeats):
         for i, (W, b, m) in enumerate(zip(Ws, bs, masks)):
             h = h @ (W * m) + b
             h = torch.relu(h) if i < len(masks) - 1 else h
-        logits = h.reshape(-1, model.dim, LEVELS)
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, LEVELS), x.reshape(-1).long(),
-                                                 reduction="sum") / x.shape[0]
+        if model.output == "bernoulli":
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(h, x, reduction="sum") / x.shape[0]
+        else:
+            K = model.num_classes
+            loss = torch.nn.functional.cross_entropy(h.reshape(-1, K), x.reshape(-1).long(),
+                                                     reduction="sum") / x.shape[0]
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -161,6 +173,71 @@ def torch_pixelcnn_ms(model, batch, repeats):
     return _time(step, repeats)
 
 
+def torch_pixelcnn_twin(model, params, device):
+    """``PixelCNN._forward`` in torch with the given genblocks weights (one channel, categorical output, no
+    classes): x (n, 1, H, W) levels -> logits (n, L, H, W). For sampling speed (bench_gpu.py) and checks."""
+    import torch
+    import torch.nn.functional as tf
+
+    from genblocks.models.autoregressive import channel_groups, horizontal_mask
+
+    if model.channels != 1 or model.output != "categorical" or model.context_classes:
+        raise ValueError(f"model: the torch twin covers one channel, categorical, no classes; got {model!r}")
+    F, r, L = model.features, model.radius, model.levels
+    g_feat = channel_groups(F, 1)
+
+    def conv(p, mask=None):  # genblocks (kh, kw, c_in, c_out) -> torch (c_out, c_in, kh, kw), mask applied
+        W = np.asarray(to_numpy(p["W"]), np.float32) * (1.0 if mask is None else np.asarray(mask, np.float32))
+        return (torch.tensor(W.transpose(3, 2, 0, 1).copy(), device=device),
+                torch.tensor(np.asarray(to_numpy(p["b"]), np.float32), device=device))
+
+    def dense(p, mask=None):  # (in, out) -> a 1x1 conv
+        W = np.asarray(to_numpy(p["W"]), np.float32) * (1.0 if mask is None else np.asarray(mask, np.float32))
+        return (torch.tensor(W.T[:, :, None, None].copy(), device=device),
+                torch.tensor(np.asarray(to_numpy(p["b"]), np.float32), device=device))
+
+    pin = params["input"]
+    in_v, in_h = conv(pin["v"]), conv(pin["h"], horizontal_mask(r, (0,), g_feat, "A"))
+    in_link = dense(pin["link"])
+    blocks = [(conv(p["v"]), conv(p["h"], horizontal_mask(r, g_feat, g_feat + g_feat, "B")), dense(p["link"]),
+               dense(p["res"], model.residuals[i].mask)) for i, p in enumerate(params["blocks"])]
+    head = [dense(p, layer.mask) for p, layer in zip(params["head"], model.head)]
+
+    def down(a):
+        return tf.pad(a, (0, 0, 1, 0))[:, :, :-1, :]
+
+    def gate(a):
+        return torch.tanh(a[:, :F]) * torch.sigmoid(a[:, F:])
+
+    def forward(x):
+        u = x * (2.0 / (L - 1)) - 1.0
+        v = tf.conv2d(tf.pad(u, (r, r, r, 0)), *in_v)
+        h = tf.conv2d(tf.pad(u, (r, 0, 0, 0)), *in_h) + tf.conv2d(down(v), *in_link)
+        for (cv, ch, link, res) in blocks:
+            a_v = tf.conv2d(tf.pad(v, (r, r, r, 0)), *cv)
+            a_h = tf.conv2d(tf.pad(h, (r, 0, 0, 0)), *ch) + tf.conv2d(down(a_v), *link)
+            v = gate(a_v)
+            h = h + tf.conv2d(gate(a_h), *res)
+        return tf.conv2d(torch.relu(tf.conv2d(torch.relu(h), *head[0])), *head[1])
+
+    return forward
+
+
+def torch_pixelcnn_sample(forward, model, n, device, seed=0):
+    """The naive loop in torch: the whole network per pixel, Gumbel-max draws; (n, 1, H, W) levels."""
+    import torch
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = torch.zeros(n, 1, model.height, model.width, device=device)
+    with torch.no_grad():
+        for i in range(model.height):
+            for j in range(model.width):
+                logits = forward(x)[:, :, i, j]
+                u = torch.rand(logits.shape, generator=gen, device=device).clamp_(1e-30, 1.0 - 1e-7)
+                x[:, 0, i, j] = torch.argmax(logits - torch.log(-torch.log(u)), dim=1).to(x.dtype)
+    return x
+
+
 def _time(step, repeats):
     step()
     t0 = time.perf_counter()
@@ -200,14 +277,19 @@ def main():
     parser.add_argument("--pixelcnn-steps", type=int, default=3000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--made-hidden", type=int, nargs="+", default=[512, 512])
-    parser.add_argument("--made-masks", type=int, default=1, help="MADE connectivity masks (probabilities averaged)")
+    parser.add_argument("--made-masks", type=int, default=8, help="MADE masks (probabilities averaged)")
+    parser.add_argument("--made-order", choices=["natural", "random"], default="random",
+                        help="random: each MADE mask its own variable order (order-agnostic training)")
     parser.add_argument("--features", type=int, default=32)
     parser.add_argument("--blocks", type=int, default=4)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--eval-points", type=int, default=10)
+    parser.add_argument("--ema", type=float, default=0.0,
+                        help="also keep a parameter EMA with this decay (0 = none); it competes on valid")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--n-sample", type=int, default=100)
     parser.add_argument("--models", nargs="+", default=["made", "pixelcnn"], choices=["made", "pixelcnn"])
+    parser.add_argument("--binarized", action="store_true", help="binary digits (pixel >= 8), floor 24.9 nats")
     parser.add_argument("--progress", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="BLAS and torch threads (default: theirs)")
     args = parser.parse_args()
@@ -217,22 +299,25 @@ def main():
         args.eval_points = 2
     print(f"machine: {platform.machine()} {platform.processor() or ''} {os.cpu_count()} cpus, python "
           f"{platform.python_version()}, numpy {np.__version__}")
-    data = digits()
-    print(f"digits: {len(data['train'])}/{len(data['valid'])}/{len(data['test'])} images, {LEVELS} levels; "
-          f"independent-pixel floor 106.4 test nats")
+    data = digits(args.binarized)
+    levels = 2 if args.binarized else LEVELS
+    print(f"digits: {len(data['train'])}/{len(data['valid'])}/{len(data['test'])} images, {levels} levels; "
+          f"independent-pixel floor {FLOOR[levels]} test nats")
     batch = data["train"][:args.batch_size]
     print(f"\n{'model':<26} {'steps':>6} {'train s':>8} {'valid':>7} {'test nats':>9} {'ms/step':>8} "
           f"{'torch ms':>8} {'ratio':>6} {'naive img/s':>11} {'cached img/s':>12} {'speed-up':>8}", flush=True)
     if "made" in args.models:
-        made = MADEModel(64, tuple(args.made_hidden), output="categorical", num_classes=LEVELS,
-                         num_masks=args.made_masks)
+        made = MADEModel(64, tuple(args.made_hidden), **({"output": "bernoulli"} if args.binarized else
+                                                           {"output": "categorical", "num_classes": LEVELS}),
+                         num_masks=args.made_masks, order=args.made_order, order_seed=0)
         params, seconds, valid, test = train(made, data, (64,), args, args.made_steps, args.lr)
         ms = ms_per_step(made, params, batch, args.repeats)
-        name = "MADE " + "x".join(map(str, args.made_hidden)) + f" masks={args.made_masks}"
+        name = "MADE " + "x".join(map(str, args.made_hidden)) + f" masks={args.made_masks}" + (
+            " own orders" if args.made_order == "random" else "")
         row(name, args.made_steps, seconds, valid, test, ms, with_torch(torch_made_ms, made, batch, args.repeats),
             None, None)
     if "pixelcnn" in args.models:
-        pcnn = PixelCNN(8, 8, 1, LEVELS, features=args.features, num_blocks=args.blocks)
+        pcnn = PixelCNN(8, 8, 1, levels, features=args.features, num_blocks=args.blocks)
         params, seconds, valid, test = train(pcnn, data, (8, 8, 1), args, args.pixelcnn_steps, args.lr)
         ms = ms_per_step(pcnn, params, batch.reshape(-1, 8, 8, 1), args.repeats)
         naive = sampling_rate(pcnn, params, args.n_sample, cached=False)

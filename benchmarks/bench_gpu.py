@@ -8,6 +8,8 @@ flow) on cupy against numpy on this machine's CPU; then GAN sampling and discrim
 with spectral normalisation; the 8x8 conv generator and discriminator) on cupy against numpy; then a digits-size
 VAE's sampling, decoding and importance-sampled log p(x) with K = 5000 in chunks (cupy against numpy). Peak
 memory is cupy's memory-pool size after each run (the pool keeps what it allocated, so it is the high-water mark).
+Last, gated PixelCNN sampling (17 levels): images/s for the naive loop (the whole network per pixel) and the
+cached loop, against the naive loop of a PyTorch CUDA twin with the same weights, and log_prob images/s.
 
 Weights are random (a perturbed initialisation): speed does not depend on training.
 
@@ -27,6 +29,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from bench_autoregressive import torch_pixelcnn_sample, torch_pixelcnn_twin  # noqa: E402
 from bench_diffusion import CLIP_RANGE, torch_ddim, torch_dpm_solver_pp, torch_twin  # noqa: E402
 
 from genblocks.backends import Rng, to_device, to_numpy  # noqa: E402
@@ -41,6 +44,7 @@ from genblocks.blocks.samplers import clip_sample  # noqa: E402
 from genblocks.blocks.schedules import DiscreteSchedule  # noqa: E402
 from genblocks.blocks.score_nets import MLPScoreNet, UNet  # noqa: E402
 from genblocks.data import load_digits  # noqa: E402
+from genblocks.models.autoregressive import PixelCNN  # noqa: E402
 from genblocks.models.diffusion import Diffusion  # noqa: E402
 from genblocks.models.flow import neural_spline_flow, real_nvp  # noqa: E402
 from genblocks.models.gan import GAN  # noqa: E402
@@ -215,6 +219,30 @@ def main():
           f"{n / gd:>10,.0f}/s; IS log p(x) with K={k} on the {test.shape[0]} test digits: cupy {gl:6.2f} s "
           f"(numpy, extrapolated from {m} digits, {hl:7.1f} s; {hl / gl:5.1f}x), mean {lp:.2f} nats "
           f"(numpy on {m}: {lp_host:.2f}); pool {pool.total_bytes() / 2**20:.0f} MiB", flush=True)
+
+    # -- PixelCNN sampling -------------------------------------------------------------------------------
+    print(f"\nPixelCNN sampling, gated, F=32, 4 blocks, 17 levels, float32 (best of {repeat}): images/s of the naive "
+          "loop and the cached one (the same images); torch-cuda runs the naive loop with the same weights")
+    for size, n in ((8, 100),) if args.quick else ((8, 100), (8, 1000), (16, 100)):
+        pcnn = PixelCNN(size, size, 1, 17, features=32, num_blocks=4)
+        ph = perturbed(pcnn.init(Rng(4, "numpy")))
+        pd = to_device(ph, "cupy")
+        pool.free_all_blocks()
+        gn = best_time(lambda: pcnn.sample(pd, Rng(0, "cupy"), n), sync, repeat)
+        gc = best_time(lambda: pcnn.sample(pd, Rng(0, "cupy"), n, cached=True), sync, repeat)
+        xs = pcnn.sample(pd, Rng(1, "cupy"), n, cached=True)
+        gl = best_time(lambda: pcnn.log_prob(pd, xs), sync, repeat)
+        line = (f"  {size}x{size} n={n:>5d}: naive {n / gn:9.1f}/s   cached {n / gc:9.1f}/s ({gn / gc:5.1f}x)   "
+                f"log_prob {n / gl:>10,.0f}/s   pool {pool.total_bytes() / 2**20:.0f} MiB")
+        if torch_ok:
+            forward = torch_pixelcnn_twin(pcnn, ph, "cuda")
+            with torch.no_grad():
+                got = forward(torch.as_tensor(to_numpy(xs), device="cuda").permute(0, 3, 1, 2)).cpu().numpy()
+            want = to_numpy(pcnn.network_outputs(pd, xs))[..., 0, :].transpose(0, 3, 1, 2)
+            tn = best_time(lambda: torch_pixelcnn_sample(forward, pcnn, n, "cuda"), tsync, repeat)
+            line += (f"   torch naive {n / tn:9.1f}/s (genblocks / torch time: naive {gn / tn:5.2f}x, cached "
+                     f"{gc / tn:5.2f}x; max |logit difference| {np.max(np.abs(got - want)):.1e})")
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

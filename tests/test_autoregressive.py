@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import assert_backend, perturb_params
+from conftest import BACKENDS, assert_backend, perturb_params
 from scipy.special import logsumexp
 
 from genblocks.backends import Rng, jacobian, to_device, to_numpy
@@ -18,7 +18,8 @@ from genblocks.train.loop import fit
 from genblocks.train.optim import adam
 
 KW = {"bernoulli": {}, "categorical": {"num_classes": 3}, "gaussian": {},
-      "mixture_gaussian": {"num_components": 3}, "mixture_logistic": {"num_components": 2}}
+      "mixture_gaussian": {"num_components": 3}, "mixture_logistic": {"num_components": 2},
+      "discretized_logistic": {"num_classes": 4, "num_components": 2}}
 
 
 def _model(output, dim=4, **kw):
@@ -43,9 +44,11 @@ def _frequencies(samples, configs):
 
 
 @pytest.mark.parametrize("num_masks", [1, 3])
-@pytest.mark.parametrize("output,levels,dim", [("bernoulli", 2, 4), ("categorical", 3, 3)])
+@pytest.mark.parametrize("output,levels,dim", [("bernoulli", 2, 4), ("categorical", 3, 3),
+                                               ("discretized_logistic", 4, 3)])
 def test_probabilities_of_all_configurations_sum_to_one(output, levels, dim, num_masks):
     model = _model(output, dim, order="random", order_seed=3, num_masks=num_masks)
+    assert model.shared_order == (num_masks == 1)  # several masks: each its own random order
     params = _params(model)
     xs = _all_configurations(levels, dim)
     lp = to_numpy(model.log_prob(params, xs))
@@ -115,17 +118,22 @@ def test_conditionals_sum_to_log_prob_and_loss_terms_add_up():
 def test_each_conditional_depends_only_on_earlier_variables(output, order):
     model = _model(output, 4, order=order, order_seed=5, num_masks=2, hidden=(8, 8))
     params = _params(model)
-    rank = np.array(model.order)
     x = np.random.default_rng(1).standard_normal(4)
+    assert model.shared_order == (order != "random")  # "random": each mask its own order
     for k in range(2):
+        rank = np.array(model.orders[k])
         J = to_numpy(jacobian(lambda v: model.network_outputs(params, v, mask_index=k))(x))  # (D, P, D)
         for i, j in itertools.product(range(4), repeat=2):
             if rank[j] >= rank[i]:
                 assert np.all(J[i, :, j] == 0.0), (output, order, k, i, j)
-    first, last = int(np.argmin(rank)), int(np.argmax(rank))
-    assert np.any(J[last] != 0.0)  # the last variable sees something
-    assert np.all(J[first] == 0.0)  # the first sees nothing
-    if output not in ("bernoulli", "categorical"):
+        first, last = int(np.argmin(rank)), int(np.argmax(rank))
+        assert np.any(J[last] != 0.0)  # the last variable sees something
+        assert np.all(J[first] == 0.0)  # the first sees nothing
+    rank = np.array(model.order)
+    if order == "random":
+        with pytest.raises(ValueError, match="order: the masks have different orders"):
+            model.conditional_log_probs(params, x)
+    elif output not in ("bernoulli", "categorical", "discretized_logistic"):
         J = to_numpy(jacobian(lambda v: model.conditional_log_probs(params, v))(x))  # (D, D): mask mixture
         for i, j in itertools.product(range(4), repeat=2):
             if rank[j] > rank[i]:
@@ -158,6 +166,39 @@ def test_orders():
         MADEModel(3, order="random")
 
 
+def test_order_random_gives_each_mask_its_own_order_and_a_list_sets_them():
+    one = MADEModel(6, (8,), order="random", order_seed=3)
+    many = MADEModel(6, (8,), order="random", order_seed=3, num_masks=4)
+    assert many.orders[0] == one.order == many.order  # mask 0 keeps the single-mask order
+    assert len(set(many.orders)) == 4 and not many.shared_order
+    assert all(sorted(o) == list(range(6)) for o in many.orders)
+    assert MADEModel(6, (8,), order="random", order_seed=3, num_masks=4).orders == many.orders  # constants
+    for k, (rank, visit) in enumerate(zip(many.orders, many.visits)):
+        assert [rank[j] for j in visit] == list(range(6)), k
+    shared = MADEModel(4, (8,), order=[3, 1, 0, 2], num_masks=3)
+    assert shared.shared_order and shared.orders == ((3, 1, 0, 2),) * 3
+    assert MADEModel(4, (8,), num_masks=2).orders == ((0, 1, 2, 3),) * 2
+    listed = MADEModel(3, (8,), order=np.array([[0, 1, 2], [2, 1, 0]]), num_masks=2)
+    assert listed.orders == ((0, 1, 2), (2, 1, 0)) and "one per mask" in repr(listed)
+    with pytest.raises(ValueError, match=r"order: expected one permutation per mask \(2 with num_masks=2\), got 3"):
+        MADEModel(3, order=[[0, 1, 2], [2, 1, 0], [1, 0, 2]], num_masks=2)
+    with pytest.raises(ValueError, match=r"order: expected a permutation of range\(3\)"):
+        MADEModel(3, order=[[0, 1, 2], [2, 2, 0]], num_masks=2)
+
+
+def test_loss_terms_of_masks_with_their_own_orders_add_up_to_the_mixture_nll():
+    model = _model("categorical", 4, order="random", order_seed=1, num_masks=3)
+    params = _params(model, scale=1.0)
+    x = np.random.default_rng(2).integers(0, 3, (12, 4)).astype(np.float64)
+    terms = model.loss_terms(params, x)
+    assert set(terms) == {"nll", "nll_per_dim", "mask_kl"} and terms["nll_per_dim"].shape == (4,)
+    nll = -np.mean(to_numpy(model.log_prob(params, x)))
+    np.testing.assert_allclose(float(terms["nll"]), nll, atol=1e-10)
+    np.testing.assert_allclose(float(np.sum(terms["nll_per_dim"])) + float(terms["mask_kl"]), nll, atol=1e-10)
+    assert 0.0 < float(terms["mask_kl"]) < math.log(3)
+    np.testing.assert_allclose(float(model.loss(params, x)), nll, atol=1e-10)  # no rng: the mixture NLL
+
+
 def test_bad_arguments_raise_errors_naming_them():
     with pytest.raises(ValueError, match="output: expected one of"):
         MADEModel(3, output="poisson")
@@ -188,9 +229,10 @@ def _within_five_standard_errors(freq, p, n):
     assert np.all(np.abs(freq - p) <= 5.0 * se + 1e-12), (freq, p)
 
 
-@pytest.mark.parametrize("num_masks", [1, 2])
-def test_sample_frequencies_match_exp_log_prob(num_masks):
-    model = _model("bernoulli", 3, order=[1, 2, 0], num_masks=num_masks, hidden=(8,))
+@pytest.mark.parametrize("num_masks,order", [(1, [1, 2, 0]), (2, [1, 2, 0]), (3, "random")])
+def test_sample_frequencies_match_exp_log_prob(num_masks, order):
+    model = _model("bernoulli", 3, order=order, order_seed=4, num_masks=num_masks, hidden=(8,))
+    assert model.shared_order == (order != "random")
     params = _params(model, scale=1.0)
     configs = _all_configurations(2, 3)
     p = np.exp(to_numpy(model.log_prob(params, configs)))
@@ -198,6 +240,26 @@ def test_sample_frequencies_match_exp_log_prob(num_masks):
     samples = to_numpy(model.sample(params, Rng(7), n))
     assert samples.shape == (n, 3) and samples.dtype == np.float64
     _within_five_standard_errors(_frequencies(samples, configs), p, n)
+    if order == "random":  # the test has power: the mixture is far from any one mask's distribution
+        for k in range(num_masks):
+            pk = np.exp(to_numpy(model.conditional(model.network_outputs(params, configs, mask_index=k))
+                                 .log_prob(configs)).sum(-1))
+            assert np.max(np.abs(pk - p)) > 0.03
+
+
+def test_order_agnostic_categorical_samples_follow_each_mask_s_own_order():
+    model = _model("categorical", 3, order=[[0, 1, 2], [2, 1, 0], [1, 2, 0]], num_masks=3, hidden=(10,))
+    assert model.visits == ((0, 1, 2), (2, 1, 0), (2, 0, 1))
+    params = _params(model, seed=3, scale=1.0)
+    configs = _all_configurations(3, 3)
+    p = np.exp(to_numpy(model.log_prob(params, configs)))
+    assert abs(p.sum() - 1.0) < 1e-10
+    n = 30000
+    samples = to_numpy(model.sample(params, Rng(11), n))
+    freq = _frequencies(samples, configs)
+    _within_five_standard_errors(freq, p, n)
+    chi2 = n * np.sum((freq - p) ** 2 / p)  # 26 degrees of freedom: mean 26, sd 7.2
+    assert chi2 < 26 + 5 * 7.2, chi2
 
 
 def test_inpainting_keeps_given_entries_and_samples_the_right_conditional():
@@ -216,6 +278,27 @@ def test_inpainting_keeps_given_entries_and_samples_the_right_conditional():
     for value, rows in ((0.0, slice(0, n // 2)), (1.0, slice(n // 2, n))):
         keep = configs[:, 0] == value
         cond = joint[keep] / joint[keep].sum()  # p(x_1, x_2 | x_0 = value), exact
+        _within_five_standard_errors(_frequencies(samples[rows], configs[keep]), cond, n // 2)
+
+
+def test_inpainting_with_masks_of_different_orders_that_all_start_with_the_given_entries_is_exact():
+    # three masks, each its own order, all generating x_0 and x_1 (in either order) before x_2 and x_3
+    orders = [[0, 1, 2, 3], [1, 0, 3, 2], [0, 1, 3, 2]]
+    model = _model("bernoulli", 4, order=orders, num_masks=3, hidden=(12,))
+    assert not model.shared_order
+    params = _params(model, seed=2, scale=1.0)
+    configs = _all_configurations(2, 4)
+    joint = np.exp(to_numpy(model.log_prob(params, configs)))
+    n = 20000
+    x_init = np.zeros((n, 4))
+    x_init[n // 2:, :2] = [1.0, 0.0]
+    mask = np.zeros((n, 4), dtype=bool)
+    mask[:, :2] = True
+    samples = to_numpy(model.sample(params, Rng(5), n, x_init=x_init, mask=mask))
+    np.testing.assert_array_equal(samples[:, :2], x_init[:, :2])
+    for given, rows in (([0.0, 0.0], slice(0, n // 2)), ([1.0, 0.0], slice(n // 2, n))):
+        keep = np.all(configs[:, :2] == given, axis=1)
+        cond = joint[keep] / joint[keep].sum()  # p(x_2, x_3 | x_0, x_1) of the mixture, exact
         _within_five_standard_errors(_frequencies(samples[rows], configs[keep]), cond, n // 2)
 
 
@@ -242,9 +325,10 @@ def test_same_seed_same_samples_in_the_params_dtype(output):
         assert lp.dtype == np.dtype(dtype) and np.all(np.isfinite(lp))
 
 
-@pytest.mark.parametrize("output", ["bernoulli", "categorical", "mixture_gaussian"])
-def test_backend_arrays_in_and_out(output, backend):
-    model = _model(output, 3, num_masks=2, context_classes=2)
+@pytest.mark.parametrize("order", ["natural", "random"])
+@pytest.mark.parametrize("output", ["bernoulli", "categorical", "mixture_gaussian", "discretized_logistic"])
+def test_backend_arrays_in_and_out(output, order, backend):
+    model = _model(output, 3, num_masks=2, context_classes=2, order=order, order_seed=1)
     host = _params(model)
     params = to_device(host, backend)
     x = model.sample(params, Rng(1, backend=backend), 5, context=1)
@@ -330,10 +414,11 @@ def test_float32_has_no_nan_far_from_the_data():
 # Training
 
 
-def test_fit_lowers_the_nll_of_a_tiny_binary_dataset():
+@pytest.mark.parametrize("order", ["natural", "random"])
+def test_fit_lowers_the_nll_of_a_tiny_binary_dataset(order):
     patterns = np.array([[1, 1, 0, 0], [0, 0, 1, 1], [1, 0, 1, 0]], dtype=np.float64)
     data = patterns[np.random.default_rng(0).integers(0, 3, 240)]
-    model = MADE(4, (16,), output="bernoulli", num_masks=2)
+    model = MADE(4, (16,), output="bernoulli", num_masks=2, order=order, order_seed=0)
     params = model.init(Rng(0), dtype="float64")
     before = float(model.loss(params, data))
     result = fit(model.loss, params, data, Rng(1), adam(0.05), 150, batch_size=60, progress=False)
@@ -362,10 +447,13 @@ def test_check_autoregressive_passes_on_made_with_random_orders(seed):
                       num_masks=2, activation="tanh")
     params = _params(model, seed)
     x = Rng(seed).normal((4, 5), "float64")
+    assert model.orders[0] != model.orders[1]  # order-agnostic: each mask its own order
     for k in range(2):
-        report = check_autoregressive(lambda v: model.network_outputs(params, v, mask_index=k), x, model.order,
+        report = check_autoregressive(lambda v: model.network_outputs(params, v, mask_index=k), x, model.orders[k],
                                       complete=True)
         assert report["violations"] == [] and report["blind_spots"] == []
+    with pytest.raises(AssertionError, match="outputs depend on inputs not before them"):
+        check_autoregressive(lambda v: model.network_outputs(params, v, mask_index=1), x, model.orders[0])
     # the conditionals' log-densities log p(x_i | x_<i) do depend on x_i itself: not a parameter map
     gaussian = MADEModel(4, (12,), output="gaussian", order="random", order_seed=seed)
     gp = _params(gaussian, seed)
@@ -533,6 +621,30 @@ def test_pixelcnn_on_every_backend_gives_numpy_s_numbers(backend):
                            context=to_device(y[:4], backend), cached=cached)
         assert_backend(out, backend)
         np.testing.assert_array_equal(to_numpy(out), ref)
+
+
+GPU = [b for b in BACKENDS if getattr(b, "values", (b,))[0] == "cupy"]  # cupy only: skips, saying why, without
+
+
+@pytest.mark.parametrize("gpu", GPU)
+@pytest.mark.parametrize("output", ["categorical", "logistic_mixture"])
+def test_pixelcnn_on_cupy_samples_without_waiting_for_the_host(gpu, output):
+    import cupyx
+
+    if getattr(cupyx, "allow_synchronize", None) is None:
+        pytest.skip("this cupy has no cupyx.allow_synchronize to catch a host synchronisation")
+    model = _pixelcnn(4, 5, 3, 6, output=output, num_components=2, context_classes=0, num_blocks=2)
+    params = to_device(_params(model), gpu, dtype="float32")
+    images = []
+    for cached in (False, True):
+        with cupyx.allow_synchronize(False):  # any device-to-host copy or sync in the pixel loop raises
+            x = model.sample(params, Rng(3, gpu), 7, cached=cached)
+        assert_backend(x, gpu)
+        images.append(to_numpy(x))
+    np.testing.assert_array_equal(images[0], images[1])  # the same draws, the same images
+    host = to_device(params, "numpy", dtype="float64")
+    np.testing.assert_allclose(to_numpy(model.log_prob(params, x)), to_numpy(model.log_prob(host, images[0])),
+                               rtol=1e-4, atol=1e-3)
 
 
 def test_pixelcnn_loss_terms_add_up_and_the_dtype_follows_the_params():

@@ -6,7 +6,7 @@ import pytest
 from conftest import run_example
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-EXAMPLES = ["pixelcnn_digits.py"]
+EXAMPLES = ["pixelcnn_digits.py", "made_digits.py"]
 
 
 @pytest.mark.parametrize("script", EXAMPLES)

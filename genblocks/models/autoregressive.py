@@ -21,13 +21,16 @@ optional inpainting. Part 2 (``PixelCNN``) does the same for images with masked 
 input layer, gated vertical and horizontal stacks without a blind spot, colour-channel masks, and a cached
 sampler. ``genblocks.checks.check_autoregressive`` tests either network's masks with autograd's Jacobian.
 
-Masks as an ensemble (connectivity-agnostic training, Germain et al. 2015 section 3.3): ``num_masks`` sets
-of hidden degrees, all sharing the variable order and the weights. Mask 0 is plain MADE's
-(``genblocks.blocks.nn.made_degrees``); masks 1.. draw their hidden degrees from a fixed seed, so they are
-constants of the model, not parameters. Training draws one mask per batch; evaluation averages the
-*probabilities* of the masks, p(x) = (1/M) sum_k p_k(x), a mixture, which is normalised because every p_k
-is. (Averaging their logits or their log-densities is a different object: the geometric mean of the joints
-sums to less than 1.)
+Masks as an ensemble (order- and connectivity-agnostic training, Germain et al. 2015 section 3.3):
+``num_masks`` masks sharing the weights. Each mask has its hidden degrees (mask 0 plain MADE's,
+``genblocks.blocks.nn.made_degrees``; masks 1.. drawn from a fixed seed) and its variable order: with
+``order="random"`` every mask draws its own permutation (order-agnostic), with ``"natural"`` or one
+permutation all masks share it (connectivity-agnostic only), and a list of M permutations sets each mask's
+order. Masks and orders are constants of the model, not parameters. Training draws one mask per batch;
+evaluation averages the *probabilities* of the masks, p(x) = (1/M) sum_k p_k(x), a mixture, which is
+normalised because every p_k is, whatever its order. (Averaging their logits or their log-densities is a
+different object: the geometric mean of the joints sums to less than 1.) Sampling picks a mask per row and
+follows that mask's order.
 """
 
 import math
@@ -48,8 +51,8 @@ from genblocks.blocks.validate import check_choice, check_nonnegative_int, check
 
 LOG_2PI = math.log(2.0 * math.pi)
 
-__all__ = ["OUTPUTS", "MADEModel", "MADE", "resolve_order", "hidden_degrees", "masks_from_degrees", "PIXEL_OUTPUTS",
-           "PixelCNN", "channel_groups", "channel_mask", "horizontal_mask"]
+__all__ = ["OUTPUTS", "MADEModel", "MADE", "resolve_order", "resolve_orders", "hidden_degrees", "masks_from_degrees",
+           "PIXEL_OUTPUTS", "PixelCNN", "channel_groups", "channel_mask", "horizontal_mask"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -83,6 +86,31 @@ def resolve_order(dim, order="natural", order_seed=None):
     if sorted(ranks) != list(range(dim)):
         raise ValueError(f"order: expected a permutation of range({dim}) (each of 0..{dim - 1} once), got {ranks}")
     return tuple(ranks)
+
+
+def resolve_orders(dim, order, order_seed, num_masks):
+    """One order per mask: a tuple of ``num_masks`` rank tuples (``resolve_order``'s convention).
+
+    ``"random"``: mask 0 takes ``resolve_order(dim, "random", order_seed)``, mask k >= 1 the permutation of
+    ``Rng(order_seed)``'s k-th child (the order-agnostic ensemble). ``"natural"`` or one permutation: the
+    same order for every mask. A list (or (M, D) array) of ``num_masks`` permutations: one per mask.
+    """
+    if isinstance(order, str):
+        first = resolve_order(dim, order, order_seed)
+        if order == "natural" or num_masks == 1:
+            return (first,) * num_masks
+        others = [tuple(int(v) for v in to_numpy(Rng(order_seed, "numpy").split(k)[k - 1].permutation(dim)))
+                  for k in range(1, num_masks)]
+        return (first, *others)
+    host = to_numpy(order) if hasattr(order, "shape") else order
+    nested = getattr(host, "ndim", None) == 2 or (
+        isinstance(host, (list, tuple)) and len(host) > 0 and all(hasattr(v, "__len__") for v in host))
+    if not nested:
+        return (resolve_order(dim, order),) * num_masks
+    if len(host) != num_masks:
+        raise ValueError(f"order: expected one permutation per mask ({num_masks} with num_masks={num_masks}), "
+                         f"got {len(host)}")
+    return tuple(resolve_order(dim, row) for row in host)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -131,6 +159,8 @@ OUTPUTS = {
     "gaussian": "x_i real: P = 2, N(x_i; mu, sigma), log sigma = s_min + softplus(raw - s_min)",
     "mixture_gaussian": "x_i real: P = 3C, sum_c pi_c N(x_i; mu_c, sigma_c), pi = softmax(logits)",
     "mixture_logistic": "x_i real: P = 3C, sum_c pi_c Logistic(x_i; mu_c, s_c), pi = softmax(logits)",
+    "discretized_logistic": "x_i in {0, ..., K-1}: P = 3C, DiscretizedLogisticMixture(logits, loc, log_scale) on "
+                            "[-1, 1], K bins (neighbouring levels share mass)",
 }
 
 
@@ -143,8 +173,10 @@ class MADEModel(Block):
 
     dim: D; hidden: hidden widths; output: one of ``OUTPUTS`` (``num_classes`` = K levels for
     "categorical", ``num_components`` = C for the mixtures); order: "natural", "random" (with
-    ``order_seed``) or a permutation (``resolve_order``); num_masks: M connectivity masks (1 = plain MADE;
-    ``mask_seed`` fixes masks 1..M-1); context: ``context_dim`` (a float vector c (..., context_dim)) or
+    ``order_seed``; each mask its own random order), a permutation shared by all masks, or a list of M
+    permutations, one per mask (``resolve_orders``); num_masks: M masks (1 = plain MADE; ``mask_seed``
+    fixes the hidden degrees of masks 1..M-1); ``orders[k]`` / ``visits[k]`` are mask k's ranks and
+    generation order, ``order`` / ``visit`` mask 0's; context: ``context_dim`` (a float vector c (..., context_dim)) or
     ``context_classes`` (an integer label c (...,) in 0..N-1, one-hot encoded), which enters the first and
     the last layer with all-ones masks, so it reaches every conditional, even the first variable's.
     ``min_log_scale`` (real outputs) is a smooth floor on log sigma: log sigma = s + softplus(raw - s).
@@ -160,16 +192,19 @@ class MADEModel(Block):
         for i, width in enumerate(self.hidden):
             check_positive_int(width, f"hidden[{i}]")
         self.output = check_choice(output, "output", tuple(OUTPUTS))
-        if output == "categorical":
+        if output in ("categorical", "discretized_logistic"):
             if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-                raise ValueError(f"num_classes: expected an int >= 2 with output='categorical', got {num_classes!r}")
+                raise ValueError(f"num_classes: expected an int >= 2 with output={output!r}, got {num_classes!r}")
         elif num_classes is not None:
-            raise ValueError(f"num_classes: only for output='categorical', got {num_classes!r} with output={output!r}")
+            raise ValueError(f"num_classes: only for output='categorical' or 'discretized_logistic', got "
+                             f"{num_classes!r} with output={output!r}")
         self.num_classes = num_classes
         self.num_components = check_positive_int(num_components, "num_components")
-        self.order = resolve_order(dim, order, order_seed)
-        self.order_seed = order_seed
         self.num_masks = check_positive_int(num_masks, "num_masks")
+        self.orders = resolve_orders(dim, order, order_seed, self.num_masks)
+        self.order = self.orders[0]
+        self.shared_order = all(o == self.order for o in self.orders)
+        self.order_seed = order_seed
         self.mask_seed = check_nonnegative_int(mask_seed, "mask_seed")
         self.context_dim = check_nonnegative_int(context_dim, "context_dim")
         self.context_classes = check_nonnegative_int(context_classes, "context_classes")
@@ -183,13 +218,13 @@ class MADEModel(Block):
         self.params_per_dim = {"bernoulli": 1, "categorical": num_classes, "gaussian": 2}.get(
             output, 3 * self.num_components)
         # generation order: step t generates variable visit[t] (the inverse permutation of order)
-        self.visit = tuple(sorted(range(dim), key=lambda j: self.order[j]))
+        self.visits = tuple(tuple(sorted(range(dim), key=lambda j: o[j])) for o in self.orders)
+        self.visit = self.visits[0]
         width = self.context_dim or self.context_classes
-        input_degrees = [r + 1 for r in self.order]
         self.nets = []  # nets[k]: the MaskedDense layers of mask k (same shapes, so they share params)
         for k in range(self.num_masks):
-            masks = masks_from_degrees(input_degrees, hidden_degrees(dim, self.hidden, k, self.mask_seed),
-                                       self.params_per_dim)
+            masks = masks_from_degrees([r + 1 for r in self.orders[k]],
+                                       hidden_degrees(dim, self.hidden, k, self.mask_seed), self.params_per_dim)
             if width:  # all-ones rows: the context reaches the first hidden layer and every output
                 masks[0] = masks[0] + [[1.0] * len(masks[0][0])] * width
                 if len(masks) > 1:
@@ -202,9 +237,11 @@ class MADEModel(Block):
         extra = [f"output={self.output!r}"]
         if self.num_classes:
             extra.append(f"num_classes={self.num_classes}")
-        if self.output.startswith("mixture"):
+        if self.output.startswith("mixture") or self.output == "discretized_logistic":
             extra.append(f"num_components={self.num_components}")
-        if self.order != tuple(range(self.dim)):
+        if not self.shared_order:
+            extra.append("order: one per mask")
+        elif self.order != tuple(range(self.dim)):
             extra.append(f"order={self.order}")
         for name in ("num_masks", "context_dim", "context_classes"):
             if getattr(self, name) not in (0, 1):
@@ -265,7 +302,7 @@ class MADEModel(Block):
     def network_outputs(self, params, x, context=None, mask_index=0):
         """theta = MADE_k(x, c): x (..., D) -> (..., D, P), mask k = ``mask_index``.
 
-        theta[..., i, :] depends on x_j only where order(j) < order(i) (and on the context everywhere).
+        theta[..., i, :] depends on x_j only where orders[k][j] < orders[k][i] (and on the context everywhere).
         """
         xp, x, ctx = self._inputs(params, x, context)
         if not (isinstance(mask_index, int) and 0 <= mask_index < self.num_masks):
@@ -296,6 +333,10 @@ class MADEModel(Block):
             return Bernoulli(logits=theta[..., 0], validate=False)
         if out == "categorical":
             return Categorical(logits=theta, validate=False)
+        if out == "discretized_logistic":
+            C = self.num_components
+            return DiscretizedLogisticMixture(theta[..., :C], theta[..., C:2 * C], self._log_scale(theta[..., 2 * C:]),
+                                              num_bins=self.num_classes, validate=False)
         if out == "gaussian":
             return Normal(theta[..., 0], xp.exp(self._log_scale(theta[..., 1])), validate=False)
         C = self.num_components
@@ -309,10 +350,10 @@ class MADEModel(Block):
         Real outputs use the log-scale s directly, so a huge s never overflows exp(s):
         log N(x; mu, e^s) = -z^2 / 2 - s - log(2 pi) / 2 and log Logistic = -|z| - 2 log(1 + e^-|z|) - s,
         z = (x - mu) e^-s; a mixture is logsumexp_c(log_softmax(logits)_c + log p_c). Discrete outputs use
-        ``conditional(theta).log_prob(x)`` (log_sigmoid, log_softmax).
+        ``conditional(theta).log_prob(x)`` (log_sigmoid, log_softmax, the bins' log-masses).
         """
         out = self.output
-        if out in ("bernoulli", "categorical"):
+        if out in ("bernoulli", "categorical", "discretized_logistic"):
             return self.conditional(theta).log_prob(x)
         xp = namespace(theta, x)
         if out == "gaussian":
@@ -348,7 +389,8 @@ class MADEModel(Block):
         """log p(x_visit[0], ..., x_visit[t]) for t = 0..D-1 under the mask mixture: (..., D), in step order.
 
         log p(x_<=t) = logsumexp_k sum_{s<=t} log p_k(x_visit[s] | ...) - log M: each mask's prefix is a
-        normalised marginal, so the mixture of prefixes is the mixture's marginal (masks share the order).
+        normalised marginal, so the mixture of prefixes is the mixture's marginal (only when the masks share
+        the order: a prefix in one order is not a prefix in another, and its marginal needs a sum).
         """
         steps = xp.take(xp.stack(per_mask, axis=0), self._index(xp, self.visit, device), axis=-1)
         return ops.logsumexp(xp.cumulative_sum(steps, axis=-1), axis=0) - math.log(self.num_masks)
@@ -356,8 +398,13 @@ class MADEModel(Block):
     def conditional_log_probs(self, params, x, context=None):
         """log p(x_i | x_<i, c) for every variable i: x (..., D) -> (..., D); they sum to ``log_prob``.
 
-        With M > 1 masks these are the mixture's conditionals, log p(x_<=i) - log p(x_<i).
+        With M > 1 masks these are the mixture's conditionals, log p(x_<=i) - log p(x_<i), which needs a
+        shared order; masks with their own orders raise (``loss_terms`` decomposes their NLL instead).
         """
+        if not self.shared_order:
+            raise ValueError("order: the masks have different orders (order-agnostic), so the mixture has no "
+                             "chain of conditionals in one order; use log_prob, or loss_terms for a per-dimension "
+                             "decomposition")
         xp, per_mask = self._per_mask(params, x, context)
         if self.num_masks == 1:
             return per_mask[0]
@@ -396,25 +443,37 @@ class MADEModel(Block):
     def loss_terms(self, params, batch, rng=None):
         """{"nll": mean NLL (scalar), "nll_per_dim": (D,) mean -log p(x_i | x_<i) per variable}; they add up.
 
-        The per-dimension NLL shows which variables are hard to predict from the ones before them.
+        The per-dimension NLL shows which variables are hard to predict from the ones before them. With
+        masks of different orders each example's NLL splits as -log p(x) = sum_i sum_k w_k (-log p_k(x_i |
+        x before i in order k)) + KL(w || uniform), w_k = p_k(x) / sum_l p_l(x) the posterior over masks;
+        "nll_per_dim" holds the first sum per variable and "mask_kl" (>= 0, <= log M) the second.
         """
         x, context = unpack_batch(batch)
-        cond = self.conditional_log_probs(params, x, context)
-        xp = namespace(cond)
-        per_dim = -xp.mean(xp.reshape(cond, (-1, self.dim)), axis=0)
-        return {"nll": xp.sum(per_dim), "nll_per_dim": per_dim}
+        if self.shared_order:
+            cond = self.conditional_log_probs(params, x, context)
+            xp = namespace(cond)
+            per_dim = -xp.mean(xp.reshape(cond, (-1, self.dim)), axis=0)
+            return {"nll": xp.sum(per_dim), "nll_per_dim": per_dim}
+        xp, per_mask = self._per_mask(params, x, context)
+        stacked = xp.stack([xp.reshape(lp, (-1, self.dim)) for lp in per_mask], axis=0)  # (M, n, D)
+        log_w = ops.log_softmax(xp.sum(stacked, axis=-1), axis=0)  # (M, n)
+        w = xp.exp(log_w)
+        per_dim = -xp.mean(xp.sum(xp.expand_dims(w, axis=-1) * stacked, axis=0), axis=0)
+        kl = xp.mean(xp.sum(w * log_w, axis=0)) + math.log(self.num_masks)
+        return {"nll": xp.sum(per_dim) + kl, "nll_per_dim": per_dim, "mask_kl": kl}
 
     # -- sampling ----------------------------------------------------------------------------------
     def sample(self, params, rng, n, context=None, x_init=None, mask=None):
         """x ~ p(x | c) by D sequential steps in the model's order: x_visit[t] ~ p(x_visit[t] | x_<t, c).
 
-        Returns (n, D) in the params' dtype on their backend; every draw comes from ``rng``. Inpainting:
-        with ``x_init`` ((n, D) or (D,)) and a boolean ``mask`` of the same shape (True = given), the given
-        entries are kept exactly and the others are sampled. That is an exact draw from p(x_missing |
-        x_given) when, in each row, every given entry comes before every missing one in the order (completing
-        a prefix); given entries later in the order are kept but do not inform earlier missing ones. With
-        M > 1 masks each row first picks mask k with probability proportional to p_k(given prefix), then
-        samples all its steps with that mask: an exact draw from the mixture's conditional.
+        Returns (n, D) in the params' dtype on their backend; every draw comes from ``rng``. With M > 1
+        masks each row first picks a mask k, then takes all D steps with it, in mask k's order (``visits[k]``):
+        an exact draw from the mixture. Inpainting: with ``x_init`` ((n, D) or (D,)) and a boolean ``mask``
+        of the same shape (True = given), the given entries are kept exactly and the others are sampled; the
+        mask k of a row is picked with probability proportional to p_k(its given prefix in order k). That is
+        an exact draw from p(x_missing | x_given) when, in each row, every given entry comes before every
+        missing one in every mask's order (completing a prefix); given entries later in an order are kept
+        but do not inform the missing ones before them.
         """
         self.check_params(params)
         check_positive_int(n, "n")
@@ -425,11 +484,31 @@ class MADEModel(Block):
         given, x = self._given(xp, n, x_init, mask, dt, device)  # x: the one buffer the D steps write into
         r_mask, *r_steps = rng.split(self.dim + 1)
         rows = self._choose_masks(xp, params, x, given, ctx, r_mask, device)
+        if not self.shared_order:
+            return self._sample_own_orders(xp, params, x, given, ctx, rows, r_steps, device)
         for t, j in enumerate(self.visit):
             theta = self._theta(xp, params, x, ctx, 0) if rows is None else self._theta_rows(xp, params, x, ctx, rows)
             draw = self.conditional(theta[:, j, :]).sample(r_steps[t])
             draw = draw if draw.dtype == dt else xp.astype(draw, dt)
             x[:, j] = draw if given is None else xp.where(given[:, j], x[:, j], draw)
+        return x
+
+    def _sample_own_orders(self, xp, params, x, given, ctx, rows, steps, device):
+        """The D steps when row r follows its mask's order: at step t it draws variable visits[rows[r]][t]."""
+        n, P = x.shape[0], self.params_per_dim
+        table = xp.asarray([list(v) for v in self.visits], dtype=xp.int64, device=device)  # (M, D)
+        row_visit = xp.take(table, rows, axis=0)  # (n, D): row r's generation order
+        columns = xp.arange(self.dim, dtype=xp.int64, device=device)
+        for t in range(self.dim):
+            j = row_visit[:, t:t + 1]  # (n, 1): the variable each row draws now
+            theta = self._theta_rows(xp, params, x, ctx, rows)  # (n, D, P)
+            theta_j = xp.take_along_axis(theta, xp.broadcast_to(xp.expand_dims(j, axis=-1), (n, 1, P)), axis=1)
+            draw = self.conditional(theta_j[:, 0, :]).sample(steps[t])
+            draw = draw if draw.dtype == x.dtype else xp.astype(draw, x.dtype)
+            write = columns == j  # (n, D): one True per row
+            if given is not None:
+                write = xp.logical_and(write, xp.logical_not(given))
+            x[:, :] = xp.where(write, xp.expand_dims(draw, axis=-1), x)
         return x
 
     def _given(self, xp, n, x_init, mask, dt, device):
@@ -459,12 +538,15 @@ class MADEModel(Block):
         n = x.shape[0]
         logits = xp.zeros((n, self.num_masks), dtype=x.dtype, device=device)
         if given is not None:
-            # the given prefix of each row in step order: given at step t and at every step before it
-            order_given = xp.take(xp.astype(given, x.dtype), self._index(xp, self.visit, device), axis=-1)
-            prefix = xp.cumulative_sum(1.0 - order_given, axis=-1) == 0.0
-            per_mask = [self._mask_log_probs(xp, params, x, ctx, k) for k in range(self.num_masks)]
-            steps = xp.take(xp.stack(per_mask, axis=-1), self._index(xp, self.visit, device), axis=-2)  # (n, D, M)
-            logits = xp.sum(xp.where(xp.expand_dims(prefix, axis=-1), steps, 0.0), axis=-2)
+            # per mask, the given prefix of each row in that mask's step order: given at step t and before it
+            scores = []
+            for k in range(self.num_masks):
+                visit = self._index(xp, self.visits[k], device)
+                order_given = xp.take(xp.astype(given, x.dtype), visit, axis=-1)
+                prefix = xp.cumulative_sum(1.0 - order_given, axis=-1) == 0.0
+                steps = xp.take(self._mask_log_probs(xp, params, x, ctx, k), visit, axis=-1)  # (n, D)
+                scores.append(xp.sum(xp.where(prefix, steps, 0.0), axis=-1))
+            logits = xp.stack(scores, axis=-1)
         return Categorical(logits=logits, validate=False).sample(rng)
 
     def _theta_rows(self, xp, params, x, ctx, rows):
@@ -745,7 +827,11 @@ class PixelCNN(Block):
         W = params["head"][0]["W"]
         x = self._images(xp, x, W.dtype)
         onehot = self._onehot(xp, context, x.shape[0], W.dtype, xp.device_of(W))
-        return self.conditional(self._forward(xp, params, x, onehot)).log_prob(x)
+        theta = self._forward(xp, params, x, onehot)
+        if self.output == "categorical":  # log_softmax picked by a one-hot: a cheap gradient (x checked above)
+            hit = xp.expand_dims(x, axis=-1) == xp.arange(self.levels, dtype=x.dtype, device=xp.device_of(x))
+            return xp.sum(xp.where(hit, ops.log_softmax(theta, axis=-1), 0.0), axis=-1)
+        return self.conditional(theta).log_prob(x)
 
     def log_prob(self, params, x, context=None):
         """log p(x | y) = sum_{i, j, c} log p(x[i, j, c] | x_<(i, j, c), y): x (n, H, W, C) -> (n,), one pass."""

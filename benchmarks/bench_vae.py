@@ -54,12 +54,13 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from
 from bench_flows import set_blas_threads  # noqa: E402 (benchmarks/bench_flows.py, beside this script)
 
 from genblocks.backends import Rng, to_numpy, value_and_grad  # noqa: E402
+from genblocks.blocks.bijectors import Chain, InverseAutoregressive  # noqa: E402
 from genblocks.blocks.nn import MLP  # noqa: E402
 from genblocks.data import load_digits  # noqa: E402
 from genblocks.models.flow import maf  # noqa: E402
-from genblocks.models.vae import VAE, MixturePrior  # noqa: E402
+from genblocks.models.vae import VAE, MixturePrior, kl_warmup  # noqa: E402
 from genblocks.train.loop import fit  # noqa: E402
-from genblocks.train.optim import adam, cosine_decay  # noqa: E402
+from genblocks.train.optim import adam, adamw, cosine_decay, ema  # noqa: E402
 
 LEVELS = 17
 
@@ -74,20 +75,48 @@ def make_vae(kind, args):
     else:
         prior = "normal"
     widths = lambda a, b: (a,) + tuple(h) + (b,)  # noqa: E731
+    H = 0
+    posterior = None
+    if args.posterior == "iaf":  # IAF steps on q_0, conditioned on H encoder features; reversed orders alternate
+        H = 2 * L
+        posterior = Chain([InverseAutoregressive(L, hidden=(2 * L, 2 * L), context_dim=H,
+                                                 order=range(L) if i % 2 == 0 else range(L - 1, -1, -1))
+                           for i in range(args.iaf_steps)])
+    options = dict(prior=prior, posterior=posterior, posterior_context_dim=H, objective=args.objective,
+                   num_samples=args.k, beta=kl_warmup(args.warmup) if args.warmup else 1.0)
     if kind == "levels":
-        return VAE(MLP(widths(64, 2 * L)), MLP(widths(L, 64 * LEVELS)), likelihood="categorical",
-                   num_levels=LEVELS, prior=prior, objective=args.objective, num_samples=args.k)
-    return VAE(MLP(widths(64, 2 * L)), MLP(widths(L, 64)), likelihood="bernoulli", prior=prior,
-               objective=args.objective, num_samples=args.k)
+        return VAE(MLP(widths(64, 2 * L + H)), MLP(widths(L, 64 * LEVELS)), likelihood="categorical",
+                   num_levels=LEVELS, **options)
+    return VAE(MLP(widths(64, 2 * L + H)), MLP(widths(L, 64)), likelihood="bernoulli", **options)
 
 
 def bounds(vae, params, x, rng, args):
     r1, r2, r3 = rng.split(3)
-    elbo = float(vae.loss_terms(params, x, r1, num_samples=10)["elbo"])
-    iwae = float(vae.loss_terms(params, x, r2, objective="iwae", num_samples=50)["iwae"])
+    elbo = float(vae.loss_terms(params, x, r1, num_samples=10, beta=1.0)["elbo"])
+    iwae = float(vae.loss_terms(params, x, r2, objective="iwae", num_samples=50, beta=1.0)["iwae"])
     start = time.perf_counter()
     lp = to_numpy(vae.log_prob_estimate(params, x, r3, args.is_k, chunk_size=args.chunk))
     return {"elbo": -elbo, "iwae50": -iwae, "is": -float(lp.mean()), "is_seconds": time.perf_counter() - start}
+
+
+def averaged(optimizer, decay, holder):
+    """``optimizer`` that also counts its steps into ``holder["step"]`` and, with ``decay``, keeps the
+    parameter EMA in ``holder["ema"]`` (what the validation check and the test figures then use)."""
+    init, update = optimizer
+    averager = ema(decay) if decay else None
+
+    def wrapped_init(params):
+        holder.update(step=0, ema=averager.init(params) if averager else None)
+        return init(params)
+
+    def wrapped_update(grads, state, params):
+        params, state = update(grads, state, params)
+        holder["step"] += 1
+        if averager:
+            holder["ema"] = averager.update(params, holder["ema"])
+        return params, state
+
+    return wrapped_init, wrapped_update
 
 
 def run(kind, args):
@@ -98,24 +127,28 @@ def run(kind, args):
     vae = make_vae(kind, args)
     params = vae.init(Rng(args.seed))
     best = {"value": math.inf, "params": params, "step": 0}
+    holder = {}
 
     def evaluate(p):  # the validation bound of the training objective (the IWAE-K bound when training on it)
+        p = holder["ema"] if args.ema else p
         if args.objective == "iwae":
-            value = -float(vae.loss_terms(p, valid, Rng(1), objective="iwae", num_samples=args.k)["iwae"])
+            value = -float(vae.loss_terms(p, valid, Rng(1), objective="iwae", num_samples=args.k, beta=1.0)["iwae"])
         else:
-            value = -float(vae.loss_terms(p, valid, Rng(1), num_samples=5)["elbo"])
+            value = -float(vae.loss_terms(p, valid, Rng(1), num_samples=5, beta=1.0)["elbo"])
         if value < best["value"]:
-            best.update(value=value, params=p)
+            best.update(value=value, params=p, step=holder["step"])
         return value
 
+    schedule = cosine_decay(args.lr, args.steps, args.lr / 10)
+    optimizer = adamw(schedule, weight_decay=args.weight_decay) if args.weight_decay else adam(schedule)
+    loss = (lambda p, b, r: vae.loss(p, b, r, step=holder["step"])) if args.warmup else vae.loss  # noqa: E731
     start = time.perf_counter()
-    result = fit(vae.loss, params, train, Rng(args.seed + 1), adam(cosine_decay(args.lr, args.steps, args.lr / 10)),
-                 args.steps, batch_size=args.batch_size, progress=False, eval_fn=evaluate,
-                 eval_every=args.eval_every)
+    result = fit(loss, params, train, Rng(args.seed + 1), averaged(optimizer, args.ema, holder), args.steps,
+                 batch_size=args.batch_size, progress=False, eval_fn=evaluate, eval_every=args.eval_every)
     seconds = time.perf_counter() - start
     out = bounds(vae, best["params"], test, Rng(args.seed + 2), args)
     out.update(kind=kind, steps=args.steps, train_s=seconds, ms_step=1000 * seconds / max(args.steps, 1),
-               valid=best["value"], final_valid=result.history["eval"][-1][1])
+               valid=best["value"], best_step=best["step"], final_valid=result.history["eval"][-1][1])
     return out
 
 
@@ -183,6 +216,12 @@ def main():
     ap.add_argument("--prior", choices=("normal", "mixture", "flow"), default="normal")
     ap.add_argument("--objective", choices=("elbo", "iwae"), default="elbo")
     ap.add_argument("--k", type=int, default=1, help="draws per image in training (the K of IWAE)")
+    ap.add_argument("--posterior", choices=("gaussian", "iaf"), default="gaussian",
+                    help="q(z|x): the encoder's Gaussian, or that pushed through IAF steps")
+    ap.add_argument("--iaf-steps", type=int, default=2)
+    ap.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay (0: Adam)")
+    ap.add_argument("--ema", type=float, default=0.0, help="EMA decay of the weights (0: none); the EMA is evaluated")
+    ap.add_argument("--warmup", type=int, default=0, help="KL warm-up steps (beta rises 0 -> 1; 0: none)")
     ap.add_argument("--latent", type=int, default=16)
     ap.add_argument("--hidden", type=int, nargs="+", default=[256, 256])
     ap.add_argument("--steps", type=int, default=10000)
@@ -200,8 +239,9 @@ def main():
     threads = set_blas_threads(args.threads)
     print(f"machine: {platform.machine()} {platform.processor() or ''} {platform.system()}, python "
           f"{platform.python_version()}, BLAS threads {threads}")
-    print(f"VAE: latent {args.latent}, hidden {args.hidden}, prior {args.prior}, objective {args.objective} "
-          f"(K={args.k}), {args.steps} steps at batch {args.batch_size}, lr {args.lr} (cosine), "
+    print(f"VAE: latent {args.latent}, hidden {args.hidden}, prior {args.prior}, posterior {args.posterior}, "
+          f"objective {args.objective} (K={args.k}), weight decay {args.weight_decay}, EMA {args.ema}, KL warm-up "
+          f"{args.warmup}, {args.steps} steps at batch {args.batch_size}, lr {args.lr} (cosine), "
           f"best validation bound every {args.eval_every} steps; test: IS with K={args.is_k}", flush=True)
     kinds = ("levels", "binary") if args.data == "both" else (args.data,)
     rows = []
@@ -209,7 +249,8 @@ def main():
         r = run(kind, args)
         rows.append(r)
         print(f"{kind:7s} -ELBO {r['elbo']:.2f}  -IWAE50 {r['iwae50']:.2f}  IS-{args.is_k} NLL {r['is']:.2f} nats  "
-              f"(valid bound {r['valid']:.2f}; train {r['train_s']:.0f} s, {r['ms_step']:.1f} ms/step; "
+              f"(valid bound {r['valid']:.2f} at step {r['best_step']}; train {r['train_s']:.0f} s, "
+              f"{r['ms_step']:.1f} ms/step; "
               f"IS {r['is_seconds']:.0f} s)", flush=True)
     print(f"\n| data | -ELBO | -IWAE (K=50) | IS-{args.is_k} NLL | ms/step |")
     print("|---|---|---|---|---|")
@@ -222,7 +263,8 @@ def main():
     if theirs is None:
         print("\nPyTorch comparison: [torch not importable] (pip install torch, CPU build)")
         return
-    twin = argparse.Namespace(**{**vars(args), "prior": "normal", "objective": "elbo", "k": 1})
+    twin = argparse.Namespace(**{**vars(args), "prior": "normal", "posterior": "gaussian", "objective": "elbo",
+                                 "k": 1, "warmup": 0})
     vae = make_vae("levels", twin)
     params = vae.init(Rng(0))
     ours = min(step_ms(vae, params, batch, args.repeats) for _ in range(2))

@@ -15,7 +15,7 @@ VJP; measured 7x faster forward and a 4x faster conv gradient than slicing and s
 (3x3 conv, 64x16x16x32 float32, one thread).
 
 ``log_softmax_take(logits, index)``: logits[..., index] - logsumexp(logits), the categorical
-log-likelihood. On numpy one primitive whose forward keeps its softmax for the VJP,
+log-likelihood. On numpy one primitive whose forward keeps exp(logits - max) for the VJP,
 g (onehot(index) - softmax(logits)), written into one buffer; composed under autograd it is a dozen nodes
 with (..., K) intermediates and a onehot mask (measured, 100 x 64 x 17 float32, one thread: 0.85 ms
 against 2.1 ms forward, 1.3 ms against 26 ms forward and backward).
@@ -439,33 +439,44 @@ def check_log_softmax_take_args(logits, index):
 _lst_slot = threading.local()  # the forward's softmax, handed to its VJP as the dense primitive hands z
 
 
-def _softmax_and_lse(logits):
-    """(softmax, logsumexp with keepdims) over the last axis, plain numpy, fresh buffers."""
-    m = onp.max(logits, axis=-1, keepdims=True)
+def _row_max(logits):
+    """max over the last axis, keepdims: for a short axis, K - 1 elementwise maxima of strided slices
+    (measured 2x faster than numpy's reduction along a contiguous axis of 17)."""
+    k = logits.shape[-1]
+    if k > 32:
+        return onp.max(logits, axis=-1, keepdims=True)
+    m = logits[..., 0:1].copy()
+    for j in range(1, k):
+        onp.maximum(m, logits[..., j:j + 1], out=m)
+    return m
+
+
+def _exp_and_lse(logits):
+    """(e, s, lse): e = exp(logits - m), s = sum_k e (...,), lse = log s + m (...,); plain numpy, fresh buffers.
+    The sum is a matrix-vector product with ones (measured 8x faster than numpy's sum over an axis of 17)."""
+    m = _row_max(logits)
     m[~onp.isfinite(m)] = 0.0
-    e = logits - m
+    e = onp.subtract(logits, m)
     onp.exp(e, out=e)
-    s = onp.sum(e, axis=-1, keepdims=True)
-    e /= s
-    onp.log(s, out=s)
-    s += m
-    return e, s
+    s = onp.matmul(e, onp.ones(logits.shape[-1], dtype=e.dtype))
+    lse = onp.log(s)
+    lse += m[..., 0]
+    return e, s, lse
 
 
 @primitive
 def _log_softmax_take_numpy(logits, index):
-    p, lse = _softmax_and_lse(logits)
-    out = onp.take_along_axis(logits, index[..., None], axis=-1)
+    e, s, lse = _exp_and_lse(logits)
+    out = onp.take_along_axis(logits, index[..., None], axis=-1)[..., 0]
     out -= lse
-    out = out[..., 0]
-    _lst_slot.entry = (out, p)
+    _lst_slot.entry = (out, e, s)
     return out
 
 
 def _log_softmax_take_vjp(ans, logits, index):
     entry = getattr(_lst_slot, "entry", None)
     _lst_slot.entry = None
-    p = entry[1] if entry is not None and entry[0] is ans else None
+    kept = entry[1:] if entry is not None and entry[0] is ans else None
 
     def vjp(g):
         if isinstance(g, Box) or isinstance(logits, Box) or isinstance(ans, Box):  # gradients of gradients
@@ -473,10 +484,11 @@ def _log_softmax_take_vjp(ans, logits, index):
                                   keepdims=True)) + anp.max(logits, axis=-1, keepdims=True)
             onehot = (anp.arange(logits.shape[-1]) == index[..., None]).astype(logits.dtype)
             return g[..., None] * (onehot - anp.exp(logits - lse))
-        gk = onp.asarray(g, dtype=logits.dtype)[..., None]
-        d = (_softmax_and_lse(logits)[0] if p is None else p) * -gk  # g (onehot - softmax), one fresh buffer
+        e, s = _exp_and_lse(logits)[:2] if kept is None else kept
+        g = onp.asarray(g, dtype=logits.dtype)
+        d = e * (-g / s)[..., None]  # -g softmax, one fresh buffer; then + g at the index
         picked = onp.take_along_axis(d, index[..., None], axis=-1)
-        picked += gk
+        picked += g[..., None]
         onp.put_along_axis(d, index[..., None], picked, axis=-1)
         return d
 
@@ -505,10 +517,10 @@ def make_log_softmax_take(xp, fused):
         if not fused:
             return generic(logits, index)
         index = onp.asarray(index)
-        if not isinstance(logits, Box):  # nothing to differentiate: skip the primitive and the kept softmax
-            out = onp.take_along_axis(logits, index[..., None], axis=-1)
-            out -= _softmax_and_lse(logits)[1]
-            return out[..., 0]
+        if not isinstance(logits, Box):  # nothing to differentiate: skip the primitive and what it keeps
+            out = onp.take_along_axis(logits, index[..., None], axis=-1)[..., 0]
+            out -= _exp_and_lse(logits)[2]
+            return out
         return _log_softmax_take_numpy(logits, index)
 
     return log_softmax_take

@@ -483,7 +483,9 @@ class VAE(Block):
             base = Normal(out[..., 0], scale, validate=False)
         return Independent(base, 1, validate=False)
 
-    fused_likelihood = True  # the categorical log p(x | z) through xp.log_softmax_take (False: the plain path)
+    # The categorical log p(x | z) through xp.log_softmax_take and the KL to N(0, I) as one formula (False:
+    # the plain Categorical and kl(Normal, Normal) paths; tests/test_vae.py pins the two together).
+    fast_paths = True
 
     def decoder_log_prob(self, params, z, x, context=None):
         """log p(x | z, c): z (..., L), x broadcastable to (..., D) -> (...,).
@@ -492,7 +494,7 @@ class VAE(Block):
         sum_d xp.log_softmax_take(logits_d, x_d): the same value and gradient as
         ``decoder_distribution(...).log_prob(x)`` (``tests/test_vae.py`` pins them), in one pass.
         """
-        if self.likelihood == "categorical" and self.fused_likelihood and self.validate_data and not is_traced(x):
+        if self.likelihood == "categorical" and self.fast_paths and self.validate_data and not is_traced(x):
             xp = namespace(z, params)
             out = self.decoder.apply(params["decoder"], _with_context(xp, z, context))
             logits = xp.reshape(out, tuple(out.shape[:-1]) + (self.data_dim, self.num_levels))
@@ -511,6 +513,10 @@ class VAE(Block):
         """KL(q_0 || p) per latent dimension (..., L), or None when there is no closed form."""
         if self.posterior is not None or not hasattr(self.prior, "distribution") or self.kl == "mc":
             return None
+        if self.fast_paths and type(self.prior) is StandardNormalPrior:  # (sigma^2 + mu^2 - 1) / 2 - log sigma
+            xp = namespace(q0.base_dist.loc)
+            mu, sigma = q0.base_dist.loc, q0.base_dist.scale
+            return 0.5 * (sigma * sigma + mu * mu - 1.0) - xp.log(sigma)
         p = self.prior.distribution(params["prior"], context, like=q0.base_dist.loc)
         try:
             return kl(q0.base_dist, p.base_dist if isinstance(p, Independent) else p)
@@ -559,17 +565,17 @@ class VAE(Block):
             log_q, log_pz = lazy_log_q(), self.prior_log_prob(params, z, context)
         if kl_dims is not None:
             kl_x = xp.sum(kl_dims, axis=-1)
-            kl_per_dim = xp.mean(xp.reshape(kl_dims, (-1, self.latent_dim)), axis=0)
+            kl_per_dim = xp.mean(xp.reshape(kl_dims, (-1, self.latent_dim)), axis=0) if full or free_bits else None
         else:
             kl_x = xp.mean(log_q - log_pz, axis=0)
             kl_per_dim = None
-        elbo = xp.mean(rec - kl_x)
         kl_mean = xp.mean(kl_x)
-        terms = {"elbo": elbo, "reconstruction": -xp.mean(rec), "kl": kl_mean,
-                 "beta": xp.asarray(beta, dtype=x.dtype, device=xp.device_of(x))}
+        terms = {"reconstruction": -xp.mean(rec), "kl": kl_mean}
+        if full:  # (loss() skips what only the report needs)
+            terms.update(elbo=xp.mean(rec - kl_x), beta=xp.asarray(beta, dtype=x.dtype, device=xp.device_of(x)))
         if kl_per_dim is not None:
             terms["kl_per_dim"] = kl_per_dim
-        if full:  # (loss() skips this count, which has no gradient)
+        if full:
             locs = ops.stop_gradient(xp.reshape(q0.base_dist.loc, (-1, self.latent_dim)))
             active = xp.var(locs, axis=0) > 0.01 if locs.shape[0] > 1 else xp.zeros_like(locs[0]) > 1.0
             terms["active_units"] = xp.sum(xp.astype(active, locs.dtype))  # a count, in the params' dtype
@@ -588,7 +594,7 @@ class VAE(Block):
                 kl_term = xp.maximum(kl_mean, free_bits * self.latent_dim)
         else:
             kl_term = kl_mean
-        terms["loss"] = -xp.mean(rec) + beta * kl_term
+        terms["loss"] = terms["reconstruction"] + beta * kl_term
         return terms
 
     def loss(self, params, batch, rng, **options):

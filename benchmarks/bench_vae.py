@@ -84,6 +84,9 @@ def make_vae(kind, args):
                            for i in range(args.iaf_steps)])
     options = dict(prior=prior, posterior=posterior, posterior_context_dim=H, objective=args.objective,
                    num_samples=args.k, beta=kl_warmup(args.warmup) if args.warmup else 1.0)
+    if kind == "levels" and args.likelihood == "logistic":  # C components x (logit, mean, log-scale) per pixel
+        return VAE(MLP(widths(64, 2 * L + H)), MLP(widths(L, 64 * 3 * args.components)),
+                   likelihood="logistic_mixture", num_levels=LEVELS, num_components=args.components, **options)
     if kind == "levels":
         return VAE(MLP(widths(64, 2 * L + H)), MLP(widths(L, 64 * LEVELS)), likelihood="categorical",
                    num_levels=LEVELS, **options)
@@ -216,6 +219,9 @@ def main():
     ap.add_argument("--prior", choices=("normal", "mixture", "flow"), default="normal")
     ap.add_argument("--objective", choices=("elbo", "iwae"), default="elbo")
     ap.add_argument("--k", type=int, default=1, help="draws per image in training (the K of IWAE)")
+    ap.add_argument("--likelihood", choices=("categorical", "logistic"), default="categorical",
+                    help="17-level digits: a categorical over the levels, or a discretized logistic mixture")
+    ap.add_argument("--components", type=int, default=3, help="logistic mixture components")
     ap.add_argument("--posterior", choices=("gaussian", "iaf"), default="gaussian",
                     help="q(z|x): the encoder's Gaussian, or that pushed through IAF steps")
     ap.add_argument("--iaf-steps", type=int, default=2)
@@ -239,7 +245,8 @@ def main():
     threads = set_blas_threads(args.threads)
     print(f"machine: {platform.machine()} {platform.processor() or ''} {platform.system()}, python "
           f"{platform.python_version()}, BLAS threads {threads}")
-    print(f"VAE: latent {args.latent}, hidden {args.hidden}, prior {args.prior}, posterior {args.posterior}, "
+    print(f"VAE: latent {args.latent}, hidden {args.hidden}, likelihood {args.likelihood} (17 levels), prior "
+          f"{args.prior}, posterior {args.posterior}, "
           f"objective {args.objective} (K={args.k}), weight decay {args.weight_decay}, EMA {args.ema}, KL warm-up "
           f"{args.warmup}, {args.steps} steps at batch {args.batch_size}, lr {args.lr} (cosine), "
           f"best validation bound every {args.eval_every} steps; test: IS with K={args.is_k}", flush=True)
@@ -264,7 +271,7 @@ def main():
         print("\nPyTorch comparison: [torch not importable] (pip install torch, CPU build)")
         return
     twin = argparse.Namespace(**{**vars(args), "prior": "normal", "posterior": "gaussian", "objective": "elbo",
-                                 "k": 1, "warmup": 0})
+                                 "k": 1, "warmup": 0, "likelihood": "categorical"})
     vae = make_vae("levels", twin)
     params = vae.init(Rng(0))
     ours = min(step_ms(vae, params, batch, args.repeats) for _ in range(2))

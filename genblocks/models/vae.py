@@ -548,7 +548,8 @@ class VAE(Block):
         return self._terms(params, batch, rng, objective, num_samples, beta, free_bits, step, True)
 
     def _terms(self, params, batch, rng, objective, num_samples, beta, free_bits, step, full):
-        """loss_terms (full=True) or just what loss needs (full=False: no active-unit count)."""
+        """loss_terms (full=True), or just what loss needs (full=False: no ELBO or beta report, no per-dimension
+        KL without free bits, no active-unit count)."""
         x, context = _unpack(batch)
         self.check_params(params)
         self._check_inputs(x, context)

@@ -269,3 +269,47 @@ def test_backend_modules_import_each_other_without_cycles():
         visit(name, [])
     assert "__init__" not in {d for n, deps in graph.items() if n != "__init__" for d in deps}, \
         "a backends module imports back from its package"
+
+
+# ---------------------------------------------------------------------------------------------------
+# log_softmax_take: the categorical log-likelihood
+
+
+def _lst_data(shape=(3, 5), k=4, dtype="float64", seed=0):
+    r = np.random.default_rng(seed)
+    return r.normal(size=shape + (k,)).astype(dtype) * 3.0, r.integers(0, k, size=shape)
+
+
+def _lst_composed(logits, index):
+    lse = anp.log(anp.sum(anp.exp(logits), axis=-1))
+    return anp.sum(logits * (np.arange(logits.shape[-1]) == index[..., None]), axis=-1) - lse
+
+
+def test_log_softmax_take_value_and_gradients_first_and_second_order():
+    logits, index = _lst_data()
+    np.testing.assert_allclose(xp.log_softmax_take(logits, index), _lst_composed(logits, index), rtol=1e-12)
+    check_grads(lambda l: anp.sum(anp.sin(xp.log_softmax_take(l, index))), modes=["rev"], order=2)(logits)
+    g = grad(lambda l: anp.sum(anp.sin(xp.log_softmax_take(l, index))))(logits)
+    np.testing.assert_allclose(g, grad(lambda l: anp.sum(anp.sin(_lst_composed(l, index))))(logits), atol=1e-12)
+
+
+def test_log_softmax_take_float32_stays_float32_and_is_stable_for_large_logits():
+    logits, index = _lst_data(dtype="float32")
+    logits = logits + np.float32(1e4)
+    out = xp.log_softmax_take(logits, index)
+    g = grad(lambda l: anp.sum(xp.log_softmax_take(l, index)))(logits)
+    assert out.dtype == np.float32 and g.dtype == np.float32
+    assert np.all(np.isfinite(out)) and np.all(out <= 0.0) and np.all(np.isfinite(g))
+    np.testing.assert_allclose(np.sum(g, axis=-1), 0.0, atol=1e-5)  # onehot - softmax sums to 0
+    saved = logits.copy()
+    grad(lambda l: anp.sum(xp.log_softmax_take(l, index)))(logits)
+    np.testing.assert_array_equal(logits, saved)  # inputs not modified
+
+
+def test_log_softmax_take_bad_shapes_and_every_backend(backend):
+    logits, index = _lst_data()
+    with pytest.raises(ValueError, match="index must have logits' shape"):
+        xp.log_softmax_take(logits, index[:, :2])
+    ons = lambda t: to_device(t, backend)  # noqa: E731
+    got = namespace(ons(logits)).log_softmax_take(ons(logits), ons(index))
+    np.testing.assert_allclose(to_numpy(got), xp.log_softmax_take(logits, index), rtol=1e-12)

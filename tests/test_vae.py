@@ -332,6 +332,42 @@ def test_importance_sampling_with_k_5000_in_chunks_on_every_backend(backend):
     assert tuple(vae.sample(params, Rng(1, backend), 16).shape) == (16, D)
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("objective", ["elbo", "iwae"])
+def test_fast_paths_equal_the_plain_paths_in_value_and_gradient(dtype, objective):
+    # xp.log_softmax_take against Independent(Categorical(logits)).log_prob, and the one-formula KL to N(0, I)
+    # against kl(Normal, Normal), with the same draws
+    vae = VAE(MLP((3, 6, 4)), MLP((2, 6, 12)), likelihood="categorical", num_levels=4, objective=objective,
+              num_samples=3)
+    params = vae.init(Rng(0), dtype)
+    x = _data("levels", 6).astype(dtype)
+    values, grads = [], []
+    for fused in (True, False):
+        vae.fast_paths = fused
+        value, g = value_and_grad(vae.loss)(params, x, Rng(5))
+        values.append(float(value))
+        grads.append(np.concatenate([np.ravel(a) for a in _leaves(g)]))
+        assert float(value) == pytest.approx(float(vae.loss_terms(params, x, Rng(5))["loss"]), rel=1e-6)
+    tol = 1e-12 if dtype == "float64" else 1e-5
+    assert values[0] == pytest.approx(values[1], rel=tol)
+    np.testing.assert_allclose(grads[0], grads[1], rtol=tol, atol=tol)
+    z = np.random.default_rng(3).standard_normal((5, 2)).astype(dtype)
+    vae.fast_paths = True
+    fast = vae.decoder_log_prob(params, z, x[:5])
+    np.testing.assert_allclose(fast, vae.decoder_distribution(params, z).log_prob(x[:5]), rtol=tol)
+    kl_fast = vae.loss_terms(params, x, Rng(6))["kl_per_dim"]
+    vae.fast_paths = False
+    np.testing.assert_allclose(kl_fast, vae.loss_terms(params, x, Rng(6))["kl_per_dim"], rtol=tol, atol=tol)
+
+
+def _leaves(tree):
+    if isinstance(tree, dict):
+        return [leaf for k in sorted(tree) for leaf in _leaves(tree[k])]
+    if isinstance(tree, (list, tuple)):
+        return [leaf for t in tree for leaf in _leaves(t)]
+    return [tree]
+
+
 def test_bad_configuration_raises_clear_errors():
     with pytest.raises(ValueError, match=r"encoder: expected an output width of 4 \(2 x latent_dim 2"):
         VAE(MLP((3, 6, 5)), MLP((2, 6, 3)))

@@ -1,4 +1,4 @@
-"""Hot-path primitives, one call on every backend: ``dense`` and ``im2col``.
+"""Hot-path primitives, one call on every backend: ``dense``, ``im2col`` and ``log_softmax_take``.
 
 ``dense(x, W, b, activation)``: y = activation(x @ W + b). On the numpy backend it is a single autograd
 primitive with a hand-written VJP. The forward pass runs in plain numpy, in place where the buffers are
@@ -14,7 +14,13 @@ primitives, im2col (one strided copy) and its adjoint col2im (kh * kw strided ad
 VJP; measured 7x faster forward and a 4x faster conv gradient than slicing and stacking under autograd
 (3x3 conv, 64x16x16x32 float32, one thread).
 
-Elsewhere (strict, cupy) both are the same formulas written with the backend's own array-API calls.
+``log_softmax_take(logits, index)``: logits[..., index] - logsumexp(logits), the categorical
+log-likelihood. On numpy one primitive whose forward keeps exp(logits - max) for the VJP,
+g (onehot(index) - softmax(logits)), written into one buffer; composed under autograd it is a dozen nodes
+with (..., K) intermediates and a onehot mask (measured, 100 x 64 x 17 float32, one thread: 0.85 ms
+against 2.1 ms forward, 1.3 ms against 26 ms forward and backward).
+
+Elsewhere (strict, cupy) all three are the same formulas written with the backend's own array-API calls.
 """
 
 import threading
@@ -428,3 +434,103 @@ def _pad_axis(xp, x, axis, before, after):
         shape[axis] = after
         parts.append(xp.zeros(tuple(shape), dtype=x.dtype, device=xp.device_of(x)))
     return xp.concat(parts, axis=axis)
+
+
+# ---------------------------------------------------------------------------------------------------
+# log_softmax_take: the categorical log-likelihood in one pass
+
+
+def check_log_softmax_take_args(logits, index):
+    if len(logits.shape) == 0 or tuple(index.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"log_softmax_take: index must have logits' shape without its last axis, got logits "
+                         f"{tuple(logits.shape)} and index {tuple(index.shape)}")
+
+
+_lst_slot = threading.local()  # the forward's softmax, handed to its VJP as the dense primitive hands z
+
+
+def _row_max(logits):
+    """max over the last axis, keepdims: for a short axis, K - 1 elementwise maxima of strided slices
+    (measured 2x faster than numpy's reduction along a contiguous axis of 17)."""
+    k = logits.shape[-1]
+    if k > 32:
+        return onp.max(logits, axis=-1, keepdims=True)
+    m = logits[..., 0:1].copy()
+    for j in range(1, k):
+        onp.maximum(m, logits[..., j:j + 1], out=m)
+    return m
+
+
+def _exp_and_lse(logits):
+    """(e, s, lse): e = exp(logits - m), s = sum_k e (...,), lse = log s + m (...,); plain numpy, fresh buffers.
+    The sum is a matrix-vector product with ones (measured 8x faster than numpy's sum over an axis of 17)."""
+    m = _row_max(logits)
+    m[~onp.isfinite(m)] = 0.0
+    e = onp.subtract(logits, m)
+    onp.exp(e, out=e)
+    s = onp.matmul(e, onp.ones(logits.shape[-1], dtype=e.dtype))
+    lse = onp.log(s)
+    lse += m[..., 0]
+    return e, s, lse
+
+
+@primitive
+def _log_softmax_take_numpy(logits, index):
+    e, s, lse = _exp_and_lse(logits)
+    out = onp.take_along_axis(logits, index[..., None], axis=-1)[..., 0]
+    out -= lse
+    _lst_slot.entry = (out, e, s)
+    return out
+
+
+def _log_softmax_take_vjp(ans, logits, index):
+    entry = getattr(_lst_slot, "entry", None)
+    _lst_slot.entry = None
+    kept = entry[1:] if entry is not None and entry[0] is ans else None
+
+    def vjp(g):
+        if isinstance(g, Box) or isinstance(logits, Box) or isinstance(ans, Box):  # gradients of gradients
+            lse = anp.log(anp.sum(anp.exp(logits - anp.max(logits, axis=-1, keepdims=True)), axis=-1,
+                                  keepdims=True)) + anp.max(logits, axis=-1, keepdims=True)
+            onehot = (anp.arange(logits.shape[-1]) == index[..., None]).astype(logits.dtype)
+            return g[..., None] * (onehot - anp.exp(logits - lse))
+        e, s = _exp_and_lse(logits)[:2] if kept is None else kept
+        g = onp.asarray(g, dtype=logits.dtype)
+        d = e * (-g / s)[..., None]  # -g softmax, one fresh buffer; then + g at the index
+        picked = onp.take_along_axis(d, index[..., None], axis=-1)
+        picked += g[..., None]
+        onp.put_along_axis(d, index[..., None], picked, axis=-1)
+        return d
+
+    return vjp
+
+
+defvjp(_log_softmax_take_numpy, _log_softmax_take_vjp)
+
+
+def make_log_softmax_take(xp, fused):
+    """Build ``log_softmax_take(logits, index)`` for the namespace ``xp``.
+
+    Math: out[...] = logits[..., index[...]] - logsumexp_k logits[..., k]; logits (..., K) float, index (...)
+    integer in {0, ..., K-1} (not checked: the caller validates its data) -> (...) in logits' dtype.
+    Differentiable in logits.
+    """
+
+    def generic(logits, index):
+        m = xp.max(logits, axis=-1, keepdims=True)
+        m = xp.where(xp.isfinite(m), m, 0.0)
+        lse = xp.log(xp.sum(xp.exp(logits - m), axis=-1)) + m[..., 0]
+        return xp.take_along_axis(logits, xp.expand_dims(index, axis=-1), axis=-1)[..., 0] - lse
+
+    def log_softmax_take(logits, index):
+        check_log_softmax_take_args(logits, index)
+        if not fused:
+            return generic(logits, index)
+        index = onp.asarray(index)
+        if not isinstance(logits, Box):  # nothing to differentiate: skip the primitive and what it keeps
+            out = onp.take_along_axis(logits, index[..., None], axis=-1)[..., 0]
+            out -= _exp_and_lse(logits)[2]
+            return out
+        return _log_softmax_take_numpy(logits, index)
+
+    return log_softmax_take

@@ -15,7 +15,7 @@ import numpy as onp
 from autograd.extend import defvjp, primitive
 
 from .differentiable import astype
-from .fused import make_dense, make_im2col
+from .fused import make_dense, make_im2col, make_log_softmax_take
 from .vocab import ARRAY_API, EXTRAS, LINALG
 
 # ---------------------------------------------------------------------------------------------------
@@ -336,6 +336,7 @@ def build_namespace():
     ns.linalg = linalg
     ns.dense = make_dense(ns, fused=True)
     ns.im2col = make_im2col(ns, fused=True)
+    ns.log_softmax_take = make_log_softmax_take(ns, fused=True)
     ns.vector_norm = vector_norm
     ns.device_of = device_of
     ns.backend_name = "numpy"

@@ -38,6 +38,7 @@ LINALG = ("cholesky", "inv", "det", "slogdet", "solve", "diagonal", "matrix_norm
 # genblocks extras: same signature on every backend (see ``genblocks.backends.extras``).
 EXTRAS = (
     "dense",  # dense(x, W, b=None, activation=None): activation(x @ W + b); fused primitive on numpy
+    "log_softmax_take",  # log_softmax_take(logits, index): logits[..., index] - logsumexp(logits); primitive on numpy
     "im2col",  # im2col(x, kernel_size, stride, pads): NHWC conv patches (N, Ho, Wo, kh*kw*C); primitive on numpy
     "device_of",  # device_of(x): the device an array lives on (None on numpy)
     "backend_name",  # the backend's name as a str: "numpy", "cupy" or "strict"

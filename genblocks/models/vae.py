@@ -431,13 +431,17 @@ class VAE(Block):
             return self.posterior.forward(params["posterior"], z0, h)
         return self.posterior.forward(params["posterior"], z0)
 
-    def _posterior_sample(self, params, x, context, rng, n):
-        """n reparameterised draws z (n, ..., L), log q(z | x) (n, ...), and q_0."""
+    def _draw(self, params, x, context, rng, n):
+        """n reparameterised draws z (n, ..., L), a function giving log q(z | x) (n, ...), and q_0."""
         q0, h = self.posterior_base(params, x, context)
         z0 = q0.rsample(rng, (n,))
         z, log_det = self._flow(params, z0, h)
-        log_q = q0.log_prob(z0) if log_det is None else q0.log_prob(z0) - log_det
-        return z, log_q, q0
+        return z, lambda: q0.log_prob(z0) if log_det is None else q0.log_prob(z0) - log_det, q0
+
+    def _posterior_sample(self, params, x, context, rng, n):
+        """n reparameterised draws z (n, ..., L), log q(z | x) (n, ...), and q_0."""
+        z, log_q, q0 = self._draw(params, x, context, rng, n)
+        return z, log_q(), q0
 
     # -- p(z): the prior -----------------------------------------------------------------------------
     def _q_of(self, params):
@@ -479,17 +483,40 @@ class VAE(Block):
             base = Normal(out[..., 0], scale, validate=False)
         return Independent(base, 1, validate=False)
 
+    # The categorical log p(x | z) through xp.log_softmax_take and the KL to N(0, I) as one formula (False:
+    # the plain Categorical and kl(Normal, Normal) paths; tests/test_vae.py pins the two together).
+    fast_paths = True
+
+    def decoder_log_prob(self, params, z, x, context=None):
+        """log p(x | z, c): z (..., L), x broadcastable to (..., D) -> (...,).
+
+        The categorical likelihood on validated data (``validate_data``) takes the fused path,
+        sum_d xp.log_softmax_take(logits_d, x_d): the same value and gradient as
+        ``decoder_distribution(...).log_prob(x)`` (``tests/test_vae.py`` pins them), in one pass.
+        """
+        if self.likelihood == "categorical" and self.fast_paths and self.validate_data and not is_traced(x):
+            xp = namespace(z, params)
+            out = self.decoder.apply(params["decoder"], _with_context(xp, z, context))
+            logits = xp.reshape(out, tuple(out.shape[:-1]) + (self.data_dim, self.num_levels))
+            index = xp.broadcast_to(xp.astype(x, xp.int64), tuple(logits.shape[:-1]))
+            return xp.sum(xp.log_softmax_take(logits, index), axis=-1)
+        return self.decoder_distribution(params, z, context).log_prob(x)
+
     # -- the bounds ----------------------------------------------------------------------------------
     def _log_weights(self, params, x, context, rng, n):
         """log p(x | z) (n, ...), log p(z) (n, ...), log q(z | x) (n, ...), z and q_0 for n draws z ~ q."""
         z, log_q, q0 = self._posterior_sample(params, x, context, rng, n)
-        log_px = self.decoder_distribution(params, z, context).log_prob(x)
+        log_px = self.decoder_log_prob(params, z, x, context)
         return log_px, self.prior_log_prob(params, z, context), log_q, z, q0
 
     def _analytic_kl(self, params, q0, context):
         """KL(q_0 || p) per latent dimension (..., L), or None when there is no closed form."""
         if self.posterior is not None or not hasattr(self.prior, "distribution") or self.kl == "mc":
             return None
+        if self.fast_paths and type(self.prior) is StandardNormalPrior:  # (sigma^2 + mu^2 - 1) / 2 - log sigma
+            xp = namespace(q0.base_dist.loc)
+            mu, sigma = q0.base_dist.loc, q0.base_dist.scale
+            return 0.5 * (sigma * sigma + mu * mu - 1.0) - xp.log(sigma)
         p = self.prior.distribution(params["prior"], context, like=q0.base_dist.loc)
         try:
             return kl(q0.base_dist, p.base_dist if isinstance(p, Independent) else p)
@@ -518,6 +545,11 @@ class VAE(Block):
         With objective "iwae" the weights are log w = log p(x|z) + beta (log p(z) - log q(z|x)) (beta = 1: the
         IWAE bound); free bits are refused.
         """
+        return self._terms(params, batch, rng, objective, num_samples, beta, free_bits, step, True)
+
+    def _terms(self, params, batch, rng, objective, num_samples, beta, free_bits, step, full):
+        """loss_terms (full=True), or just what loss needs (full=False: no ELBO or beta report, no per-dimension
+        KL without free bits, no active-unit count)."""
         x, context = _unpack(batch)
         self.check_params(params)
         self._check_inputs(x, context)
@@ -526,24 +558,28 @@ class VAE(Block):
         k = self.num_samples if num_samples is None else check_positive_int(num_samples, "num_samples")
         beta = self._beta(beta, step)
         free_bits = self.free_bits if free_bits is None else check_real(free_bits, "free_bits", low=0.0)
-        log_px, log_pz, log_q, z, q0 = self._log_weights(params, x, context, rng, k)
+        z, lazy_log_q, q0 = self._draw(params, x, context, rng, k)
+        log_px = self.decoder_log_prob(params, z, x, context)
         rec = xp.mean(log_px, axis=0)  # (...,): E_q log p(x|z) by k draws
         kl_dims = self._analytic_kl(params, q0, context)
+        if kl_dims is None or objective == "iwae":  # the weights' other terms (the analytic ELBO needs neither)
+            log_q, log_pz = lazy_log_q(), self.prior_log_prob(params, z, context)
         if kl_dims is not None:
             kl_x = xp.sum(kl_dims, axis=-1)
-            kl_per_dim = xp.mean(xp.reshape(kl_dims, (-1, self.latent_dim)), axis=0)
+            kl_per_dim = xp.mean(xp.reshape(kl_dims, (-1, self.latent_dim)), axis=0) if full or free_bits else None
         else:
             kl_x = xp.mean(log_q - log_pz, axis=0)
             kl_per_dim = None
-        elbo = xp.mean(rec - kl_x)
         kl_mean = xp.mean(kl_x)
-        terms = {"elbo": elbo, "reconstruction": -xp.mean(rec), "kl": kl_mean,
-                 "beta": xp.asarray(beta, dtype=x.dtype, device=xp.device_of(x))}
+        terms = {"reconstruction": -xp.mean(rec), "kl": kl_mean}
+        if full:  # (loss() skips what only the report needs)
+            terms.update(elbo=xp.mean(rec - kl_x), beta=xp.asarray(beta, dtype=x.dtype, device=xp.device_of(x)))
         if kl_per_dim is not None:
             terms["kl_per_dim"] = kl_per_dim
-        locs = ops.stop_gradient(xp.reshape(q0.base_dist.loc, (-1, self.latent_dim)))
-        active = xp.var(locs, axis=0) > 0.01 if locs.shape[0] > 1 else xp.zeros_like(locs[0]) > 1.0
-        terms["active_units"] = xp.sum(xp.astype(active, locs.dtype))  # a count, in the params' dtype
+        if full:
+            locs = ops.stop_gradient(xp.reshape(q0.base_dist.loc, (-1, self.latent_dim)))
+            active = xp.var(locs, axis=0) > 0.01 if locs.shape[0] > 1 else xp.zeros_like(locs[0]) > 1.0
+            terms["active_units"] = xp.sum(xp.astype(active, locs.dtype))  # a count, in the params' dtype
         if objective == "iwae":
             if free_bits:
                 raise ValueError("free_bits: applies to the ELBO's KL term; the IWAE bound has none (use 0)")
@@ -559,7 +595,7 @@ class VAE(Block):
                 kl_term = xp.maximum(kl_mean, free_bits * self.latent_dim)
         else:
             kl_term = kl_mean
-        terms["loss"] = -xp.mean(rec) + beta * kl_term
+        terms["loss"] = terms["reconstruction"] + beta * kl_term
         return terms
 
     def loss(self, params, batch, rng, **options):
@@ -568,7 +604,13 @@ class VAE(Block):
         batch = x (n, D) or (x, context); options as ``loss_terms`` (objective, num_samples, beta, free_bits,
         step). For KL warm-up with ``fit``, wrap it: ``lambda p, b, r: vae.loss(p, b, r, beta=w(step))``.
         """
-        return self.loss_terms(params, batch, rng, **options)["loss"]
+        unknown = set(options) - {"objective", "num_samples", "beta", "free_bits", "step"}
+        if unknown:
+            raise TypeError(f"loss: unexpected option(s) {sorted(unknown)}; it takes objective, num_samples, beta, "
+                            "free_bits and step")
+        get = options.get
+        return self._terms(params, batch, rng, get("objective"), get("num_samples"), get("beta"), get("free_bits"),
+                           get("step"), False)["loss"]
 
     # -- evaluation ----------------------------------------------------------------------------------
     def log_prob_estimate(self, params, x, rng, k=5000, *, context=None, chunk_size=None):

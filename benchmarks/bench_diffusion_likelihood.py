@@ -204,6 +204,7 @@ def main():
     parser.add_argument("--threads", type=int, default=None, help="BLAS and torch threads (default: theirs)")
     parser.add_argument("--steps", type=int, default=6000, help="training steps (the run goes on to 2x)")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch twin")
+    parser.add_argument("--passes", type=int, default=2, help="noise draws per term and image in the bound")
     parser.add_argument("--valid", action="store_true", help="also score the valid digits (T more passes each)")
     parser.add_argument("--ode-points", type=int, default=447, help="test digits in the PF-ODE NLL (0: skip)")
     parser.add_argument("--plot", default="examples-out/diffusion_digits_lt.png", help="the L_t picture")
@@ -256,8 +257,10 @@ def main():
         kept, seconds = torch_twin_train(model, params0, x["train"], 2 * steps, snapshots=(steps,))
         rows += [("torch twin", s, seconds * s / (2 * steps), kept[s]) for s in (steps, 2 * steps)]
     for name, s, seconds, params in rows:
-        valid = diffusion_bound(model, params, x["valid"], Rng(5))["nats"] if args.valid else math.nan
-        test = diffusion_bound(model, params, x["test"], Rng(6))
+        valid = math.nan
+        if args.valid:
+            valid = diffusion_bound(model, params, x["valid"], Rng(5), passes=args.passes)["nats"]
+        test = diffusion_bound(model, params, x["test"], Rng(6), passes=args.passes)
         finals[(name, s)] = (params, test)
         print(f"{name:<22}{s:>7}{seconds:>9.0f}{valid:>12.2f}{test['nats']:>11.2f}{test['se_mc']:>7.2f}"
               f"{test['se_images']:>10.2f}{test['bits_per_dim']:>10.3f}{test['L_t'][0]:>7.2f}", flush=True)

@@ -120,3 +120,22 @@ def test_ode_discrete_nll_is_a_finite_bound_on_the_discrete_scale(tiny):
     out = ode_discrete_nll(model, res.ema_params, test[:4], Rng(4), rtol=1e-3, atol=1e-3)
     # an untrained-ish model: far from good, but a positive finite number of nats with a standard error
     assert math.isfinite(out["nats"]) and out["nats"] > 0.0 and out["se"] >= 0.0
+
+
+@pytest.mark.parametrize("n,T,H", [(20, 5, 3), (7, 50, 10), (1, 3, 2), (64, 4, 2)])
+def test_importance_history_update_is_a_shift_register_per_t(n, T, H, backend):
+    from genblocks.models.diffusion import LossSecondMomentSampler
+
+    gen = np.random.default_rng(n + T)
+    sampler = LossSecondMomentSampler(T, history=H)
+    old = gen.normal(size=(T, H))
+    counts = gen.integers(0, 5, size=T)
+    t, losses = gen.integers(0, T, size=n).astype(np.float64), gen.normal(size=n)
+    state = {"loss_history": to_device(old, backend), "counts": to_device(counts, backend)}
+    new = sampler.update(state, to_device(t, backend), to_device(losses, backend))
+    want, want_counts = old.copy(), counts.copy()
+    for ti, v in zip(t.astype(int), losses):  # the reference: one push per loss, in batch order
+        want[ti] = np.concatenate([want[ti, 1:], [v]])
+        want_counts[ti] += 1
+    np.testing.assert_allclose(to_numpy(new["loss_history"]), want, rtol=0, atol=0)
+    np.testing.assert_array_equal(to_numpy(new["counts"]), want_counts)

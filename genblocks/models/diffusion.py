@@ -164,16 +164,21 @@ class LossSecondMomentSampler:
         old = state["loss_history"]
         ti = xp.astype(t, xp.int64)
         vals = xp.astype(stop_gradient(losses), old.dtype)
-        onehot = xp.astype(ti[:, None] == xp.arange(T, dtype=xp.int64)[None, :], xp.int64)  # (n, T)
-        c = xp.sum(onehot, axis=0)  # new losses per t
-        rank = xp.sum((xp.cumulative_sum(onehot, axis=0) - onehot) * onehot, axis=1)  # (n,) order within its t
+        n = ti.shape[0]
+        # the examples grouped by t, in batch order within each t (unique keys t n + i make any sort stable)
+        order = xp.argsort(ti * n + xp.arange(n, dtype=xp.int64))
+        sorted_t = xp.take(ti, order, axis=0)
+        sorted_vals = xp.take(vals, order, axis=0)
+        steps = xp.arange(T, dtype=xp.int64)
+        start = xp.searchsorted(sorted_t, steps, side="left")  # (T,) first sorted example at t
+        c = xp.astype(xp.searchsorted(sorted_t, steps, side="right"), xp.int64) - xp.astype(start, xp.int64)
         k = xp.arange(H, dtype=xp.int64)[None, :] + c[:, None]  # (T, H): index into [old row, new losses]
         rows = xp.arange(T, dtype=xp.int64)[:, None]
-        kept = xp.take(xp.reshape(old, (T * H,)), xp.reshape(rows * H + xp.minimum(k, H - 1), (T * H,)), axis=0)
+        kept = xp.take(xp.reshape(old, (T * H,)), xp.reshape(rows * H + xp.where(k < H, k, H - 1), (T * H,)), axis=0)
         kept = xp.reshape(kept, (T, H))
-        # hit[i, t, j]: example i is the new loss that lands in slot j of row t
-        hit = (onehot[:, :, None] * xp.astype(rank[:, None, None] == (k - H)[None, :, :], xp.int64))
-        fresh = xp.sum(xp.astype(hit, old.dtype) * vals[:, None, None], axis=0)
+        pos = xp.astype(start, xp.int64)[:, None] + k - H  # the new loss that lands in each slot (when k >= H)
+        pos = xp.where(k < H, 0, xp.where(pos < n, pos, n - 1))
+        fresh = xp.reshape(xp.take(sorted_vals, xp.reshape(pos, (T * H,)), axis=0), (T, H))
         return {"loss_history": xp.where(k < H, kept, fresh), "counts": state["counts"] + c}
 
 

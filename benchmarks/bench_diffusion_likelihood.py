@@ -186,9 +186,9 @@ def plot_lt(path, rows):
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     for label, bound in rows:
         L_t = np.asarray(bound["L_t"])
-        ax.semilogy(np.arange(1, len(L_t)), np.maximum(L_t[1:], 1e-6), lw=1,
+        ax.loglog(np.arange(1, len(L_t)), np.maximum(L_t[1:], 1e-6), lw=1,
                     label=f"{label}: {bound['nats']:.1f} nats (L_0 = {L_t[0]:.2f})")
-    ax.set_xlabel("t")
+    ax.set_xlabel("t (log scale)")
     ax.set_ylabel("L_t, nats per test digit")
     ax.set_title("where the bits go: L_t = KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) on 447 test digits",
                  fontsize=8)
@@ -204,6 +204,7 @@ def main():
     parser.add_argument("--threads", type=int, default=None, help="BLAS and torch threads (default: theirs)")
     parser.add_argument("--steps", type=int, default=6000, help="training steps (the run goes on to 2x)")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch twin")
+    parser.add_argument("--timing-only", action="store_true", help="print ms/step of both loops and stop")
     parser.add_argument("--passes", type=int, default=2, help="noise draws per term and image in the bound")
     parser.add_argument("--valid", action="store_true", help="also score the valid digits (T more passes each)")
     parser.add_argument("--ode-points", type=int, default=447, help="test digits in the PF-ODE NLL (0: skip)")
@@ -241,6 +242,8 @@ def main():
     if twin:
         line += f"   torch {times[1] / short * 1e3:.1f}   ratio {times[0] / times[1]:.2f}x"
     print(line, flush=True)
+    if args.timing_only:
+        return
 
     print(f"\n{'run':<22}{'steps':>7}{'train s':>9}{'valid nats':>12}{'test nats':>11}{'+- mc':>7}{'+- images':>10}"
           f"{'bits/dim':>10}{'L_0':>7}")

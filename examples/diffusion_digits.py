@@ -74,9 +74,8 @@ def main():
 
     lt_out = os.path.splitext(args.out)[0] + "_lt.png"
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.semilogy(np.arange(1, T), np.maximum(L_t[1:], 1e-6), lw=1, label="L_t = KL(q(x_{t-1}|x_t,x_0) || p)")
-    ax.scatter([0], [max(L_t[0], 1e-6)], color="C3", zorder=3, label=f"L_0 decoder ({L_t[0]:.2f})")
-    ax.set_xlabel("t")
+    ax.loglog(np.arange(1, T), np.maximum(L_t[1:], 1e-6), lw=1, label="L_t = KL(q(x_{t-1}|x_t,x_0) || p)")
+    ax.set_xlabel(f"t (log scale; L_0, the decoder, is {L_t[0]:.2f})")
     ax.set_ylabel("nats per image")
     ax.set_title(f"where the bits go: {bound['nats']:.1f} nats per test digit in all", fontsize=9)
     ax.legend(fontsize=8)

@@ -220,7 +220,9 @@ def main():
     digits = load_digits(backend="numpy")
     x = {k: levels_to_unit(to_numpy(digits[k][0])).astype(np.float32) for k in ("train", "valid", "test")}
     model = digits_diffusion(hidden=hidden, num_timesteps=T)
-    print(f"model: {model.network!r}, T = {T}, {sum(v.size for v in _leaves(model.init(Rng(0))))} params; "
+    nominal, T = T, model.schedule.num_train_timesteps  # the cosine chain's steps above sigma_min
+    size = sum(v.size for v in _leaves(model.init(Rng(0))))
+    print(f"model: {model.network!r}, T = {T} (of {nominal} cosine steps), {size} params; "
           f"batch {BATCH}, Adam {LR}, clip {CLIP}, EMA {EMA}; independent-pixel floor 106.4 test nats")
     try:
         import torch

@@ -103,12 +103,14 @@ def truncated_cosine_betas(num_timesteps, sigma_min):
 
 
 def digits_diffusion(*, hidden=(512, 512, 512), time_embed_dim=128, num_timesteps=1000, num_bins=17,
-                     sigma_min=None, timestep_sampling="importance", vlb_weight=0.001):
+                     sigma_min=0.025, timestep_sampling="importance", vlb_weight=0.001):
     """Improved DDPM for flat images on ``num_bins`` levels in [-1, 1]: an MLP eps-predictor with FiLM time
     conditioning and learned variances (``learned_range``, twice the outputs), the hybrid loss
     L_simple + ``vlb_weight`` T L_vlb, importance-sampled t, the cosine schedule of ``num_timesteps`` steps
-    (its steps below ``sigma_min`` merged into the first, ``truncated_cosine_betas``, when given) and the
-    discretized Gaussian decoder over the bins. Data: x (n, 64).
+    (its steps below ``sigma_min`` merged into the first, ``truncated_cosine_betas``; None keeps them all) and
+    the discretized Gaussian decoder over the bins. The default sigma_min = 0.025 (0.4 of the half-width of a
+    17-level bin in [-1, 1]) drops the 9 steps whose noise is far finer than the bins: after 3000 steps the
+    test bound is 141.6 nats with it and 207.9 without (docs/diffusion.md). Data: x (n, 64).
     """
     if sigma_min is None:
         schedule = DiscreteSchedule("squaredcos_cap_v2", num_timesteps)

@@ -24,6 +24,7 @@ import os
 import pathlib
 import platform
 import sys
+import tempfile
 import time
 
 if "--threads" in sys.argv[:-1]:  # BLAS reads these when numpy is first imported
@@ -250,7 +251,7 @@ def main():
     print(f"\n{'run':<22}{'steps':>7}{'train s':>9}{'valid nats':>12}{'test nats':>11}{'+- mc':>7}{'+- images':>10}"
           f"{'bits/dim':>10}{'L_0':>7}")
     rows, finals = [], {}
-    ck = pathlib.Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_diffusion_likelihood_{os.getpid()}.npz"
+    ck = pathlib.Path(tempfile.gettempdir()) / f"bench_diffusion_likelihood_{os.getpid()}.npz"
     spent = 0.0
     for mult in (1, 2):
         t0 = time.perf_counter()

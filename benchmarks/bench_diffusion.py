@@ -262,7 +262,8 @@ def main():
     dparams, dms = train(dmodel, dx, steps_dg)
     print(f"digits:       {steps_dg} steps in {time.perf_counter() - t0:.1f} s ({dms:.1f} ms/step at batch 256)")
     # the bound is over the 17-level data already; the ODE density is over [-1, 1]^64, so bin it with
-    # width 2/16 (density x bin volume, a rough conversion) to put both in bits of the 17-level data
+    # width 2/16 (density x bin volume, a rough conversion, not a bound: bench_diffusion_likelihood.py
+    # puts the ODE density on the discrete scale by uniform dequantization, and trains for likelihood)
     quality("digits", dmodel, dparams, tx, 20 if args.quick else 100, 0.0, 64 * math.log(2.0 / 16.0))
 
     sampling_tables(model, params, args)

@@ -6,7 +6,7 @@ import pytest
 from conftest import run_example
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-EXAMPLES = ["ddpm_checkerboard.py", "ddim_vs_ddpm.py", "guidance_digits.py"]
+EXAMPLES = ["ddpm_checkerboard.py", "ddim_vs_ddpm.py", "guidance_digits.py"]  # diffusion_digits.py: below
 
 
 @pytest.mark.parametrize("script", EXAMPLES)
@@ -17,6 +17,16 @@ def test_example_runs_with_smoke(script, tmp_path):
     assert "wrote" in stdout
     lines = len((ROOT / "examples" / script).read_text().splitlines())
     assert 40 <= lines <= 150, f"{script} has {lines} lines"
+
+
+def test_diffusion_digits_writes_samples_and_the_lt_plot_and_reports_the_bound(tmp_path):
+    out = tmp_path / "digits.png"
+    stdout = run_example("diffusion_digits.py", tmp_path, "--out", out)
+    assert out.exists() and out.stat().st_size > 1000
+    assert (tmp_path / "digits_lt.png").stat().st_size > 1000
+    assert "nats per image" in stdout and "bits/dim" in stdout and "wrote" in stdout
+    lines = len((ROOT / "examples" / "diffusion_digits.py").read_text().splitlines())
+    assert 60 <= lines <= 150, f"diffusion_digits.py has {lines} lines"
 
 
 def test_examples_write_into_an_output_folder_never_the_repository_root():

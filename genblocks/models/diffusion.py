@@ -20,7 +20,7 @@ from functools import partial
 from genblocks.backends import namespace
 from genblocks.blocks import samplers as S
 from genblocks.blocks.base import Block, check_array, warn_if_far_from_unit_scale
-from genblocks.blocks.ops import log_softmax, stop_gradient
+from genblocks.blocks.ops import LOG_2, log_sigmoid, log_softmax, stop_gradient
 from genblocks.blocks.schedules import check_discrete
 
 __all__ = ["Diffusion", "LossSecondMomentSampler", "NoisyClassifier", "normal_kl",
@@ -48,26 +48,41 @@ def normal_kl(mean1, logvar1, mean2, logvar2):
     return 0.5 * (logvar2 - logvar1 + xp.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * xp.exp(-logvar2) - 1.0)
 
 
-def _approx_std_normal_cdf(xp, x):
-    # the tanh form of Phi used by Improved DDPM (erf is not in every array namespace)
-    return 0.5 * (1.0 + xp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
+def _approx_probit_logit(xp, z):
+    # Improved DDPM's tanh form of Phi: Phi(z) ~ 0.5 (1 + tanh(g(z))) = sigmoid(2 g(z)),
+    # g(z) = sqrt(2/pi) (z + 0.044715 z^3) increasing from -inf to inf, so it is itself an exact CDF
+    # (erf is not in every array namespace); returns 2 g(z), the logit of that CDF
+    return (2.0 * math.sqrt(2.0 / math.pi)) * (z + 0.044715 * z * z * z)
+
+
+def _log_one_minus_exp_neg(xp, d):
+    """log(1 - e^{-d}) for d > 0, each branch fed only inputs where it is finite (so gradients stay finite)."""
+    small = d < LOG_2
+    d_small = xp.where(small, d, LOG_2)
+    d_big = xp.where(small, LOG_2, d)
+    tiny = xp.where(d_small > 1e-30, d_small, 1e-30)
+    return xp.where(small, xp.log(-xp.expm1(-tiny)), xp.log1p(-xp.exp(-d_big)))
 
 
 def discretized_gaussian_log_likelihood(x, mean, logvar, num_bins=256):
     """log P(bin of x) under N(mean, e^logvar) for data on num_bins levels scaled to [-1, 1], elementwise.
 
-    P = Phi((x + 1/(K-1) - m)/s) - Phi((x - 1/(K-1) - m)/s), the edge bins taking the whole tail.
+    P = F((x + 1/(K-1) - m)/s) - F((x - 1/(K-1) - m)/s), the edge bins taking the whole tail, with
+    F(z) = sigmoid(u(z)), u(z) = 2 sqrt(2/pi) (z + 0.044715 z^3): Improved DDPM's tanh approximation of
+    the normal CDF (within 2e-4 of it), an exact CDF in its own right, so the K probabilities sum to 1
+    and -log P is a proper discrete decoder. Computed in log space without clipping:
+    sigmoid(u) - sigmoid(v) = sigmoid(u) sigmoid(-v) (1 - e^{v - u}), so
+    log P = log_sigmoid(u) + log_sigmoid(-v) + log(1 - e^{-(u - v)}) for the inner bins.
     """
     xp = namespace(x, mean, logvar)
     half = 1.0 / (num_bins - 1)
     inv_std = xp.exp(-0.5 * logvar)
     centred = x - mean
-    cdf_plus = _approx_std_normal_cdf(xp, inv_std * (centred + half))
-    cdf_min = _approx_std_normal_cdf(xp, inv_std * (centred - half))
-    tiny = 1e-12
-    log_cdf_plus = xp.log(xp.clip(cdf_plus, tiny, None))
-    log_one_minus_cdf_min = xp.log(xp.clip(1.0 - cdf_min, tiny, None))
-    log_delta = xp.log(xp.clip(cdf_plus - cdf_min, tiny, None))
+    u = _approx_probit_logit(xp, inv_std * (centred + half))
+    v = _approx_probit_logit(xp, inv_std * (centred - half))
+    log_cdf_plus = log_sigmoid(u)
+    log_one_minus_cdf_min = log_sigmoid(-v)
+    log_delta = log_cdf_plus + log_one_minus_cdf_min + _log_one_minus_exp_neg(xp, u - v)
     edge = 1.0 - half
     return xp.where(x < -edge, log_cdf_plus, xp.where(x > edge, log_one_minus_cdf_min, log_delta))
 
@@ -149,16 +164,21 @@ class LossSecondMomentSampler:
         old = state["loss_history"]
         ti = xp.astype(t, xp.int64)
         vals = xp.astype(stop_gradient(losses), old.dtype)
-        onehot = xp.astype(ti[:, None] == xp.arange(T, dtype=xp.int64)[None, :], xp.int64)  # (n, T)
-        c = xp.sum(onehot, axis=0)  # new losses per t
-        rank = xp.sum((xp.cumulative_sum(onehot, axis=0) - onehot) * onehot, axis=1)  # (n,) order within its t
+        n = ti.shape[0]
+        # the examples grouped by t, in batch order within each t (unique keys t n + i make any sort stable)
+        order = xp.argsort(ti * n + xp.arange(n, dtype=xp.int64))
+        sorted_t = xp.take(ti, order, axis=0)
+        sorted_vals = xp.take(vals, order, axis=0)
+        steps = xp.arange(T, dtype=xp.int64)
+        start = xp.searchsorted(sorted_t, steps, side="left")  # (T,) first sorted example at t
+        c = xp.astype(xp.searchsorted(sorted_t, steps, side="right"), xp.int64) - xp.astype(start, xp.int64)
         k = xp.arange(H, dtype=xp.int64)[None, :] + c[:, None]  # (T, H): index into [old row, new losses]
         rows = xp.arange(T, dtype=xp.int64)[:, None]
-        kept = xp.take(xp.reshape(old, (T * H,)), xp.reshape(rows * H + xp.minimum(k, H - 1), (T * H,)), axis=0)
+        kept = xp.take(xp.reshape(old, (T * H,)), xp.reshape(rows * H + xp.where(k < H, k, H - 1), (T * H,)), axis=0)
         kept = xp.reshape(kept, (T, H))
-        # hit[i, t, j]: example i is the new loss that lands in slot j of row t
-        hit = (onehot[:, :, None] * xp.astype(rank[:, None, None] == (k - H)[None, :, :], xp.int64))
-        fresh = xp.sum(xp.astype(hit, old.dtype) * vals[:, None, None], axis=0)
+        pos = xp.astype(start, xp.int64)[:, None] + k - H  # the new loss that lands in each slot (when k >= H)
+        pos = xp.where(k < H, 0, xp.where(pos < n, pos, n - 1))
+        fresh = xp.reshape(xp.take(sorted_vals, xp.reshape(pos, (T * H,)), axis=0), (T, H))
         return {"loss_history": xp.where(k < H, kept, fresh), "counts": state["counts"] + c}
 
 
@@ -418,7 +438,9 @@ class Diffusion(Block):
         """The variational bound term by term, each summed over dimensions and averaged over the batch (nats).
 
         Returns {"L_T": prior KL (0-d), "L_t": (T,) array with L_0 (decoder NLL) at index 0 and the KL terms
-        after it, "vlb": L_T + sum_t L_t, "bits_per_dim": vlb / (D log 2)}. Costs T network evaluations.
+        after it, "vlb": L_T + sum_t L_t, "bits_per_dim": vlb / (D log 2), "vlb_per_example": (n,) each
+        example's own sum (one noise draw per t: an unbiased estimate of its bound)}. Costs T network
+        evaluations.
         ``clip_denoised`` (default: True with the discretized decoder, whose data lie in [-1, 1]) evaluates the
         bound of the model that clips x0_hat, as Improved DDPM's evaluation does; near t = T an eps model's
         x0_hat = (x_t - sigma eps_hat) / alpha amplifies small errors by 1 / alpha otherwise.
@@ -438,11 +460,15 @@ class Diffusion(Block):
             x_t = a * x0 + s * r.normal(tuple(x0.shape), dtype=dtype)
             pred, v = self._split(self._apply(params, x_t, t, y), x0)
             vb = self._vb_terms(pred, v, x0, x_t, t, clip_denoised)
-            terms.append(xp.mean(xp.sum(xp.reshape(vb, (n, -1)), axis=-1)))
-        L_t = xp.stack(terms)
-        L_T = xp.mean(self.prior_kl(x0))
+            terms.append(xp.sum(xp.reshape(vb, (n, -1)), axis=-1))
+        per_t = xp.stack(terms)  # (T, n)
+        prior = self.prior_kl(x0)
+        per_example = prior + xp.sum(per_t, axis=0)
+        L_t = xp.mean(per_t, axis=1)
+        L_T = xp.mean(prior)
         vlb = L_T + xp.sum(L_t)
-        return {"L_T": L_T, "L_t": L_t, "vlb": vlb, "bits_per_dim": vlb / (D * math.log(2.0))}
+        return {"L_T": L_T, "L_t": L_t, "vlb": vlb, "bits_per_dim": vlb / (D * math.log(2.0)),
+                "vlb_per_example": per_example}
 
     def nll_bound(self, params, x0, rng, y=None, *, clip_denoised=None):
         """Variational upper bound on -log p(x_0) in bits/dim (batch mean): ``loss_terms(...)["bits_per_dim"]``."""

@@ -1,0 +1,304 @@
+"""Diffusion likelihood on 17-level digits: the Improved DDPM recipe against its PyTorch twin in one run.
+
+Both sides train ``genblocks.train.recipes.digits_diffusion`` (an MLP eps-predictor with FiLM time
+conditioning and learned variances; hybrid loss L_simple + 0.001 T L_vlb; importance-sampled t; cosine
+schedule; Adam, gradient clipping at 1, EMA 0.999; batch 128 on the 1000 training digits) from the same
+initial weights for ``--steps`` and then 2 x ``--steps`` steps. The twin is the same network, loss,
+sampler of t, optimizer and EMA written in PyTorch. Both EMA weights are scored by the same code
+(``recipes.diffusion_bound``: all T terms of the bound, two noise draws per term and image, with the
+decoder a Gaussian discretized over the 17 bins) on all 447 test digits (and the 350 valid ones with
+``--valid``), in nats per image (independent-pixel floor 106.4). Then the PF-ODE NLL of the genblocks
+model on the same discrete scale (uniform dequantization: -log P(x) <= E_u[-log p(x + u)] - D log(2/16)),
+ms/step of both training loops (alternating, best of 3), and the picture of L_t against t (``--plot``).
+
+    python benchmarks/bench_diffusion_likelihood.py --threads 1                # tens of minutes, 1 core
+    python benchmarks/bench_diffusion_likelihood.py --steps 1500 --threads 1   # both sides at fewer steps
+    python benchmarks/bench_diffusion_likelihood.py --quick                    # seconds, numbers meaningless
+
+Figures are indicative: they move with the machine's load and the BLAS build.
+"""
+
+import argparse
+import math
+import os
+import pathlib
+import platform
+import sys
+import tempfile
+import time
+
+if "--threads" in sys.argv[:-1]:  # BLAS reads these when numpy is first imported
+    _threads = sys.argv[sys.argv.index("--threads") + 1]
+    for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[_var] = _threads
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from bench_flows import set_blas_threads  # noqa: E402 (benchmarks/bench_flows.py, beside this script)
+
+from genblocks.backends import Rng, to_numpy  # noqa: E402
+from genblocks.data import load_digits  # noqa: E402
+from genblocks.train.recipes import (  # noqa: E402
+    diffusion_bound,
+    digits_diffusion,
+    fit_diffusion,
+    levels_to_unit,
+    ode_discrete_nll,
+)
+
+BATCH, LR, EMA, CLIP = 128, 1e-3, 0.999, 1.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# the PyTorch twin: MLPScoreNet, Improved DDPM's hybrid loss with importance-sampled t, Adam + clip + EMA
+
+
+def torch_twin_train(model, params0, x, steps, seed=0, snapshots=()):
+    """Train the twin from genblocks' initial params0 for ``steps``; returns ({step: EMA params as a genblocks
+    tree} for each step in ``snapshots`` and the last, training seconds)."""
+    import torch
+
+    torch.manual_seed(seed)
+    gen = np.random.default_rng(seed)
+    sched, net = model.schedule, model.network
+    T, D = sched.num_train_timesteps, x.shape[1]
+    f32 = lambda a: torch.tensor(np.asarray(a, dtype=np.float32))
+    abar = f32(sched.alphas_cumprod)
+    c1, c2 = f32(sched.posterior_mean_coef1), f32(sched.posterior_mean_coef2)
+    small = f32(sched.posterior_log_variance_clipped)
+    big = torch.log(f32((sched.posterior_variance[1],) + tuple(sched.betas[1:])))
+    half = net.time_embedding.frequency_dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * (-math.log(10000.0) / half))
+    p0 = to_numpy(params0)
+    lin0 = lambda p: {"W": torch.nn.Parameter(f32(p["W"])), "b": torch.nn.Parameter(f32(p["b"]))}
+    P = {"fc1": lin0(p0["cond"]["time"]["fc1"]), "fc2": lin0(p0["cond"]["time"]["fc2"]),
+         "layers": [lin0(p) for p in p0["layers"]], "films": [lin0(p) for p in p0["films"]], "out": lin0(p0["out"])}
+    leaves = [P[k][j] for k in ("fc1", "fc2", "out") for j in ("W", "b")]
+    leaves += [p[j] for k in ("layers", "films") for p in P[k] for j in ("W", "b")]
+    silu = torch.nn.functional.silu
+    lin = lambda h, p: torch.addmm(p["b"], h, p["W"])
+
+    def forward(xt, t):
+        args = t[:, None] * freqs
+        e = silu(lin(silu(lin(torch.cat([torch.cos(args), torch.sin(args)], -1), P["fc1"])), P["fc2"]))
+        h = xt
+        for p, f in zip(P["layers"], P["films"]):
+            gamma, beta = lin(e, f).chunk(2, dim=-1)
+            h = silu(lin(h, p)) * gamma + beta
+        return lin(h, P["out"])
+
+    def log_cdf_logit(z):  # the same tanh approximation of Phi as genblocks' decoder, in log space
+        return 2.0 * math.sqrt(2.0 / math.pi) * (z + 0.044715 * z ** 3)
+
+    def vb_terms(pred, v, x0, xt, ti):
+        a, s = abar[ti].sqrt()[:, None], (1.0 - abar[ti]).sqrt()[:, None]
+        x0_hat = (xt - s * pred) / a
+        mean = c1[ti][:, None] * x0_hat + c2[ti][:, None] * xt
+        frac = 0.5 * (v + 1.0)
+        logvar = frac * big[ti][:, None] + (1.0 - frac) * small[ti][:, None]
+        true_mean = c1[ti][:, None] * x0 + c2[ti][:, None] * xt
+        true_logvar = small[ti][:, None].expand_as(x0)
+        kl = 0.5 * (logvar - true_logvar + torch.exp(true_logvar - logvar) + (true_mean - mean) ** 2
+                    * torch.exp(-logvar) - 1.0)
+        inv = torch.exp(-0.5 * logvar)
+        u, w = log_cdf_logit(inv * (x0 - mean + 1.0 / 16)), log_cdf_logit(inv * (x0 - mean - 1.0 / 16))
+        ls = torch.nn.functional.logsigmoid
+        d = u - w
+        log1m = torch.where(d < math.log(2.0), torch.log(-torch.expm1(-d.clamp(min=1e-30))),
+                            torch.log1p(-torch.exp(-d.clamp(min=math.log(2.0)))))
+        logp = torch.where(x0 < -1 + 1.0 / 16, ls(u), torch.where(x0 > 1 - 1.0 / 16, ls(-w), ls(u) + ls(-w) + log1m))
+        return torch.where((ti == 0)[:, None], -logp, kl)
+
+    history, counts = np.zeros((T, 10)), np.zeros(T, dtype=np.int64)  # LossSecondMomentSampler's state
+
+    def draw_t(n):
+        if (counts >= 10).all():
+            root = np.sqrt((history ** 2).mean(axis=1))
+            p = 0.999 * root / root.sum() + 0.001 / T
+        else:
+            p = np.full(T, 1.0 / T)
+        ti = gen.choice(T, size=n, p=p)
+        return torch.from_numpy(ti), torch.from_numpy((1.0 / (T * p[ti])).astype(np.float32))
+
+    def as_tree(values):
+        back = dict(zip([id(p) for p in leaves], [v.numpy().copy() for v in values]))
+        g = lambda p: {"W": back[id(p["W"])], "b": back[id(p["b"])]}
+        return {"cond": {"time": {"fc1": g(P["fc1"]), "fc2": g(P["fc2"])}}, "layers": [g(p) for p in P["layers"]],
+                "films": [g(p) for p in P["films"]], "out": g(P["out"])}
+
+    kept = {}
+    opt = torch.optim.Adam(leaves, lr=LR)
+    ema = [p.detach().clone() for p in leaves]
+    data = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    n, per_epoch, order, k = data.shape[0], data.shape[0] // BATCH, None, 0
+    t0 = time.perf_counter()
+    for step in range(steps):
+        if order is None or k == per_epoch:
+            order, k = torch.from_numpy(gen.permutation(n)), 0
+        x0 = data[order[k * BATCH:(k + 1) * BATCH]]
+        k += 1
+        ti, weights = draw_t(BATCH)
+        eps = torch.randn_like(x0)
+        a, s = abar[ti].sqrt()[:, None], (1.0 - abar[ti]).sqrt()[:, None]
+        xt = a * x0 + s * eps
+        out = forward(xt, ti.float())
+        pred, v = out[:, :D], out[:, D:]
+        vb = vb_terms(pred.detach(), v, x0, xt, ti).mean(dim=1)
+        per = ((pred - eps) ** 2).mean(dim=1) + (0.001 * T) * vb
+        for tt, val in zip(ti.tolist(), vb.detach().tolist()):  # the shift register, in batch order
+            history[tt, :-1] = history[tt, 1:]
+            history[tt, -1] = val
+            counts[tt] += 1
+        loss = (per * weights).mean()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(leaves, CLIP)
+        opt.step()
+        with torch.no_grad():
+            for e_, p in zip(ema, leaves):
+                e_.mul_(EMA).add_(p, alpha=1.0 - EMA)
+        if step + 1 in snapshots or step + 1 == steps:
+            kept[step + 1] = as_tree(ema)
+    return kept, time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def best_of(fns, repeat=3):
+    """Best-of-repeat wall times of several functions run alternately (a load change hits all of them)."""
+    best = [math.inf] * len(fns)
+    for _ in range(repeat):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return best
+
+
+def plot_lt(path, rows):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for label, bound in rows:
+        L_t = np.asarray(bound["L_t"])
+        ax.loglog(np.arange(1, len(L_t)), np.maximum(L_t[1:], 1e-6), lw=1,
+                    label=f"{label}: {bound['nats']:.1f} nats (L_0 = {L_t[0]:.2f})")
+    ax.set_xlabel("t (log scale)")
+    ax.set_ylabel("L_t, nats per test digit")
+    ax.set_title("where the bits go: L_t = KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) on 447 test digits",
+                 fontsize=8)
+    ax.legend(fontsize=7)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="BLAS and torch threads (default: theirs)")
+    parser.add_argument("--steps", type=int, default=6000, help="training steps (the run goes on to 2x)")
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch twin")
+    parser.add_argument("--timing-only", action="store_true", help="print ms/step of both loops and stop")
+    parser.add_argument("--passes", type=int, default=2, help="noise draws per term and image in the bound")
+    parser.add_argument("--valid", action="store_true", help="also score the valid digits (T more passes each)")
+    parser.add_argument("--ode-points", type=int, default=447, help="test digits in the PF-ODE NLL (0: skip)")
+    parser.add_argument("--plot", default="examples-out/diffusion_digits_lt.png", help="the L_t picture")
+    args = parser.parse_args()
+    threads = set_blas_threads(args.threads) if args.threads else "default"
+    steps, hidden, T, ode_points = args.steps, (512, 512, 512), 1000, args.ode_points
+    if args.quick:
+        steps, hidden, T, ode_points = 10, (32,), 20, min(ode_points, 8)
+    print(f"machine: {platform.machine()} {platform.processor() or ''} {platform.system()}, python "
+          f"{platform.python_version()}, {os.cpu_count()} cpus, BLAS threads {threads}, load average "
+          f"{' '.join(f'{v:.1f}' for v in os.getloadavg())}")
+    digits = load_digits(backend="numpy")
+    x = {k: levels_to_unit(to_numpy(digits[k][0])).astype(np.float32) for k in ("train", "valid", "test")}
+    model = digits_diffusion(hidden=hidden, num_timesteps=T)
+    nominal, T = T, model.schedule.num_train_timesteps  # the cosine chain's steps above sigma_min
+    size = sum(v.size for v in _leaves(model.init(Rng(0))))
+    print(f"model: {model.network!r}, T = {T} (of {nominal} cosine steps), {size} params; "
+          f"batch {BATCH}, Adam {LR}, clip {CLIP}, EMA {EMA}; independent-pixel floor 106.4 test nats")
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    twin = torch is not None and not args.no_torch
+    if twin and args.threads:
+        torch.set_num_threads(args.threads)
+
+    # ms/step: both training loops alternately, short runs from the same start
+    short = 5 if args.quick else 30
+    params0 = model.init(Rng(0).split(2)[0])  # the initial params fit_diffusion(..., Rng(0), ...) draws
+    fns = [lambda: fit_diffusion(model, x["train"], Rng(0), short)]
+    if twin:
+        fns.append(lambda: torch_twin_train(model, params0, x["train"], short))
+    times = best_of(fns, 1 if args.quick else 3)
+    line = (f"ms/step (loss, gradient, clip, Adam, EMA; best of 3 runs of {short}): "
+            f"genblocks {times[0] / short * 1e3:.1f}")
+    if twin:
+        line += f"   torch {times[1] / short * 1e3:.1f}   ratio {times[0] / times[1]:.2f}x"
+    print(line, flush=True)
+    if args.timing_only:
+        return
+
+    print(f"\n{'run':<22}{'steps':>7}{'train s':>9}{'valid nats':>12}{'test nats':>11}{'+- mc':>7}{'+- images':>10}"
+          f"{'bits/dim':>10}{'L_0':>7}")
+    rows, finals = [], {}
+    ck = pathlib.Path(tempfile.gettempdir()) / f"bench_diffusion_likelihood_{os.getpid()}.npz"
+    spent = 0.0
+    for mult in (1, 2):
+        t0 = time.perf_counter()
+        res = fit_diffusion(model, x["train"], Rng(0), mult * steps, checkpoint_path=str(ck), resume=True)
+        spent += time.perf_counter() - t0
+        rows.append(("genblocks", mult * steps, spent, res.ema_params))
+    ck.unlink(missing_ok=True)
+    if twin:
+        kept, seconds = torch_twin_train(model, params0, x["train"], 2 * steps, snapshots=(steps,))
+        rows += [("torch twin", s, seconds * s / (2 * steps), kept[s]) for s in (steps, 2 * steps)]
+    for name, s, seconds, params in rows:
+        valid = math.nan
+        if args.valid:
+            valid = diffusion_bound(model, params, x["valid"], Rng(5), passes=args.passes)["nats"]
+        test = diffusion_bound(model, params, x["test"], Rng(6), passes=args.passes)
+        finals[(name, s)] = (params, test)
+        print(f"{name:<22}{s:>7}{seconds:>9.0f}{valid:>12.2f}{test['nats']:>11.2f}{test['se_mc']:>7.2f}"
+              f"{test['se_images']:>10.2f}{test['bits_per_dim']:>10.3f}{test['L_t'][0]:>7.2f}", flush=True)
+    if twin:
+        print("(torch train s: the twin's 2x-step run, pro rata at the first checkpoint)")
+
+    params, test = finals[("genblocks", 2 * steps)]
+    L_t = np.asarray(test["L_t"])
+    cuts = [c for c in (1, 10, 30, 100, 300) if c < T] + [T]
+    parts, lo = [], 0
+    for c in cuts:
+        parts.append(f"t in [{lo}, {c}): {L_t[lo:c].sum():.2f}")
+        lo = c
+    print(f"\nwhere the bits go (genblocks, {2 * steps} steps, test): " + ", ".join(parts) + f", L_T {test['L_T']:.4f}")
+    if ode_points:
+        t0 = time.perf_counter()
+        ode = ode_discrete_nll(model, params, x["test"][:ode_points], Rng(7))
+        print(f"PF-ODE NLL on {ode_points} test digits, uniformly dequantized onto the 17 bins (Hutchinson trace): "
+              f"{ode['nats']:.2f} +- {ode['se']:.2f} nats = {ode['nats'] / (64 * math.log(2.0)):.3f} bits/dim "
+              f"({time.perf_counter() - t0:.0f} s)")
+    if args.plot:
+        plot_lt(args.plot, [(f"{name}, {s} steps", finals[(name, s)][1]) for name, s in finals])
+        print(f"wrote {args.plot}")
+
+
+def _leaves(tree):
+    if isinstance(tree, dict):
+        return [v for k in tree for v in _leaves(tree[k])]
+    if isinstance(tree, (list, tuple)):
+        return [v for item in tree for v in _leaves(item)]
+    return [tree]
+
+
+if __name__ == "__main__":
+    main()

@@ -338,19 +338,13 @@ def run_sample(checkpoint, n, out, *, backend="numpy", seed=0, options=None, str
     """n samples from the model in ``checkpoint``, in the data's units, written to ``out`` (.npy/.npz/.png)."""
     from genblocks.backends import Rng, to_device, to_numpy
     from genblocks.data import unstandardize
-    from genblocks.families import FAMILIES
 
     stream = sys.stdout if stream is None else stream
     _check_out_file(out, (".npy", ".npz", ".png"), "the samples")
     if out.endswith(".png"):
         _matplotlib()  # before sampling: a missing extra costs nothing
     family, model, params, state, config = _load_checkpoint(checkpoint)
-    options = {k: v for k, v in (options or {}).items() if v is not None}
-    allowed = FAMILIES[family].sample_options
-    extra = sorted(set(options) - set(allowed))
-    if extra:
-        raise ValueError(f"--{extra[0].replace('_', '-')}: the {family} family takes "
-                         f"{['--' + a.replace('_', '-') for a in allowed] or 'no sampling options'}")
+    options = _sample_options(family, options)
     x = to_numpy(model.sample(to_device(params, backend), Rng(seed, backend), n, **options))
     scaling = _scaling(config)
     if scaling is not None:
@@ -459,7 +453,6 @@ def run_sample_distributed(checkpoint, n, out, *, workers, chunk=100_000, backen
     i of ``seed`` (``genblocks.distributed.sample``): the same file for any number of workers.
     """
     from genblocks.data import unstandardize
-    from genblocks.families import FAMILIES
 
     stream = sys.stdout if stream is None else stream
     for value, name in ((n, "--n"), (workers, "--workers"), (chunk, "--chunk")):
@@ -468,12 +461,7 @@ def run_sample_distributed(checkpoint, n, out, *, workers, chunk=100_000, backen
     _check_out_shards(out)
     gd = _distributed()
     family, model, params, state, config = _load_checkpoint(checkpoint)
-    options = {k: v for k, v in (options or {}).items() if v is not None}
-    allowed = FAMILIES[family].sample_options
-    extra = sorted(set(options) - set(allowed))
-    if extra:
-        raise ValueError(f"--{extra[0].replace('_', '-')}: the {family} family takes "
-                         f"{['--' + a.replace('_', '-') for a in allowed] or 'no sampling options'}")
+    options = _sample_options(family, options)
     try:
         client = gd.get_client(workers=workers)
         start = time.perf_counter()
@@ -661,6 +649,20 @@ def build_parser():
     ev.add_argument("--n", type=int, default=2000, help="points drawn from a toy density (default 2000)")
     ev.add_argument("--seed", type=int, default=1, help="seed of the held-out toy points (training used 0)")
     return parser
+
+
+def _sample_options(family, options):
+    """The sampling options that were given (None dropped), refused with the family's choices if it takes none
+    of that name."""
+    from genblocks.families import FAMILIES
+
+    options = {k: v for k, v in (options or {}).items() if v is not None}
+    allowed = FAMILIES[family].sample_options
+    extra = sorted(set(options) - set(allowed))
+    if extra:
+        raise ValueError(f"--{extra[0].replace('_', '-')}: the {family} family takes "
+                         f"{['--' + a.replace('_', '-') for a in allowed] or 'no sampling options'}")
+    return options
 
 
 def _is_terminal(stream):

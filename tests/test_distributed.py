@@ -131,7 +131,7 @@ def test_a_worker_killed_during_sample_loses_nothing(client, tmp_path):
     got = gd.sample(model, params, 430, client=client, chunk=50, seed=7).compute(scheduler=client.get)
     assert os.path.exists(marker), "no worker was killed"
     assert got.shape == (430, 2) and np.array_equal(got, expected)
-    client.wait_for_workers(2, timeout=60)  # the nanny's replacement, for the tests below
+    client.wait_for_workers(2, timeout=600)  # the nanny's replacement, for the tests below
 
 
 @needs_dask

@@ -34,7 +34,7 @@ import math
 
 from genblocks.backends import is_traced, namespace, to_numpy
 from genblocks.blocks import ops
-from genblocks.blocks.base import Block, check_array, check_dtype, params_dtype
+from genblocks.blocks.base import Block, check_array, check_dtype, params_dtype, unpack_batch
 from genblocks.blocks.distributions import (
     Bernoulli,
     Categorical,
@@ -550,7 +550,7 @@ class VAE(Block):
     def _terms(self, params, batch, rng, objective, num_samples, beta, free_bits, step, full):
         """loss_terms (full=True), or just what loss needs (full=False: no ELBO or beta report, no per-dimension
         KL without free bits, no active-unit count)."""
-        x, context = _unpack(batch)
+        x, context = unpack_batch(batch)
         self.check_params(params)
         self._check_inputs(x, context)
         xp = namespace(x, params)
@@ -705,12 +705,3 @@ class VAE(Block):
         zs = z * (1.0 - onehot) + v * onehot
         c = None if context is None else xp.broadcast_to(context, (v.shape[0], self.context_dim))
         return self.decode(params, zs, c)
-
-
-def _unpack(batch):
-    if isinstance(batch, (tuple, list)):
-        if len(batch) != 2:
-            raise ValueError(f"batch: expected x or (x, context), got a sequence of {len(batch)} items")
-        return batch[0], batch[1]
-    return batch, None
-

@@ -11,6 +11,7 @@ MMD^2 of samples against test for every row. ``FAMILIES`` is the table the CLI r
 only the lecture; training, data and metrics come together here.
 """
 
+import functools
 import math
 import time
 
@@ -116,19 +117,25 @@ def diffusion_row(rng, *, smoke=False, progress=False):
     nll = -to_numpy(model.log_prob(params, test, rtol=tol, atol=tol)) + 2.0 * math.log(2.0)
     # DPM-Solver++(2M), 20 steps, predictions of x_0 clipped to the data range [-2, 2]: unclipped, the
     # first steps (SNR near 0 on the cosine schedule) amplify the eps error into streaks
+    sampler = {"sampler": "dpm_solver_pp", "num_inference_steps": 20 if not smoke else 5,
+               "x0_transform": clip_sample(2.0)}
+
     def draw(n):
-        return 2.0 * model.sample(params, r_sample, n, sampler="dpm_solver_pp",
-                                  num_inference_steps=20 if not smoke else 5, x0_transform=clip_sample(2.0))
+        return 2.0 * model.sample(params, r_sample, n, **sampler)
 
     row = finish_row(start, draw, 2.0 * test, params, n=1000 if not smoke else 64, family="diffusion",
                      model="DDPM (MLP + FiLM, cosine T=200), DPM-Solver++ 20", data="checkerboard",
                      metric="test NLL (nats, PF-ODE)", value=float(nll.mean()))
-    # noise -> data: the sampler's state after every step, for PATH_POINTS of its own draws (not timed)
-    x_T = r_path.normal((PATH_POINTS, 2))
-    path = [2.0 * to_numpy(x_T)]
-    model.sample(params, r_path, PATH_POINTS, sampler="dpm_solver_pp", num_inference_steps=20 if not smoke else 5,
-                 x0_transform=clip_sample(2.0), x_T=x_T, callback=lambda k, t, x: path.append(2.0 * to_numpy(x)))
-    return {**row, "path": path}
+    return {**row, "path": [2.0 * x for x in sampler_path(model, params, r_path, PATH_POINTS, 2, **sampler)]}
+
+
+def sampler_path(model, params, rng, n, dim, **sampler):
+    """[x_T, x after step 1, ..., x_0]: n of a diffusion sampler's own draws (n, dim) after each of its steps,
+    as host arrays: the way from noise to data (not timed). x_T and then the sampler's noise come from rng."""
+    x_T = rng.normal((n, dim))
+    path = [to_numpy(x_T)]
+    model.sample(params, rng, n, x_T=x_T, callback=lambda k, t, x: path.append(to_numpy(x)), **sampler)
+    return path
 
 
 def made_row(rng, *, smoke=False, progress=False):
@@ -225,8 +232,11 @@ def _n(smoke):
     return 256 if smoke else 1000
 
 
+@functools.lru_cache(maxsize=None)
 def _digits(split=("train", "test")):
-    """The 17-level digits of the fixed 1000/350/447 split, host float32 arrays (n, 64): one per name in split."""
+    """The 17-level digits of the fixed 1000/350/447 split, host float32 arrays (n, 64): one per name in split.
+
+    Read once per process (every digits row asks); the rows only read the arrays."""
     parts = load_digits(backend="numpy")
     return tuple(to_numpy(parts[name][0]) for name in split)
 
@@ -363,19 +373,16 @@ def diffusion_digits_row(rng, *, smoke=False, progress=False):
                  batch_size=128, progress=progress).params
     vlb = float(to_numpy(model.loss_terms(params, _to_unit(test), vlb_rng)["vlb"]))
     n_steps = 5 if smoke else 20
+    sampler = {"sampler": "dpm_solver_pp", "num_inference_steps": n_steps, "x0_transform": clip_sample(1.0)}
 
     def draw(n):
-        return _to_levels(model.sample(params, sample_rng, n, sampler="dpm_solver_pp", num_inference_steps=n_steps,
-                                       x0_transform=clip_sample(1.0)))
+        return _to_levels(model.sample(params, sample_rng, n, **sampler))
 
     row = finish_row(start, draw, test, params, n=_n(smoke), family="diffusion",
                      model=f"DDPM (MLP + FiLM, cosine T={T}), DPM-Solver++ {n_steps}", data="digits 8x8",
                      metric=f"test NLL (nats, variational bound, all {T} terms)", value=vlb)
-    x_T = path_rng.normal((4, 64))
-    path = [to_numpy(x_T)]
-    model.sample(params, path_rng, 4, sampler="dpm_solver_pp", num_inference_steps=n_steps,
-                 x0_transform=clip_sample(1.0), x_T=x_T, callback=lambda k, t, x: path.append(to_numpy(x)))
-    return {**row, "path": path[:-1] + [to_numpy(_to_levels(path[-1]))]}
+    path = sampler_path(model, params, path_rng, 4, 64, **sampler)
+    return {**row, "path": path[:-1] + [_to_levels(path[-1])]}
 
 
 def gan_digits_row(rng, *, smoke=False, progress=False):

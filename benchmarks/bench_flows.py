@@ -80,19 +80,43 @@ def make_flow(model, dim, args, data_side=()):
     return flow
 
 
-def step_time_ms(flow, params, batch, repeats):
-    """Median ms of value_and_grad(loss) + an Adam update over ``repeats`` steps (after a warm-up)."""
-    init, update = adam(1e-3)
-    state = init(params)
-    vg = value_and_grad(flow.loss)
+def median_ms(step, repeats, warmup=2):
+    """Median milliseconds of ``step(i)`` over ``repeats`` calls after ``warmup`` untimed ones (i counts every call)."""
     times = []
-    for i in range(repeats + 2):
+    for i in range(repeats + warmup):
         start = time.perf_counter()
-        _, g = vg(params, batch)
-        params, state = update(g, state, params)
-        if i >= 2:
+        step(i)
+        if i >= warmup:
             times.append(1000 * (time.perf_counter() - start))
     return statistics.median(times)
+
+
+def adam_step_ms(loss, params, args, repeats):
+    """Median ms of value_and_grad(loss)(params, *args(i)) + an Adam update over ``repeats`` steps (after a warm-up)."""
+    init, update = adam(1e-3)
+    held = {"params": params, "state": init(params)}
+    vg = value_and_grad(loss)
+
+    def step(i):
+        _, g = vg(held["params"], *args(i))
+        held["params"], held["state"] = update(g, held["state"], held["params"])
+
+    return median_ms(step, repeats)
+
+
+def torch_step_ms(opt, loss_fn, repeats):
+    """Median ms of a PyTorch step (zero_grad, loss_fn().backward(), opt.step()) over ``repeats`` (after a warm-up)."""
+    def step(i):
+        opt.zero_grad()
+        loss_fn().backward()
+        opt.step()
+
+    return median_ms(step, repeats)
+
+
+def step_time_ms(flow, params, batch, repeats):
+    """Median ms of value_and_grad(loss) + an Adam update over ``repeats`` steps (after a warm-up)."""
+    return adam_step_ms(flow.loss, params, lambda i: (batch,), repeats)
 
 
 def samples_per_second(flow, params, n):
@@ -209,15 +233,7 @@ def torch_realnvp_ms(dim, args):
         base = -0.5 * (z * z).sum(-1) - 0.5 * dim * math.log(2 * math.pi)
         return -(base + log_det).mean()
 
-    times = []
-    for i in range(args.repeats + 2):
-        start = time.perf_counter()
-        opt.zero_grad()
-        loss_fn().backward()
-        opt.step()
-        if i >= 2:
-            times.append(1000 * (time.perf_counter() - start))
-    return statistics.median(times)
+    return torch_step_ms(opt, loss_fn, args.repeats)
 
 
 # ---------------------------------------------------------------------------------------------------

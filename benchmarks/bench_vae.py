@@ -69,15 +69,15 @@ import argparse
 import math
 import pathlib
 import platform
-import statistics
 import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from bench_flows import set_blas_threads  # noqa: E402 (benchmarks/bench_flows.py, beside this script)
+from bench_flows import adam_step_ms, set_blas_threads  # noqa: E402 (benchmarks/bench_flows.py, beside this script)
+from bench_flows import torch_step_ms as torch_adam_step_ms  # noqa: E402
 
-from genblocks.backends import Rng, to_numpy, value_and_grad  # noqa: E402
+from genblocks.backends import Rng, to_numpy  # noqa: E402
 from genblocks.blocks.bijectors import Chain, InverseAutoregressive  # noqa: E402
 from genblocks.blocks.nn import MLP  # noqa: E402
 from genblocks.data import load_digits  # noqa: E402
@@ -181,17 +181,7 @@ def run(kind, args):
 
 def step_ms(vae, params, batch, repeats):
     """Median ms of value_and_grad(loss) + an Adam update over ``repeats`` steps (after a warm-up)."""
-    init, update = adam(1e-3)
-    state = init(params)
-    vg = value_and_grad(vae.loss)
-    times = []
-    for i in range(repeats + 2):
-        start = time.perf_counter()
-        _, g = vg(params, batch, Rng(i))
-        params, state = update(g, state, params)
-        if i >= 2:
-            times.append(1000 * (time.perf_counter() - start))
-    return statistics.median(times)
+    return adam_step_ms(vae.loss, params, lambda i: (batch, Rng(i)), repeats)
 
 
 def torch_step_ms(args, batch, repeats):
@@ -225,15 +215,7 @@ def torch_step_ms(args, batch, repeats):
         kl = 0.5 * (torch.exp(2 * log_s) + mu * mu - 1.0 - 2 * log_s).sum(-1)
         return -(rec - kl).mean()
 
-    times = []
-    for i in range(repeats + 2):
-        start = time.perf_counter()
-        opt.zero_grad()
-        loss_fn().backward()
-        opt.step()
-        if i >= 2:
-            times.append(1000 * (time.perf_counter() - start))
-    return statistics.median(times)
+    return torch_adam_step_ms(opt, loss_fn, repeats)
 
 
 def main():

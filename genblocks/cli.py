@@ -11,6 +11,7 @@ import tempfile
 import time
 
 import genblocks
+from genblocks.blocks.validate import check_positive_int
 from genblocks.demo import DIGIT_FAMILIES  # (family, row) pairs on the 8x8 digits
 from genblocks.demo import FAMILIES as DEMO_FAMILIES  # (family, row) pairs on 2-D toy data
 from genblocks.io import write_atomic
@@ -456,8 +457,7 @@ def run_sample_distributed(checkpoint, n, out, *, workers, chunk=100_000, backen
 
     stream = sys.stdout if stream is None else stream
     for value, name in ((n, "--n"), (workers, "--workers"), (chunk, "--chunk")):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        check_positive_int(value, name)
     _check_out_shards(out)
     gd = _distributed()
     family, model, params, state, config = _load_checkpoint(checkpoint)
@@ -575,8 +575,8 @@ def run_sweep(config, *, workers=None, out=None, stream=None):
     out = out or config_out
     if out is None:
         raise ValueError("--out: expected a folder for the checkpoints (or \"out\" in the config file)")
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
-        raise ValueError(f"--workers: expected a positive int, got {workers!r}")
+    if workers is not None:
+        check_positive_int(workers, "--workers")
     check_out_folder(out, "the sweep's checkpoints and sweep.json")
     gd = _distributed()
     try:

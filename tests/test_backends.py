@@ -304,3 +304,43 @@ def test_is_traced_and_stop_gradient_under_autograd():
     np.testing.assert_array_equal(g, [1.0, 2.0])  # d/dx sum(x * c) with c = x held constant
     assert seen == [(True, False)]
     assert not is_traced(np.ones(2)) and not is_traced(1.0) and stop_gradient(1.0) == 1.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# The gradient of x[idx]: a slice add for basic indices, autograd's add.at for the rest
+
+INDICES = [
+    (Ellipsis, slice(None, 2)), (Ellipsis, slice(2, None)), (slice(None), slice(None, None, -2)), 1, -1,
+    (slice(1, 3), 0), (None, slice(None), 3), (np.int64(2),), (Ellipsis, None, slice(1, 4)),
+    np.array([0, 0, 2]),  # repeated rows: each occurrence adds (add.at)
+    (slice(None), np.array([1, 1, 3])), np.array([True, False, True]),
+]
+
+
+@pytest.mark.parametrize("idx", INDICES, ids=repr)
+def test_getitem_gradient_equals_autograds_scatter_first_and_second_order(idx):
+    from autograd.numpy.numpy_vjps import untake
+
+    from genblocks.backends.numpy_backend import _is_basic_index
+    x = RS.normal(size=(3, 5))
+    w = RS.normal(size=np.shape(x[idx]))
+    f = lambda x: np.sum(xnp.sin(x[idx]) * w)  # noqa: E731
+    g = grad(f)(x)
+    # the reference: autograd's own scatter of the cotangent cos(x[idx]) w
+    from autograd.extend import vspace
+    ref = untake(np.cos(x[idx]) * w, idx, vspace(x)).mut_add(np.zeros_like(x))
+    np.testing.assert_allclose(g, ref, rtol=1e-14, atol=1e-15)
+    check_grads(f, modes=["rev"], order=2)(x)
+    assert _is_basic_index(idx) == (not any(isinstance(i, np.ndarray) for i in (idx if isinstance(idx, tuple)
+                                                                                else (idx,))))
+
+
+def test_overlapping_slices_accumulate_and_float32_stays_float32():
+    x = RS.normal(size=(4, 6)).astype(np.float32)
+    g = grad(lambda x: np.sum(x[:, :4] * 2.0) + np.sum(x[:, 2:] * 3.0) + np.sum(x[1]))(x)
+    want = np.zeros((4, 6), np.float32)
+    want[:, :4] += 2.0
+    want[:, 2:] += 3.0
+    want[1] += 1.0
+    assert g.dtype == np.float32
+    np.testing.assert_array_equal(g, want)

@@ -313,3 +313,62 @@ def test_log_softmax_take_bad_shapes_and_every_backend(backend):
     ons = lambda t: to_device(t, backend)  # noqa: E731
     got = namespace(ons(logits)).log_softmax_take(ons(logits), ons(index))
     np.testing.assert_allclose(to_numpy(got), xp.log_softmax_take(logits, index), rtol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------
+# dense on stacked inputs: one BLAS call over every row
+
+
+@pytest.mark.parametrize("name", ["identity", "relu", "silu"])
+def test_dense_on_4d_and_non_contiguous_inputs_equals_the_row_by_row_product(name):
+    """x (n, H, W, k) goes to BLAS as one (n H W, k) matrix: the same values and gradients as the stacked
+    matmul, for a contiguous x and for a strided view."""
+    x, W, b = _data((2, 3, 4, 6), d_out=5, seed=4)
+    for xx in (x, x[:, :, ::2, :], np.swapaxes(x, 1, 2)):
+        np.testing.assert_allclose(xp.dense(xx, W, b, name), _unfused(xx, W, b, name), rtol=1e-13, atol=1e-13)
+
+        def loss(f):
+            return lambda args: anp.sum(anp.sin(f(*args, name)))
+
+        for g_fused, g_ref in zip(grad(loss(xp.dense))((xx, W, b)), grad(loss(_unfused))((xx, W, b))):
+            assert g_fused.shape == g_ref.shape
+            np.testing.assert_allclose(g_fused, g_ref, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------
+# gated_tanh: PixelCNN's gate
+
+
+def _gate_composed(a):
+    F = a.shape[-1] // 2
+    return anp.tanh(a[..., :F]) * (1.0 / (1.0 + anp.exp(-a[..., F:])))
+
+
+def test_gated_tanh_value_and_gradients_first_and_second_order():
+    a = np.random.default_rng(5).normal(size=(3, 2, 8)) * 2.0
+    np.testing.assert_allclose(xp.gated_tanh(a), _gate_composed(a), rtol=1e-12, atol=1e-14)
+    check_grads(lambda a: anp.sum(anp.sin(xp.gated_tanh(a))), modes=["rev"], order=2)(a)
+    g = grad(lambda a: anp.sum(anp.sin(xp.gated_tanh(a))))(a)
+    np.testing.assert_allclose(g, grad(lambda a: anp.sum(anp.sin(_gate_composed(a))))(a), rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_gated_tanh_dtype_extremes_and_inputs_untouched(dtype):
+    a = np.array([[-1e4, -90.0, -1.0, 0.0, 1e-8, 1.0, 90.0, 1e4] * 2], dtype=dtype)
+    saved = a.copy()
+    y = xp.gated_tanh(a)
+    g = grad(lambda a: anp.sum(xp.gated_tanh(a)))(a)
+    assert y.dtype == g.dtype == np.dtype(dtype) and y.shape == (1, 8)
+    assert np.all(np.isfinite(y)) and np.all(np.isfinite(g))
+    with np.errstate(over="ignore"):
+        want = np.tanh(saved[:, :8]) / (1.0 + np.exp(-saved[:, 8:].astype(np.float64)))
+    np.testing.assert_allclose(y, want, atol=1e-6 if dtype == "float32" else 1e-15)
+    np.testing.assert_array_equal(a, saved)
+
+
+def test_gated_tanh_bad_shape_and_every_backend(backend):
+    with pytest.raises(ValueError, match="gated_tanh: a must have an even last axis"):
+        xp.gated_tanh(np.zeros((2, 3)))
+    a = np.random.default_rng(6).normal(size=(4, 6)) * 3.0
+    got = namespace(to_device(a, backend)).gated_tanh(to_device(a, backend))
+    np.testing.assert_allclose(to_numpy(got), xp.gated_tanh(a), rtol=1e-12, atol=1e-14)

@@ -330,6 +330,8 @@ def _conv_reference(x, W, b, stride, pads):
     (3, 2, "same", ((1, 1), (0, 1))),  # H=5 -> 3 rows (total pad 2), W=6 -> 3 cols (total pad 1)
     (2, 1, "valid", ((0, 0), (0, 0))),
     (3, (2, 1), 1, ((1, 1), (1, 1))),
+    ((2, 3), 1, ((1, 0), (1, 1)), ((1, 0), (1, 1))),  # explicit: a causal conv's rows above only
+    ((1, 2), 1, [[0, 0], [1, 0]], ((0, 0), (1, 0))),  # lists work too
 ])
 def test_conv_matches_explicit_loops(kernel, stride, padding, pads):
     block = nn.Conv2d(2, 3, kernel, stride=stride, padding=padding)
@@ -337,6 +339,10 @@ def test_conv_matches_explicit_loops(kernel, stride, padding, pads):
     x = _normal((2, 5, 6, 2), 5)
     got = block.apply(params, x)
     np.testing.assert_allclose(got, _conv_reference(x, params["W"], params["b"], block.stride, pads), rtol=1e-12)
+    # the same conv, padded by hand and applied with a per-call "valid" override
+    (pt, pb), (pl, pr) = pads
+    padded = np.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    np.testing.assert_allclose(block.apply(params, padded, padding="valid"), got, rtol=1e-12)
 
 
 def test_init_schemes_statistics_and_determinism():
@@ -423,8 +429,11 @@ def test_invalid_hyperparameters():
         nn.MaskedDense(np.ones(3))
     with pytest.raises(ValueError, match="kernel_size: expected odd"):
         nn.MaskedConv2d(1, 1, 2)
+    for bad in ("full", ((1, -1), (0, 0)), ((1, 0), (0,)), (1, 2, 3), ((1.5, 0), (0, 0)), True):
+        with pytest.raises(ValueError, match="padding: expected"):
+            nn.Conv2d(1, 1, 3, padding=bad)
     with pytest.raises(ValueError, match="padding: expected"):
-        nn.Conv2d(1, 1, 3, padding="full")
+        nn.Conv2d(1, 1, 3).apply(nn.Conv2d(1, 1, 3).init(Rng(0)), np.ones((1, 3, 3, 1)), padding="full")
     with pytest.raises(ValueError, match="d_in: expected a positive int"):
         nn.Dense(0, 3)
     with pytest.raises(ValueError, match="x: spatial size"):

@@ -1,4 +1,4 @@
-"""Hot-path primitives, one call on every backend: ``dense``, ``im2col`` and ``log_softmax_take``.
+"""Hot-path primitives, one call on every backend: ``dense``, ``im2col``, ``log_softmax_take`` and ``gated_tanh``.
 
 ``dense(x, W, b, activation)``: y = activation(x @ W + b). On the numpy backend it is a single autograd
 primitive with a hand-written VJP. The forward pass runs in plain numpy, in place where the buffers are
@@ -20,7 +20,11 @@ g (onehot(index) - softmax(logits)), written into one buffer; composed under aut
 with (..., K) intermediates and a onehot mask (measured, 100 x 64 x 17 float32, one thread: 0.85 ms
 against 2.1 ms forward, 1.3 ms against 26 ms forward and backward).
 
-Elsewhere (strict, cupy) all three are the same formulas written with the backend's own array-API calls.
+``gated_tanh(a)``: tanh(a[..., :F]) * sigmoid(a[..., F:]), PixelCNN's gate. On numpy one primitive that
+keeps both halves for its VJP; composed under autograd it is two slices, two activations and a product,
+each a node with its own buffers.
+
+Elsewhere (strict, cupy) all four are the same formulas written with the backend's own array-API calls.
 """
 
 import threading
@@ -77,7 +81,7 @@ def _activate_inplace(z, name):
 def _forward(x, W, b, name, keep_z=True):
     """(y, z) with z = x @ W + b and y = activation(z); z is None when the VJP will not need it (or
     ``keep_z`` is False: a call that will not be differentiated)."""
-    z = onp.matmul(x, W)
+    z = _matmul_2d(x, W)
     if b is not None:
         if onp.result_type(z, b) == z.dtype:
             z += b
@@ -88,6 +92,18 @@ def _forward(x, W, b, name, keep_z=True):
     if keep_z and name in _NEEDS_Z:
         return _activate_keeping_z(z, name), z
     return _activate_inplace(z, name), None
+
+
+def _matmul_2d(x, W):
+    """x @ W for x (..., d_in) as ONE (rows, d_in) @ (d_in, d_out) BLAS call, then reshaped back.
+
+    numpy's matmul treats a 3-d or 4-d x as a stack of matrices and calls gemm once per matrix: for conv
+    patches (n, H, W, k) that is n H calls of W rows each (measured 1.5x slower forward and 2x slower dx
+    than one call, (64, 8, 8, 192) @ (192, 64) float32, one thread)."""
+    if x.ndim <= 2:
+        return onp.matmul(x, W)
+    z = onp.matmul(onp.reshape(x, (-1, x.shape[-1])), W)
+    return onp.reshape(z, x.shape[:-1] + (W.shape[-1],))
 
 
 def _one_plus_exp_neg(z):
@@ -254,7 +270,8 @@ def _dense_vjp(argnums, ans, args, kwargs):
         if 2 in argnums:
             out[2] = _cast(m.sum(m.reshape(dz, (-1, d_out)), axis=0), b, m)
         if 0 in argnums:
-            out[0] = _cast(m.matmul(dz, m.swapaxes(W, 0, 1)), x, m)
+            dx = _matmul_2d(dz, onp.swapaxes(W, 0, 1)) if m is onp else m.matmul(dz, m.swapaxes(W, 0, 1))
+            out[0] = _cast(dx, x, m)
         grads = tuple(out.get(argnum) for argnum in argnums)
         return grads
 
@@ -534,3 +551,97 @@ def make_log_softmax_take(xp, fused):
         return _log_softmax_take_numpy(logits, index)
 
     return log_softmax_take
+
+
+# ---------------------------------------------------------------------------------------------------
+# gated_tanh: the gated activation of PixelCNN and WaveNet in one pass
+
+
+def check_gated_tanh_args(a):
+    if len(a.shape) == 0 or a.shape[-1] % 2:
+        raise ValueError(f"gated_tanh: a must have an even last axis (the tanh half, then the sigmoid half), got "
+                         f"shape {tuple(a.shape)}")
+
+
+_gate_slot = threading.local()  # the forward's tanh and sigmoid halves, handed to its VJP
+
+
+def _gate_parts(a):
+    """(t, s): tanh(a[..., :F]) = 2 / (1 + exp(-2 a)) - 1 and sigmoid(a[..., F:]) = 1 / (1 + exp(-a)), fresh
+    buffers. Through exp, which numpy vectorizes on x86 where its tanh is not (measured 2x faster gate,
+    (64, 8, 8, 64) float32, one thread); exp overflows to inf for very negative a, and 2 / inf - 1 = -1 and
+    1 / inf = 0 are the limits. Absolute (not relative) accuracy near 0, as for the dense activations."""
+    F = a.shape[-1] // 2
+    with onp.errstate(over="ignore"):
+        t = onp.multiply(a[..., :F], -2.0)
+        onp.exp(t, out=t)
+        t += 1.0
+        onp.divide(2.0, t, out=t)
+        t -= 1.0
+        s = onp.negative(a[..., F:])
+        onp.exp(s, out=s)
+    s += 1.0
+    onp.reciprocal(s, out=s)
+    return t, s
+
+
+@primitive
+def _gated_tanh_numpy(a):
+    t, s = _gate_parts(a)
+    y = onp.multiply(t, s)
+    _gate_slot.entry = (y, t, s)
+    return y
+
+
+def _gated_tanh_vjp(ans, a):
+    entry = getattr(_gate_slot, "entry", None)
+    _gate_slot.entry = None
+    kept = entry[1:] if entry is not None and entry[0] is ans else None
+
+    def vjp(g):
+        if isinstance(g, Box) or isinstance(a, Box) or isinstance(ans, Box):  # gradients of gradients
+            F = a.shape[-1] // 2
+            t, s = anp.tanh(a[..., :F]), 0.5 * (1.0 + anp.tanh(0.5 * a[..., F:]))
+            return anp.concatenate([g * s * (1.0 - t * t), g * t * s * (1.0 - s)], axis=-1)
+        t, s = _gate_parts(a) if kept is None else kept
+        F = t.shape[-1]
+        d = onp.empty(a.shape, dtype=a.dtype)
+        da, db = d[..., :F], d[..., F:]
+        onp.multiply(t, t, out=da)  # g s (1 - t^2)
+        onp.subtract(1.0, da, out=da)
+        da *= s
+        onp.multiply(t, s, out=db)  # g t s (1 - s)
+        db *= onp.subtract(1.0, s)
+        onp.multiply(da, g, out=da)
+        onp.multiply(db, g, out=db)
+        return d
+
+    return vjp
+
+
+defvjp(_gated_tanh_numpy, _gated_tanh_vjp)
+
+
+def make_gated_tanh(xp, fused):
+    """Build ``gated_tanh(a)`` for the namespace ``xp``.
+
+    Math: y = tanh(a[..., :F]) * sigmoid(a[..., F:]), a (..., 2F) -> y (..., F) (van den Oord et al.'s gated
+    activation). On numpy one primitive whose forward keeps both halves for the VJP,
+    (g s (1 - t^2), g t s (1 - s)); elsewhere the formula.
+    """
+
+    def generic(a):
+        F = a.shape[-1] // 2
+        return xp.tanh(a[..., :F]) * (0.5 * (1.0 + xp.tanh(0.5 * a[..., F:])))
+
+    def gated_tanh(a):
+        check_gated_tanh_args(a)
+        if not fused:
+            return generic(a)
+        if not isinstance(a, Box):
+            t, s = _gate_parts(a)
+            t *= s
+            return t
+        return _gated_tanh_numpy(a)
+
+    return gated_tanh

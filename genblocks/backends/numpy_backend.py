@@ -12,10 +12,12 @@ import types
 import autograd.numpy as anp
 import autograd.numpy.linalg as alinalg
 import numpy as onp
-from autograd.extend import defvjp, primitive
+from autograd.extend import SparseObject, defvjp, primitive, vspace
+from autograd.numpy.numpy_boxes import ArrayBox
+from autograd.numpy.numpy_vjps import untake as _autograd_untake
 
 from .differentiable import astype
-from .fused import make_dense, make_im2col, make_log_softmax_take
+from .fused import make_dense, make_gated_tanh, make_im2col, make_log_softmax_take
 from .vocab import ARRAY_API, EXTRAS, LINALG
 
 # ---------------------------------------------------------------------------------------------------
@@ -247,6 +249,43 @@ def _unbroadcast(g, shape):
 defvjp(_where, None, _where_vjp(1), _where_vjp(2))
 
 
+# The gradient of x[idx]. autograd scatters it back with ``numpy.add.at``, which is right for any index
+# but slow for the slices every model takes (measured 12x slower than a slice add for (64, 8, 8, 64)
+# float32, 24x for (256, 64)). A basic index (ints, slices, ``...``, ``None``) names every element at most
+# once, so ``A[idx] += g`` is the same sum; other indices (integer or boolean arrays, where an element may
+# repeat) keep autograd's own ``add.at``. This replaces autograd's VJP for ``ArrayBox.__getitem__`` in the
+# whole process: the same gradient, sooner (``tests/test_backends.py`` checks both paths against finite
+# differences and against autograd's scatter).
+
+
+def _is_basic_index(idx):
+    items = idx if isinstance(idx, tuple) else (idx,)
+    return all(i is None or i is Ellipsis or isinstance(i, slice)
+               or (isinstance(i, (int, onp.integer)) and not isinstance(i, bool)) for i in items)
+
+
+@primitive
+def _untake_basic(g, idx, vs):
+    """The cotangent of x[idx] as a sparse object that adds g into the slice: ``A[idx] += g``."""
+    def mut_add(A):
+        A[idx] += g
+        return A
+    return SparseObject(vs, mut_add)
+
+
+defvjp(_untake_basic, lambda ans, g, idx, vs: lambda gg: gg[idx])
+
+
+def _getitem_vjp(ans, A, idx):
+    vs = vspace(A)
+    if _is_basic_index(idx):
+        return lambda g: _untake_basic(g, idx, vs)
+    return lambda g: _autograd_untake(g, idx, vs)
+
+
+defvjp(ArrayBox.__getitem__, _getitem_vjp)
+
+
 def searchsorted(x1, x2, /, *, side="left", sorter=None):
     return onp.searchsorted(_value(x1), _value(x2), side=side, sorter=sorter)
 
@@ -337,6 +376,7 @@ def build_namespace():
     ns.dense = make_dense(ns, fused=True)
     ns.im2col = make_im2col(ns, fused=True)
     ns.log_softmax_take = make_log_softmax_take(ns, fused=True)
+    ns.gated_tanh = make_gated_tanh(ns, fused=True)
     ns.vector_norm = vector_norm
     ns.device_of = device_of
     ns.backend_name = "numpy"

@@ -381,13 +381,39 @@ def _same_pads(size, k, s):
 
 
 def conv_pads(x_shape, kernel_size, stride, padding):
-    """((top, bottom), (left, right)) zeros for "same" (H_out = ceil(H / s)), "valid" or (ph, pw) padding."""
+    """((top, bottom), (left, right)) zeros for "same" (H_out = ceil(H / s)), "valid", (ph, pw) padding, or
+    explicit ((top, bottom), (left, right)) (e.g. a causal conv's rows above only)."""
     if padding == "same":
         return _same_pads(x_shape[1], kernel_size[0], stride[0]), _same_pads(x_shape[2], kernel_size[1], stride[1])
     if padding == "valid":
         return (0, 0), (0, 0)
+    if _is_explicit_pads(padding):
+        return tuple(tuple(p) for p in padding)
     ph, pw = (padding, padding) if isinstance(padding, int) else padding
     return (ph, ph), (pw, pw)
+
+
+def _is_explicit_pads(padding):
+    return (isinstance(padding, (tuple, list)) and len(padding) == 2
+            and all(isinstance(p, (tuple, list)) and len(p) == 2 for p in padding))
+
+
+def _check_padding(padding):
+    """"same", "valid", (ph, pw) from an int or a pair, or ((top, bottom), (left, right)); ValueError otherwise."""
+    if padding in ("same", "valid"):
+        return padding
+    if _is_explicit_pads(padding):
+        flat = [p for pair in padding for p in pair]
+        if all(isinstance(p, int) and not isinstance(p, bool) and p >= 0 for p in flat):
+            return tuple(tuple(pair) for pair in padding)
+    else:
+        if isinstance(padding, int) and not isinstance(padding, bool):
+            padding = (padding, padding)
+        if (isinstance(padding, tuple) and len(padding) == 2
+                and all(isinstance(p, int) and not isinstance(p, bool) and p >= 0 for p in padding)):
+            return padding
+    raise ValueError(f"padding: expected 'same', 'valid', non-negative int(s) or ((top, bottom), (left, right)), "
+                     f"got {padding!r}")
 
 
 def im2col(x, kernel_size, *, stride=(1, 1), padding="same"):
@@ -405,7 +431,8 @@ class Conv2d(Block):
     """y[n, i, j, :] = sum_{a, b, c} x_pad[n, i s + a, j s + b, c] W[a, b, c, :] + b (cross-correlation).
 
     x (N, H, W, c_in) -> (N, H_out, W_out, c_out); params {"W": (kh, kw, c_in, c_out), "b": (c_out,)}.
-    padding: "same" (H_out = ceil(H / stride)), "valid", or an int / (ph, pw) of zeros on each side.
+    padding: "same" (H_out = ceil(H / stride)), "valid", an int / (ph, pw) of zeros on each side, or explicit
+    ((top, bottom), (left, right)) zeros (a causal conv pads above and not below).
     mask: an optional constant 0/1 array broadcasting to (kh, kw, c_in, c_out): the kernel used is W * mask
     (e.g. gated PixelCNN's channel masks); not a parameter.
     """
@@ -416,13 +443,7 @@ class Conv2d(Block):
         self.c_out = check_positive_int(c_out, "c_out")
         self.kernel_size = _pair(kernel_size, "kernel_size")
         self.stride = _pair(stride, "stride")
-        if padding not in ("same", "valid"):
-            if isinstance(padding, int) and not isinstance(padding, bool):
-                padding = (padding, padding)
-            if (not isinstance(padding, tuple) or len(padding) != 2
-                    or not all(isinstance(p, int) and p >= 0 for p in padding)):
-                raise ValueError(f"padding: expected 'same', 'valid' or non-negative int(s), got {padding!r}")
-        self.padding = padding
+        self.padding = _check_padding(padding)
         self.activation = _check_activation_arg(activation)
         get_init(init)
         self.init_scheme = init
@@ -442,10 +463,13 @@ class Conv2d(Block):
     def _kernel(self, xp, W):
         return W if self._kernel_mask is None else W * self._kernel_mask.on(xp, W)
 
-    def apply(self, params, x):
+    def apply(self, params, x, *, padding=None):
+        """The conv of x (N, H, W, c_in); ``padding`` overrides the layer's own for this call (e.g. a
+        sampler that feeds pre-padded windows uses "valid")."""
         check_array(x, "x", ndim=4, last_dim=self.c_in)
         xp = namespace(x, params)
-        cols = im2col(x, self.kernel_size, stride=self.stride, padding=self.padding)
+        padding = self.padding if padding is None else _check_padding(padding)
+        cols = im2col(x, self.kernel_size, stride=self.stride, padding=padding)
         kh, kw = self.kernel_size
         W = xp.reshape(self._kernel(xp, params["W"]), (kh * kw * self.c_in, self.c_out))
         return _dense(xp, cols, W, params["b"], self.activation)

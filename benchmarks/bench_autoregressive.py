@@ -36,11 +36,13 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from bench_train_step import _interleaved_medians  # noqa: E402 (benchmarks/, next to this script)
+
 from genblocks.backends import Rng, to_numpy, value_and_grad  # noqa: E402
 from genblocks.data import load_digits  # noqa: E402
 from genblocks.models.autoregressive import MADEModel, PixelCNN  # noqa: E402
 from genblocks.train.loop import fit  # noqa: E402
-from genblocks.train.optim import adam, cosine_decay  # noqa: E402
+from genblocks.train.optim import adam, adamw, cosine_decay  # noqa: E402
 
 LEVELS = 17
 FLOOR = {17: 106.4, 2: 24.9}  # test nats of independent pixels, 17-level and binarized digits
@@ -59,8 +61,9 @@ def nll(model, params, x, batch=500):
     return total / len(x)
 
 
-def train(model, data, shape, args, steps, lr, seed=0):
-    """fit with Adam + cosine decay; the valid split picks the best of ``eval_points`` checkpoints."""
+def train(model, data, shape, args, steps, lr, seed=0, weight_decay=0.0):
+    """fit with Adam (AdamW when ``weight_decay`` > 0) + cosine decay; the valid split picks the best of
+    ``eval_points`` checkpoints."""
     r_init, r_fit = Rng(seed).split(2)
     params = model.init(r_init)
     x = {k: v.reshape((-1,) + shape) for k, v in data.items()}
@@ -73,7 +76,9 @@ def train(model, data, shape, args, steps, lr, seed=0):
         return nats
 
     t0 = time.perf_counter()
-    result = fit(model.loss, params, x["train"], r_fit, adam(cosine_decay(lr, steps)), steps,
+    schedule = cosine_decay(lr, steps)
+    optimizer = adamw(schedule, weight_decay=weight_decay) if weight_decay else adam(schedule)
+    result = fit(model.loss, params, x["train"], r_fit, optimizer, steps,
                  batch_size=args.batch_size, progress=args.progress, eval_fn=keep_best,
                  eval_every=max(steps // args.eval_points, 1), ema_decay=args.ema or None)
     if result.ema_params is not None:  # the parameter average competes with the checkpoints, on valid
@@ -82,8 +87,8 @@ def train(model, data, shape, args, steps, lr, seed=0):
     return best["params"], seconds, best["nats"], nll(model, best["params"], x["test"])
 
 
-def ms_per_step(model, params, batch, repeats):
-    """ms per training step: loss + gradient + Adam update (what the torch twins time too)."""
+def genblocks_step(model, params, batch):
+    """One training step as a closure: loss + gradient + Adam update (what the torch twins do too)."""
     grad_fn = value_and_grad(model.loss)
     init, update = adam(1e-3)
     state = {"params": params, "opt": init(params)}
@@ -92,14 +97,22 @@ def ms_per_step(model, params, batch, repeats):
         _, grads = grad_fn(state["params"], batch, Rng(0))  # with an rng: one mask per step, as in training
         state["params"], state["opt"] = update(grads, state["opt"], state["params"])
 
-    return _time(step, repeats)
+    return step
+
+
+def step_ms(step, twin, repeats):
+    """(genblocks ms, torch ms or None): medians of single steps timed in alternating blocks of 5, so that a
+    change in the machine's load hits both alike."""
+    if twin is None:
+        return _interleaved_medians([step], 2, repeats, block=5)[0], None
+    return tuple(_interleaved_medians([step, twin], 2, repeats, block=5))
 
 
 # ---------------------------------------------------------------------------------------------------
 # PyTorch twins: the same masks, widths and activations; ms per loss + backward + Adam step
 
 
-def torch_made_ms(model, batch, repeats):
+def torch_made_step(model, batch):
     import torch
 
     masks = [torch.tensor(layer.mask, dtype=torch.float32) for layer in model.nets[0]]
@@ -123,10 +136,10 @@ def torch_made_ms(model, batch, repeats):
         loss.backward()
         opt.step()
 
-    return _time(step, repeats)
+    return step
 
 
-def torch_pixelcnn_ms(model, batch, repeats):
+def torch_pixelcnn_step(model, batch):
     """The gated PixelCNN of ``PixelCNN._forward`` in torch (one channel: the channel masks are all ones)."""
     import torch
     import torch.nn.functional as tf
@@ -170,7 +183,7 @@ def torch_pixelcnn_ms(model, batch, repeats):
         loss.backward()
         opt.step()
 
-    return _time(step, repeats)
+    return step
 
 
 def torch_pixelcnn_twin(model, params, device):
@@ -238,14 +251,6 @@ def torch_pixelcnn_sample(forward, model, n, device, seed=0):
     return x
 
 
-def _time(step, repeats):
-    step()
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        step()
-    return 1e3 * (time.perf_counter() - t0) / repeats
-
-
 def with_torch(fn, *args):
     try:
         import torch
@@ -261,6 +266,21 @@ def sampling_rate(model, params, n, cached):
     t0 = time.perf_counter()
     model.sample(params, Rng(1), n, cached=cached)
     return n / (time.perf_counter() - t0)
+
+
+def sampling_by_size(args):
+    """Naive against cached PixelCNN sampling at each size in ``--sampling-sizes`` (an untrained net: the
+    cost does not depend on the weights); the cached loop's gain should grow with the image, since the naive
+    loop runs the whole H x W network for each of the H W C steps and the cached one a column per step."""
+    print(f"\nPixelCNN sampling by image size (F={args.features}, {args.blocks} blocks, untrained, "
+          f"{args.n_size_sample} images):")
+    print(f"{'size':>7} {'naive img/s':>11} {'cached img/s':>12} {'speed-up':>8}", flush=True)
+    for size in args.sampling_sizes:
+        model = PixelCNN(size, size, 1, LEVELS, features=args.features, num_blocks=args.blocks)
+        params = model.init(Rng(3))
+        naive = sampling_rate(model, params, args.n_size_sample, cached=False)
+        cached = sampling_rate(model, params, args.n_size_sample, cached=True)
+        print(f"{size:>3}x{size:<3} {naive:11.2f} {cached:12.2f} {cached / naive:7.1f}x", flush=True)
 
 
 def row(name, steps, seconds, valid, test, ms, tms, naive, cached):
@@ -283,11 +303,17 @@ def main():
     parser.add_argument("--features", type=int, default=32)
     parser.add_argument("--blocks", type=int, default=4)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--pixelcnn-weight-decay", type=float, default=1.0,
+                        help="AdamW's decoupled weight decay for PixelCNN (0: Adam); without it the net overfits the "
+                             "1000 training digits (train NLL ~31 nats against ~82 on test)")
     parser.add_argument("--eval-points", type=int, default=10)
     parser.add_argument("--ema", type=float, default=0.0,
                         help="also keep a parameter EMA with this decay (0 = none); it competes on valid")
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=40, help="timed training steps per side (median)")
     parser.add_argument("--n-sample", type=int, default=100)
+    parser.add_argument("--sampling-sizes", type=int, nargs="*", default=[8, 16, 28],
+                        help="image sizes for the naive-vs-cached sampling table (none: skip it)")
+    parser.add_argument("--n-size-sample", type=int, default=10, help="images per size in that table")
     parser.add_argument("--models", nargs="+", default=["made", "pixelcnn"], choices=["made", "pixelcnn"])
     parser.add_argument("--binarized", action="store_true", help="binary digits (pixel >= 8), floor 24.9 nats")
     parser.add_argument("--progress", action="store_true")
@@ -297,6 +323,7 @@ def main():
         args.made_steps = args.pixelcnn_steps = 20
         args.made_hidden, args.features, args.blocks, args.repeats, args.n_sample = [64], 8, 1, 2, 10
         args.eval_points = 2
+        args.sampling_sizes, args.n_size_sample = [4, 6], 2
     print(f"machine: {platform.machine()} {platform.processor() or ''} {os.cpu_count()} cpus, python "
           f"{platform.python_version()}, numpy {np.__version__}")
     data = digits(args.binarized)
@@ -311,19 +338,22 @@ def main():
                                                            {"output": "categorical", "num_classes": LEVELS}),
                          num_masks=args.made_masks, order=args.made_order, order_seed=0)
         params, seconds, valid, test = train(made, data, (64,), args, args.made_steps, args.lr)
-        ms = ms_per_step(made, params, batch, args.repeats)
+        ms, tms = step_ms(genblocks_step(made, params, batch), with_torch(torch_made_step, made, batch), args.repeats)
         name = "MADE " + "x".join(map(str, args.made_hidden)) + f" masks={args.made_masks}" + (
             " own orders" if args.made_order == "random" else "")
-        row(name, args.made_steps, seconds, valid, test, ms, with_torch(torch_made_ms, made, batch, args.repeats),
-            None, None)
+        row(name, args.made_steps, seconds, valid, test, ms, tms, None, None)
     if "pixelcnn" in args.models:
         pcnn = PixelCNN(8, 8, 1, levels, features=args.features, num_blocks=args.blocks)
-        params, seconds, valid, test = train(pcnn, data, (8, 8, 1), args, args.pixelcnn_steps, args.lr)
-        ms = ms_per_step(pcnn, params, batch.reshape(-1, 8, 8, 1), args.repeats)
+        params, seconds, valid, test = train(pcnn, data, (8, 8, 1), args, args.pixelcnn_steps, args.lr,
+                                             weight_decay=args.pixelcnn_weight_decay)
+        ms, tms = step_ms(genblocks_step(pcnn, params, batch.reshape(-1, 8, 8, 1)),
+                          with_torch(torch_pixelcnn_step, pcnn, batch), args.repeats)
         naive = sampling_rate(pcnn, params, args.n_sample, cached=False)
         cached = sampling_rate(pcnn, params, args.n_sample, cached=True)
-        row(f"PixelCNN F={args.features} blocks={args.blocks}", args.pixelcnn_steps, seconds, valid, test, ms,
-            with_torch(torch_pixelcnn_ms, pcnn, batch, args.repeats), naive, cached)
+        row(f"PixelCNN F={args.features} blocks={args.blocks}", args.pixelcnn_steps, seconds, valid, test, ms, tms,
+            naive, cached)
+    if "pixelcnn" in args.models and args.sampling_sizes:
+        sampling_by_size(args)
     try:
         import torch  # noqa: F401
     except ImportError:

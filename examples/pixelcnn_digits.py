@@ -21,7 +21,7 @@ from genblocks.backends import Rng, to_numpy
 from genblocks.data import load_digits
 from genblocks.models.autoregressive import PixelCNN
 from genblocks.train.loop import fit
-from genblocks.train.optim import adam, cosine_decay
+from genblocks.train.optim import adamw, cosine_decay
 
 LEVELS = 17
 
@@ -44,7 +44,10 @@ def main():
     r_init, r_fit, r_sample, r_fill = Rng(args.seed).split(4)
     model = PixelCNN(8, 8, 1, LEVELS, features=features, num_blocks=blocks)
     start = time.perf_counter()
-    result = fit(model.loss, model.init(r_init), train, r_fit, adam(cosine_decay(2e-3, steps)), steps,
+    # AdamW's decoupled weight decay keeps the net from memorising the 1000 training digits (with plain Adam the
+    # training NLL falls to ~31 nats while the test NLL turns back up from ~82)
+    optimizer = adamw(cosine_decay(2e-3, steps), weight_decay=1.0)
+    result = fit(model.loss, model.init(r_init), train, r_fit, optimizer, steps,
                  batch_size=64, progress=not args.quick)
     params = result.params
     print(f"trained {steps} steps in {time.perf_counter() - start:.1f} s")

@@ -236,6 +236,90 @@ def torch_pixelcnn_twin(model, params, device):
     return forward
 
 
+def torch_pixelcnn_fit(model, params, data, args, steps, lr, weight_decay, seed=0):
+    """Train the PyTorch twin with genblocks' recipe: the same network and initial weights (masks applied in
+    every forward pass), AdamW (``weight_decay`` scaled by the scheduled lr, as genblocks' adamw does) with
+    the same cosine decay, batches of ``args.batch_size`` drawn at random, the valid split picking the best
+    of ``args.eval_points`` checkpoints. Returns (seconds, valid nats, test nats)."""
+    import torch
+    import torch.nn.functional as tf
+
+    from genblocks.models.autoregressive import channel_groups, horizontal_mask
+
+    F, r, L = model.features, model.radius, model.levels
+    g_feat = channel_groups(F, 1)
+    leaves = []
+
+    def layer(p, mask=None, dense=False):  # genblocks (kh, kw, in, out) or (in, out) -> torch (out, in, kh, kw)
+        W = np.asarray(to_numpy(p["W"]), np.float32)
+        W = W[None, None] if dense else W
+        t = lambda a: torch.tensor(np.ascontiguousarray(a.transpose(3, 2, 0, 1)))  # noqa: E731
+        Wt = t(W).requires_grad_()
+        bt = torch.tensor(np.asarray(to_numpy(p["b"]), np.float32)).requires_grad_()
+        leaves.extend([Wt, bt])
+        m = None if mask is None else t(np.broadcast_to(np.asarray(mask, np.float32).reshape(
+            (1, 1) + np.shape(mask) if dense else np.shape(mask)), W.shape))
+        return Wt, bt, m
+
+    def apply(wbm, x):
+        W, b, m = wbm
+        return tf.conv2d(x, W if m is None else W * m, b)
+
+    pin = params["input"]
+    in_v, in_h = layer(pin["v"]), layer(pin["h"], horizontal_mask(r, (0,), g_feat, "A"))
+    in_link = layer(pin["link"], dense=True)
+    blocks = [(layer(p["v"]), layer(p["h"], horizontal_mask(r, g_feat, g_feat + g_feat, "B")),
+               layer(p["link"], dense=True), layer(p["res"], model.residuals[i].mask, dense=True))
+              for i, p in enumerate(params["blocks"])]
+    head = [layer(p, lay.mask, dense=True) for p, lay in zip(params["head"], model.head)]
+
+    def down(a):
+        return tf.pad(a, (0, 0, 1, 0))[:, :, :-1, :]
+
+    def gate(a):
+        return torch.tanh(a[:, :F]) * torch.sigmoid(a[:, F:])
+
+    def logits(x):
+        u = x * (2.0 / (L - 1)) - 1.0
+        v = apply(in_v, tf.pad(u, (r, r, r, 0)))
+        h = apply(in_h, tf.pad(u, (r, 0, 0, 0))) + apply(in_link, down(v))
+        for cv, ch, link, res in blocks:
+            a_v = apply(cv, tf.pad(v, (r, r, r, 0)))
+            a_h = apply(ch, tf.pad(h, (r, 0, 0, 0))) + apply(link, down(a_v))
+            v = gate(a_v)
+            h = h + apply(res, gate(a_h))
+        return apply(head[1], torch.relu(apply(head[0], torch.relu(h))))
+
+    split = {k: torch.tensor(v).reshape(-1, 1, model.height, model.width) for k, v in data.items()}
+
+    def nats(x):
+        with torch.no_grad():
+            return float(tf.cross_entropy(logits(x), x[:, 0].long(), reduction="sum")) / x.shape[0]
+
+    opt = torch.optim.AdamW(leaves, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t, steps) / steps)))
+    gen = torch.Generator().manual_seed(seed)
+    every, n_train = max(steps // args.eval_points, 1), split["train"].shape[0]
+    best = (math.inf, None)
+    start = time.perf_counter()
+    for step in range(1, steps + 1):
+        x = split["train"][torch.randint(n_train, (args.batch_size,), generator=gen)]
+        loss = tf.cross_entropy(logits(x), x[:, 0].long(), reduction="sum") / x.shape[0]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % every == 0 or step == steps:
+            valid = nats(split["valid"])
+            if valid < best[0]:
+                best = (valid, [t.detach().clone() for t in leaves])
+    seconds = time.perf_counter() - start
+    with torch.no_grad():
+        for t, kept in zip(leaves, best[1]):
+            t.copy_(kept)
+    return seconds, best[0], nats(split["test"])
+
+
 def torch_pixelcnn_sample(forward, model, n, device, seed=0):
     """The naive loop in torch: the whole network per pixel, Gumbel-max draws; (n, 1, H, W) levels."""
     import torch
@@ -294,7 +378,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run: a few steps, tiny nets")
     parser.add_argument("--made-steps", type=int, default=3000)
-    parser.add_argument("--pixelcnn-steps", type=int, default=3000)
+    parser.add_argument("--pixelcnn-steps", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--made-hidden", type=int, nargs="+", default=[512, 512])
     parser.add_argument("--made-masks", type=int, default=8, help="MADE masks (probabilities averaged)")
@@ -313,10 +397,13 @@ def main():
     parser.add_argument("--n-sample", type=int, default=100)
     parser.add_argument("--sampling-sizes", type=int, nargs="*", default=[8, 16, 28],
                         help="image sizes for the naive-vs-cached sampling table (none: skip it)")
-    parser.add_argument("--n-size-sample", type=int, default=10, help="images per size in that table")
+    parser.add_argument("--n-size-sample", type=int, default=20, help="images per size in that table")
     parser.add_argument("--models", nargs="+", default=["made", "pixelcnn"], choices=["made", "pixelcnn"])
     parser.add_argument("--binarized", action="store_true", help="binary digits (pixel >= 8), floor 24.9 nats")
     parser.add_argument("--progress", action="store_true")
+    parser.add_argument("--train-twin", action="store_true",
+                        help="also train PixelCNN's PyTorch twin with the same recipe (steps, batch, AdamW, cosine, "
+                             "initial weights, best-of-valid) and print its train seconds and test NLL")
     parser.add_argument("--threads", type=int, default=None, help="BLAS and torch threads (default: theirs)")
     args = parser.parse_args()
     if args.quick:
@@ -352,6 +439,13 @@ def main():
         cached = sampling_rate(pcnn, params, args.n_sample, cached=True)
         row(f"PixelCNN F={args.features} blocks={args.blocks}", args.pixelcnn_steps, seconds, valid, test, ms, tms,
             naive, cached)
+        if args.train_twin:
+            twin = with_torch(torch_pixelcnn_fit, pcnn, pcnn.init(Rng(0).split(2)[0]), data, args, args.pixelcnn_steps,
+                              args.lr, args.pixelcnn_weight_decay)
+            if twin is not None:
+                t_seconds, t_valid, t_test = twin
+                print(f"{'  PyTorch twin, same recipe':<26} {args.pixelcnn_steps:6d} {t_seconds:8.1f} {t_valid:7.2f} "
+                      f"{t_test:9.2f}", flush=True)
     if "pixelcnn" in args.models and args.sampling_sizes:
         sampling_by_size(args)
     try:

@@ -140,45 +140,20 @@ def torch_made_step(model, batch):
 
 
 def torch_pixelcnn_step(model, batch):
-    """The gated PixelCNN of ``PixelCNN._forward`` in torch (one channel: the channel masks are all ones)."""
+    """One training step (loss, backward, Adam) of ``PixelCNN._forward`` in torch: ``torch_pixelcnn_net``
+    with the model's initial weights, masks applied in every pass as genblocks applies them."""
     import torch
     import torch.nn.functional as tf
 
-    F, r, k, L = model.features, model.radius, model.kernel_size, model.levels
-    params = []
+    from genblocks.backends import Rng
 
-    def p(*shape):
-        t = torch.nn.Parameter(0.1 * torch.randn(*shape))
-        params.append(t)
-        return t
-
-    in_v, in_h, in_link = (p(F, 1, r + 1, k), p(F)), (p(F, 1, 1, r + 1), p(F)), (p(F, F, 1, 1), p(F))
-    h_mask = torch.ones(1, 1, 1, r + 1)
-    h_mask[..., r] = 0.0  # type A centre (one channel)
-    blocks = [((p(2 * F, F, r + 1, k), p(2 * F)), (p(2 * F, F, 1, r + 1), p(2 * F)), (p(2 * F, 2 * F, 1, 1), p(2 * F)),
-               (p(F, F, 1, 1), p(F))) for _ in range(model.num_blocks)]
-    head = [(p(F, F, 1, 1), p(F)), (p(L, F, 1, 1), p(L))]
-    opt = torch.optim.Adam(params, lr=1e-3)
+    logits, leaves = torch_pixelcnn_net(model, model.init(Rng(0)), "cpu", trainable=True)
+    opt = torch.optim.Adam(leaves, lr=1e-3)
     x = torch.tensor(batch).reshape(-1, 1, model.height, model.width)
     target = x.long().reshape(-1, model.height, model.width)
 
-    def down(a):
-        return tf.pad(a, (0, 0, 1, 0))[:, :, :-1, :]
-
-    def gate(a):
-        return torch.tanh(a[:, :F]) * torch.sigmoid(a[:, F:])
-
     def step():
-        u = x * (2.0 / (L - 1)) - 1.0
-        v = tf.conv2d(tf.pad(u, (r, r, r, 0)), *in_v)
-        h = tf.conv2d(tf.pad(u, (r, 0, 0, 0)), in_h[0] * h_mask, in_h[1]) + tf.conv2d(down(v), *in_link)
-        for (cv, ch, link, res) in blocks:
-            a_v = tf.conv2d(tf.pad(v, (r, r, r, 0)), *cv)
-            a_h = tf.conv2d(tf.pad(h, (r, 0, 0, 0)), *ch) + tf.conv2d(down(a_v), *link)
-            v = gate(a_v)
-            h = h + tf.conv2d(gate(a_h), *res)
-        logits = tf.conv2d(torch.relu(tf.conv2d(torch.relu(h), *head[0])), *head[1])
-        loss = tf.cross_entropy(logits, target, reduction="sum") / x.shape[0]
+        loss = tf.cross_entropy(logits(x), target, reduction="sum") / x.shape[0]
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -186,9 +161,10 @@ def torch_pixelcnn_step(model, batch):
     return step
 
 
-def torch_pixelcnn_twin(model, params, device):
-    """``PixelCNN._forward`` in torch with the given genblocks weights (one channel, categorical output, no
-    classes): x (n, 1, H, W) levels -> logits (n, L, H, W). For sampling speed (bench_gpu.py) and checks."""
+def torch_pixelcnn_net(model, params, device, trainable=False):
+    """``PixelCNN._forward`` in torch from genblocks weights (one channel, categorical output, no classes):
+    (logits(x), leaves) with x (n, 1, H, W) levels -> logits (n, L, H, W). The masks are applied in every
+    pass, so training keeps them; ``trainable`` makes the weights leaf tensors that need gradients."""
     import torch
     import torch.nn.functional as tf
 
@@ -198,65 +174,15 @@ def torch_pixelcnn_twin(model, params, device):
         raise ValueError(f"model: the torch twin covers one channel, categorical, no classes; got {model!r}")
     F, r, L = model.features, model.radius, model.levels
     g_feat = channel_groups(F, 1)
-
-    def conv(p, mask=None):  # genblocks (kh, kw, c_in, c_out) -> torch (c_out, c_in, kh, kw), mask applied
-        W = np.asarray(to_numpy(p["W"]), np.float32) * (1.0 if mask is None else np.asarray(mask, np.float32))
-        return (torch.tensor(W.transpose(3, 2, 0, 1).copy(), device=device),
-                torch.tensor(np.asarray(to_numpy(p["b"]), np.float32), device=device))
-
-    def dense(p, mask=None):  # (in, out) -> a 1x1 conv
-        W = np.asarray(to_numpy(p["W"]), np.float32) * (1.0 if mask is None else np.asarray(mask, np.float32))
-        return (torch.tensor(W.T[:, :, None, None].copy(), device=device),
-                torch.tensor(np.asarray(to_numpy(p["b"]), np.float32), device=device))
-
-    pin = params["input"]
-    in_v, in_h = conv(pin["v"]), conv(pin["h"], horizontal_mask(r, (0,), g_feat, "A"))
-    in_link = dense(pin["link"])
-    blocks = [(conv(p["v"]), conv(p["h"], horizontal_mask(r, g_feat, g_feat + g_feat, "B")), dense(p["link"]),
-               dense(p["res"], model.residuals[i].mask)) for i, p in enumerate(params["blocks"])]
-    head = [dense(p, layer.mask) for p, layer in zip(params["head"], model.head)]
-
-    def down(a):
-        return tf.pad(a, (0, 0, 1, 0))[:, :, :-1, :]
-
-    def gate(a):
-        return torch.tanh(a[:, :F]) * torch.sigmoid(a[:, F:])
-
-    def forward(x):
-        u = x * (2.0 / (L - 1)) - 1.0
-        v = tf.conv2d(tf.pad(u, (r, r, r, 0)), *in_v)
-        h = tf.conv2d(tf.pad(u, (r, 0, 0, 0)), *in_h) + tf.conv2d(down(v), *in_link)
-        for (cv, ch, link, res) in blocks:
-            a_v = tf.conv2d(tf.pad(v, (r, r, r, 0)), *cv)
-            a_h = tf.conv2d(tf.pad(h, (r, 0, 0, 0)), *ch) + tf.conv2d(down(a_v), *link)
-            v = gate(a_v)
-            h = h + tf.conv2d(gate(a_h), *res)
-        return tf.conv2d(torch.relu(tf.conv2d(torch.relu(h), *head[0])), *head[1])
-
-    return forward
-
-
-def torch_pixelcnn_fit(model, params, data, args, steps, lr, weight_decay, seed=0):
-    """Train the PyTorch twin with genblocks' recipe: the same network and initial weights (masks applied in
-    every forward pass), AdamW (``weight_decay`` scaled by the scheduled lr, as genblocks' adamw does) with
-    the same cosine decay, batches of ``args.batch_size`` drawn at random, the valid split picking the best
-    of ``args.eval_points`` checkpoints. Returns (seconds, valid nats, test nats)."""
-    import torch
-    import torch.nn.functional as tf
-
-    from genblocks.models.autoregressive import channel_groups, horizontal_mask
-
-    F, r, L = model.features, model.radius, model.levels
-    g_feat = channel_groups(F, 1)
     leaves = []
 
     def layer(p, mask=None, dense=False):  # genblocks (kh, kw, in, out) or (in, out) -> torch (out, in, kh, kw)
         W = np.asarray(to_numpy(p["W"]), np.float32)
         W = W[None, None] if dense else W
-        t = lambda a: torch.tensor(np.ascontiguousarray(a.transpose(3, 2, 0, 1)))  # noqa: E731
-        Wt = t(W).requires_grad_()
-        bt = torch.tensor(np.asarray(to_numpy(p["b"]), np.float32)).requires_grad_()
-        leaves.extend([Wt, bt])
+        t = lambda a: torch.tensor(np.ascontiguousarray(a.transpose(3, 2, 0, 1)), device=device)  # noqa: E731
+        Wt, bt = t(W), torch.tensor(np.asarray(to_numpy(p["b"]), np.float32), device=device)
+        if trainable:
+            leaves.extend([Wt.requires_grad_(), bt.requires_grad_()])
         m = None if mask is None else t(np.broadcast_to(np.asarray(mask, np.float32).reshape(
             (1, 1) + np.shape(mask) if dense else np.shape(mask)), W.shape))
         return Wt, bt, m
@@ -290,6 +216,24 @@ def torch_pixelcnn_fit(model, params, data, args, steps, lr, weight_decay, seed=
             h = h + apply(res, gate(a_h))
         return apply(head[1], torch.relu(apply(head[0], torch.relu(h))))
 
+    return logits, leaves
+
+
+def torch_pixelcnn_twin(model, params, device):
+    """The twin's forward with the given genblocks weights, x (n, 1, H, W) levels -> logits (n, L, H, W): for
+    sampling speed (bench_gpu.py) and checks."""
+    return torch_pixelcnn_net(model, params, device)[0]
+
+
+def torch_pixelcnn_fit(model, params, data, args, steps, lr, weight_decay, seed=0):
+    """Train the PyTorch twin with genblocks' recipe: the same network and initial weights (masks applied in
+    every forward pass), AdamW (``weight_decay`` scaled by the scheduled lr, as genblocks' adamw does) with
+    the same cosine decay, batches of ``args.batch_size`` drawn at random, the valid split picking the best
+    of ``args.eval_points`` checkpoints. Returns (seconds, valid nats, test nats)."""
+    import torch
+    import torch.nn.functional as tf
+
+    logits, leaves = torch_pixelcnn_net(model, params, "cpu", trainable=True)
     split = {k: torch.tensor(v).reshape(-1, 1, model.height, model.width) for k, v in data.items()}
 
     def nats(x):

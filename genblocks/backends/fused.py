@@ -567,22 +567,24 @@ _gate_slot = threading.local()  # the forward's tanh and sigmoid halves, handed 
 
 
 def _gate_parts(a):
-    """(t, s): tanh(a[..., :F]) = 2 / (1 + exp(-2 a)) - 1 and sigmoid(a[..., F:]) = 1 / (1 + exp(-a)), fresh
-    buffers. Through exp, which numpy vectorizes on x86 where its tanh is not (measured 2x faster gate,
-    (64, 8, 8, 64) float32, one thread); exp overflows to inf for very negative a, and 2 / inf - 1 = -1 and
-    1 / inf = 0 are the limits. Absolute (not relative) accuracy near 0, as for the dense activations."""
+    """(t, s): tanh(a[..., :F]) = 2 / (1 + exp(-2 a)) - 1 and sigmoid(a[..., F:]) = 1 / (1 + exp(-a)).
+
+    One buffer r = 1 / (1 + exp(c a)) over the whole last axis (c = -2 on the tanh half, -1 on the sigmoid
+    half): contiguous passes, and numpy's exp, which is vectorized on x86 where its tanh is not (measured 2x
+    faster than two tanh calls, (64, 8, 8, 64) float32, one thread). t = 2 r[..., :F] - 1 is a fresh array,
+    s = r[..., F:] a view of r. exp overflows to inf for very negative a, and 2 / inf - 1 = -1, 1 / inf = 0
+    are the limits. Absolute (not relative) accuracy near 0, as for the dense activations.
+    """
     F = a.shape[-1] // 2
+    scale = onp.concatenate([onp.full(F, -2.0, dtype=a.dtype), onp.full(F, -1.0, dtype=a.dtype)])
+    r = onp.multiply(a, scale)
     with onp.errstate(over="ignore"):
-        t = onp.multiply(a[..., :F], -2.0)
-        onp.exp(t, out=t)
-        t += 1.0
-        onp.divide(2.0, t, out=t)
-        t -= 1.0
-        s = onp.negative(a[..., F:])
-        onp.exp(s, out=s)
-    s += 1.0
-    onp.reciprocal(s, out=s)
-    return t, s
+        onp.exp(r, out=r)
+    r += 1.0
+    onp.reciprocal(r, out=r)
+    t = onp.multiply(r[..., :F], 2.0)
+    t -= 1.0
+    return t, r[..., F:]
 
 
 @primitive
@@ -604,17 +606,16 @@ def _gated_tanh_vjp(ans, a):
             t, s = anp.tanh(a[..., :F]), 0.5 * (1.0 + anp.tanh(0.5 * a[..., F:]))
             return anp.concatenate([g * s * (1.0 - t * t), g * t * s * (1.0 - s)], axis=-1)
         t, s = _gate_parts(a) if kept is None else kept
-        F = t.shape[-1]
-        d = onp.empty(a.shape, dtype=a.dtype)
-        da, db = d[..., :F], d[..., F:]
-        onp.multiply(t, t, out=da)  # g s (1 - t^2)
+        gs = onp.multiply(g, s)
+        da = onp.multiply(t, t)  # g s (1 - t^2)
         onp.subtract(1.0, da, out=da)
-        da *= s
-        onp.multiply(t, s, out=db)  # g t s (1 - s)
-        db *= onp.subtract(1.0, s)
-        onp.multiply(da, g, out=da)
-        onp.multiply(db, g, out=db)
-        return d
+        da *= gs
+        db = onp.subtract(1.0, s)  # g s t (1 - s)
+        db *= t
+        db *= gs
+        # contiguous halves joined once: writing them into the two strided halves of one buffer was measured
+        # 3x slower (inner runs of F floats)
+        return onp.concatenate([da, db], axis=-1)
 
     return vjp
 

@@ -17,7 +17,7 @@ from autograd.numpy.numpy_boxes import ArrayBox
 from autograd.numpy.numpy_vjps import untake as _autograd_untake
 
 from .differentiable import astype
-from .fused import make_dense, make_gated_tanh, make_im2col, make_log_softmax_take
+from .fused import make_adam_leaf, make_dense, make_gated_tanh, make_im2col, make_log_softmax_take
 from .vocab import ARRAY_API, EXTRAS, LINALG
 
 # ---------------------------------------------------------------------------------------------------
@@ -377,6 +377,7 @@ def build_namespace():
     ns.im2col = make_im2col(ns, fused=True)
     ns.log_softmax_take = make_log_softmax_take(ns, fused=True)
     ns.gated_tanh = make_gated_tanh(ns, fused=True)
+    ns.adam_leaf = make_adam_leaf(ns, fused=True)
     ns.vector_norm = vector_norm
     ns.device_of = device_of
     ns.backend_name = "numpy"

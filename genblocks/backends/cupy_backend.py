@@ -12,6 +12,7 @@ from .activations import LEAKY_SLOPE
 from .fused import (
     make_adam_leaf,
     make_dense,
+    make_elbo_loss,
     make_gated_tanh,
     make_im2col,
     make_log_softmax_take,
@@ -97,6 +98,7 @@ def build_namespace():
     ns.gated_tanh = make_gated_tanh(ns, fused=False)
     ns.adam_leaf = make_adam_leaf(ns, fused=False)
     ns.normal_rsample_kl = make_normal_rsample_kl(ns, fused=False)
+    ns.elbo_loss = make_elbo_loss(ns, fused=False)
     ns.backend_name = "cupy"
     ns._cupy = cupy
     return ns

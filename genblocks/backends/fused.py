@@ -1,5 +1,5 @@
 """Hot-path primitives, one call on every backend: ``dense``, ``im2col``, ``log_softmax_take``, ``gated_tanh``,
-``normal_rsample_kl`` and ``adam_leaf``.
+``normal_rsample_kl``, ``elbo_loss`` and ``adam_leaf``.
 
 ``dense(x, W, b, activation)``: y = activation(x @ W + b). On the numpy backend it is a single autograd
 primitive with a hand-written VJP. The forward pass runs in plain numpy, in place where the buffers are
@@ -33,9 +33,10 @@ parameters, one thread).
 ``normal_rsample_kl(h, eps)``: a VAE's reparameterised draws mu + exp(log sigma) eps and KL(N(mu, sigma^2) ||
 N(0, 1)) per dimension from the encoder's output h = (mu, log sigma). On numpy one primitive (both results
 stacked in one array, then two slices) in place of twelve nodes; its VJP adds up the same terms in the same
-order as theirs, so the same bits.
+order as theirs, so the same bits. ``elbo_loss(log_px, kl_dims, beta)``: the loss -mean log p(x | z) + beta mean
+sum KL from them, one primitive in place of seven nodes, again the same operations.
 
-Elsewhere (strict, cupy) all six are the same formulas written with the backend's own array-API calls.
+Elsewhere (strict, cupy) all seven are the same formulas written with the backend's own array-API calls.
 """
 
 import threading
@@ -877,3 +878,100 @@ def make_normal_rsample_kl(xp, fused):
         return stacked[:k], stacked[k]
 
     return normal_rsample_kl
+
+
+# ---------------------------------------------------------------------------------------------------
+# elbo_loss: the ELBO's means, sums and beta in one node
+
+
+def _count_of(shape, axis):
+    if axis is None:
+        n = 1
+        for s in shape:
+            n *= s
+        return n
+    return shape[axis]
+
+
+def _elbo_loss_generic(xp, log_px, kl_dims, beta):
+    rec = xp.mean(log_px, axis=0)
+    kl_mean = xp.mean(xp.sum(kl_dims, axis=-1))
+    return -xp.mean(rec) + beta * kl_mean
+
+
+def _elbo_loss_autograd(log_px, kl_dims, beta):
+    """The composed formula in autograd.numpy, means as sum / count (autograd's mean VJP upcasts float32)."""
+    rec = anp.sum(log_px, axis=0) / float(anp.shape(log_px)[0])
+    kl_x = anp.sum(kl_dims, axis=-1)
+    kl_mean = anp.sum(kl_x) / float(_count_of(anp.shape(kl_x), None))
+    return -(anp.sum(rec) / float(_count_of(anp.shape(rec), None))) + beta * kl_mean
+
+
+@primitive
+def _elbo_loss_numpy(log_px, kl_dims, beta):
+    # exactly the composed calls: mean = sum / float(count), then -, beta * and +
+    rec = onp.sum(log_px, axis=0) / float(_count_of(onp.shape(log_px), 0))
+    kl_x = onp.sum(kl_dims, axis=-1)
+    kl_mean = onp.sum(kl_x) / float(_count_of(onp.shape(kl_x), None))
+    return -(onp.sum(rec) / float(_count_of(onp.shape(rec), None))) + beta * kl_mean
+
+
+def _broadcast_back(g, shape, dtype, axis):
+    """sum's VJP (as numpy_backend's): reshape(g, shape with the summed axes set to 1) + zeros(shape)."""
+    if shape == ():
+        return g
+    new = [1] * len(shape) if axis is None else list(shape)
+    if axis is not None:
+        new[axis] = 1
+    return onp.reshape(g, new) + onp.zeros(shape, dtype=dtype)
+
+
+def _elbo_loss_vjp(argnums, ans, args, kwargs):
+    log_px, kl_dims, beta = args
+
+    def vjp(g):
+        if isinstance(g, Box) or isinstance(log_px, Box) or isinstance(kl_dims, Box):  # gradients of gradients
+            from autograd.core import make_vjp
+
+            found = {}
+            if 0 in argnums:
+                found[0] = make_vjp(lambda a: _elbo_loss_autograd(a, kl_dims, beta), log_px)[0](g)
+            if 1 in argnums:
+                found[1] = make_vjp(lambda b: _elbo_loss_autograd(log_px, b, beta), kl_dims)[0](g)
+            return tuple(found[i] for i in argnums)
+        dt_px, dt_kl = onp.result_type(log_px), onp.result_type(kl_dims)
+        found = {}
+        if 0 in argnums:  # -mean(mean(log_px, axis=0)): negative's VJP, then the two means'
+            px_shape = onp.shape(log_px)
+            rec_shape = px_shape[1:]
+            g_rec = _broadcast_back(onp.negative(g) / float(_count_of(rec_shape, None)), rec_shape, dt_px, None)
+            found[0] = _broadcast_back(g_rec / float(px_shape[0]), px_shape, dt_px, 0)
+        if 1 in argnums:  # beta * mean(sum(kl_dims, axis=-1)): multiply's VJP (beta g), mean's, sum's
+            kl_shape = onp.shape(kl_dims)
+            x_shape = kl_shape[:-1]
+            g_x = _broadcast_back((beta * g) / float(_count_of(x_shape, None)), x_shape, dt_kl, None)
+            found[1] = _broadcast_back(g_x, kl_shape, dt_kl, len(kl_shape) - 1)
+        return tuple(found[i] for i in argnums)
+
+    return vjp
+
+
+defvjp_argnums(_elbo_loss_numpy, _elbo_loss_vjp)
+
+
+def make_elbo_loss(xp, fused):
+    """Build ``elbo_loss(log_px, kl_dims, beta)`` for the namespace ``xp``.
+
+    Math: -mean_{draws, batch} log p(x | z) + beta mean_batch sum_d KL_d, for log_px (k, ...) (k draws) and
+    kl_dims (..., L), beta a number: a VAE's loss (the negative ELBO with a beta-weighted analytic KL) as
+    ``-mean(mean(log_px, axis=0)) + beta * mean(sum(kl_dims, axis=-1))``. On numpy one primitive in place of
+    seven nodes (three means, a sum, a negation, a product and a sum), whose forward and VJP are the same
+    operations as theirs, so the same bits; elsewhere that formula.
+    """
+
+    def elbo_loss(log_px, kl_dims, beta):
+        if not fused or isinstance(beta, Box):
+            return _elbo_loss_generic(xp, log_px, kl_dims, beta)
+        return _elbo_loss_numpy(log_px, kl_dims, beta)  # (untraced, the primitive is just its forward)
+
+    return elbo_loss

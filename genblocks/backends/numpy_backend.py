@@ -20,6 +20,7 @@ from .differentiable import astype
 from .fused import (
     make_adam_leaf,
     make_dense,
+    make_elbo_loss,
     make_gated_tanh,
     make_im2col,
     make_log_softmax_take,
@@ -428,6 +429,7 @@ def build_namespace():
     ns.gated_tanh = make_gated_tanh(ns, fused=True)
     ns.adam_leaf = make_adam_leaf(ns, fused=True)
     ns.normal_rsample_kl = make_normal_rsample_kl(ns, fused=True)
+    ns.elbo_loss = make_elbo_loss(ns, fused=True)
     ns.vector_norm = vector_norm
     ns.device_of = device_of
     ns.backend_name = "numpy"

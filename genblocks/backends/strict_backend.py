@@ -13,6 +13,7 @@ from array_api_strict._array_object import Array as _Array
 from .fused import (
     make_adam_leaf,
     make_dense,
+    make_elbo_loss,
     make_gated_tanh,
     make_im2col,
     make_log_softmax_take,
@@ -100,5 +101,6 @@ def build_namespace():
     ns.gated_tanh = make_gated_tanh(ns, fused=False)
     ns.adam_leaf = make_adam_leaf(ns, fused=False)
     ns.normal_rsample_kl = make_normal_rsample_kl(ns, fused=False)
+    ns.elbo_loss = make_elbo_loss(ns, fused=False)
     ns.backend_name = "strict"
     return ns

@@ -534,6 +534,11 @@ class VAE(Block):
         return (self.fast_paths and self.posterior is None and self.posterior_context_dim == 0
                 and type(self.prior) is StandardNormalPrior and self.kl != "mc")
 
+    def _fused_elbo_loss(self):
+        """True when the analytic-KL ELBO's loss comes from ``xp.elbo_loss`` (one node on numpy, the same bits as
+        the means and sums of ``_terms``): with ``fast_paths``."""
+        return self.fast_paths
+
     def _draw_with_kl(self, params, x, context, rng, n):
         """n reparameterised draws z (n, ..., L) and KL(q(z | x) || N(0, I)) per dimension (..., L), from the
         encoder's (mu, log sigma) in one ``xp.normal_rsample_kl``; eps is drawn as ``Normal.rsample`` draws it."""
@@ -569,7 +574,7 @@ class VAE(Block):
 
     def _terms(self, params, batch, rng, objective, num_samples, beta, free_bits, step, full):
         """loss_terms (full=True), or just what loss needs (full=False: no ELBO or beta report, no per-dimension
-        KL without free bits, no active-unit count)."""
+        KL without free bits, no active-unit count; only {"loss"} for the analytic-KL ELBO without free bits)."""
         x, context = unpack_batch(batch)
         self.check_params(params)
         self._check_inputs(x, context)
@@ -585,6 +590,8 @@ class VAE(Block):
             z, lazy_log_q, q0 = self._draw(params, x, context, rng, k)
             kl_dims = self._analytic_kl(params, q0, context)
         log_px = self.decoder_log_prob(params, z, x, context)
+        if not full and objective == "elbo" and not free_bits and kl_dims is not None and self._fused_elbo_loss():
+            return {"loss": xp.elbo_loss(log_px, kl_dims, beta)}  # one node: the same bits as the lines below
         rec = xp.mean(log_px, axis=0)  # (...,): E_q log p(x|z) by k draws
         if kl_dims is None or objective == "iwae":  # the weights' other terms (the analytic ELBO needs neither)
             log_q, log_pz = lazy_log_q(), self.prior_log_prob(params, z, context)

@@ -392,3 +392,17 @@ def test_log_softmax_take_flat_gather_and_scatter_equal_the_along_axis_ones():
     np.testing.assert_array_equal(xp.log_softmax_take(logits, wrapped), xp.log_softmax_take(logits, index))
     gw = grad(lambda l: anp.sum(anp.sin(xp.log_softmax_take(l, wrapped))))(logits)
     np.testing.assert_array_equal(gw, grad(lambda l: anp.sum(anp.sin(xp.log_softmax_take(l, index))))(logits))
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 8, 16, 17, 31, 32, 33])
+def test_row_max_by_doubling_equals_numpys_max(k):
+    r = np.random.default_rng(k)
+    logits = r.normal(size=(3, 7, 5, k)).astype("float32") * 10.0
+    logits[0, 0, 0, -1] = np.nan
+    logits[0, 1, 0, 0] = np.inf
+    logits[1, 0, 0] = -np.inf
+    for x in (logits, logits[:, ::2], np.swapaxes(logits, 0, 1)):
+        got = fused._row_max(x)
+        np.testing.assert_array_equal(got, np.max(x, axis=-1, keepdims=True))
+        got[...] = 0.0  # a fresh array: writing to it leaves the logits alone
+    assert not np.all(logits == 0.0)

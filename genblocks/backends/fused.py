@@ -481,25 +481,44 @@ _lst_slot = threading.local()  # the forward's softmax, handed to its VJP as the
 
 
 def _row_max(logits):
-    """max over the last axis, keepdims: for a short axis, K - 1 elementwise maxima of strided slices
-    (measured 2x faster than numpy's reduction along a contiguous axis of 17)."""
+    """max over the last axis, keepdims, in a fresh array.
+
+    For a short axis (K <= 32) by doubling over the flat C-order data: after j steps m[i] is the max of
+    flat[i : i + 2^j] (each step one contiguous elementwise maximum), so with 2^j <= K < 2^(j+1) a row starting
+    at s has max(m[s], m[s + K - 2^j]). log2(K) + 1 vectorized passes instead of K - 1 strided ones (measured
+    2.4x faster for 100 x 64 x 17 float32, one thread) or numpy's reduction along a contiguous axis of 17
+    (3x). The same maxima: every element is compared, NaN propagates through np.maximum, and which of two
+    equal zeros is kept does not change anything computed from m here."""
     k = logits.shape[-1]
-    if k > 32:
+    if k > 32 or k < 2 or logits.size == 0:
         return onp.max(logits, axis=-1, keepdims=True)
-    m = logits[..., 0:1].copy()
-    for j in range(1, k):
-        onp.maximum(m, logits[..., j:j + 1], out=m)
-    return m
+    flat = onp.reshape(logits, (-1,))  # (a copy when logits is not C-contiguous)
+    rows = flat.size // k
+    m, width = flat, 1
+    while 2 * width <= k:
+        m = onp.maximum(m[:-width], m[width:])
+        width *= 2
+    out = m[:(rows - 1) * k + 1:k]
+    if width < k:
+        out = onp.maximum(out, m[k - width:(rows - 1) * k + k - width + 1:k])
+    return onp.reshape(out, logits.shape[:-1] + (1,))
 
 
 def _exp_and_lse(logits):
     """(e, s, lse): e = exp(logits - m), s = sum_k e (...,), lse = log s + m (...,); plain numpy, fresh buffers.
-    The sum is a matrix-vector product with ones (measured 8x faster than numpy's sum over an axis of 17)."""
+    The sum is a matrix-vector product with ones (measured 8x faster than numpy's sum over an axis of 17);
+    logits - m subtracts m repeated K times, a contiguous operand (measured 1.3x faster than broadcasting a
+    (..., 1) array over an axis of 17)."""
     m = _row_max(logits)
     m[~onp.isfinite(m)] = 0.0
-    e = onp.subtract(logits, m)
+    k = logits.shape[-1]
+    if 1 < k <= 32 and logits.flags.c_contiguous:
+        e = onp.subtract(onp.reshape(logits, (-1,)), onp.repeat(onp.reshape(m, (-1,)), k))
+        e = onp.reshape(e, logits.shape)
+    else:
+        e = onp.subtract(logits, m)
     onp.exp(e, out=e)
-    s = onp.matmul(e, onp.ones(logits.shape[-1], dtype=e.dtype))
+    s = onp.matmul(e, onp.ones(k, dtype=e.dtype))
     lse = onp.log(s)
     lse += m[..., 0]
     return e, s, lse
@@ -572,8 +591,12 @@ def _log_softmax_take_vjp(ans, logits, index):
         else:
             e, s, pos = kept
         g = onp.asarray(g, dtype=logits.dtype)
-        d = e * (-g / s)[..., None]  # -g softmax, one fresh (C-contiguous) buffer; then + g at the index
-        _add_at_index(d, index, pos, g)
+        k = e.shape[-1]
+        if 1 < k <= 32 and e.flags.c_contiguous:  # -g softmax, one fresh (C-contiguous) buffer: a contiguous product
+            d = onp.reshape(onp.reshape(e, (-1,)) * onp.repeat(onp.reshape(-g / s, (-1,)), k), e.shape)
+        else:
+            d = e * (-g / s)[..., None]
+        _add_at_index(d, index, pos, g)  # then + g at the index
         return d
 
     return vjp

@@ -344,3 +344,41 @@ def test_overlapping_slices_accumulate_and_float32_stays_float32():
     want[1] += 1.0
     assert g.dtype == np.float32
     np.testing.assert_array_equal(g, want)
+
+
+SUM_CASES = [((4, 3), None, False), ((4, 3), 0, False), ((2, 3, 4), -1, True), ((2, 3, 4), (0, 2), False),
+             ((1, 5, 3), 0, False), ((5,), 0, True), ((), None, False)]
+
+
+@pytest.mark.parametrize("shape, axis, keepdims", SUM_CASES)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_sum_and_mean_gradients_are_autograds_bit_for_bit(shape, axis, keepdims, dtype):
+    # the numpy backend's VJP of sum (and its one-node mean) against autograd's own VJP of sum composed with
+    # divide's, on cotangents with signed zeros; then second order through both
+    from autograd.numpy.numpy_vjps import grad_np_sum
+
+    x = RS.normal(size=shape).astype(dtype)
+    xp = namespace(x)
+    out_shape = np.shape(np.sum(x, axis=axis, keepdims=keepdims))
+    g = RS.normal(size=out_shape).astype(dtype)
+    g[...] = np.where(RS.uniform(size=out_shape) < 0.3, -0.0, g) if out_shape else g
+    ans = np.sum(x, axis=axis, keepdims=keepdims)
+    want_sum = grad_np_sum(ans, x, axis=axis, keepdims=keepdims)(g)
+    n = float(x.size // max(ans.size, 1))
+    want_mean = grad_np_sum(ans, x, axis=axis, keepdims=keepdims)(g / n)
+    for fn, want in ((lambda v: xp.sum(v, axis=axis, keepdims=keepdims), want_sum),
+                     (lambda v: xp.mean(v, axis=axis, keepdims=keepdims), want_mean)):
+        value, got = autograd_vjp(fn, x, g)
+        assert got.dtype == want.dtype == np.dtype(dtype)
+        np.testing.assert_array_equal(np.asarray(got).view(f"u{got.itemsize}"), want.view(f"u{want.itemsize}"))
+    assert float(xp.mean(x, axis=axis, keepdims=keepdims).sum()) == float((np.sum(x, axis=axis, keepdims=keepdims)
+                                                                          / n).sum())
+    check_grads(lambda v: xnp.sin(xp.mean(xnp.sin(v), axis=axis, keepdims=keepdims)), modes=["rev"],
+                order=2)(x.astype("float64"))
+
+
+def autograd_vjp(fn, x, g):
+    from autograd.core import make_vjp
+
+    vjp, value = make_vjp(fn, x)
+    return value, vjp(g)

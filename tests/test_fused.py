@@ -372,3 +372,37 @@ def test_gated_tanh_bad_shape_and_every_backend(backend):
     a = np.random.default_rng(6).normal(size=(4, 6)) * 3.0
     got = namespace(to_device(a, backend)).gated_tanh(to_device(a, backend))
     np.testing.assert_allclose(to_numpy(got), xp.gated_tanh(a), rtol=1e-12, atol=1e-14)
+
+
+def test_log_softmax_take_flat_gather_and_scatter_equal_the_along_axis_ones():
+    # the flat positions row * K + index pick and add into exactly the elements take_along_axis /
+    # put_along_axis do; an index outside [0, K) falls back to those (negative ones wrap, as before)
+    logits, index = _lst_data(shape=(2, 5, 3), k=7)
+    pos = fused._flat_positions(index, 7)
+    want = np.take_along_axis(logits, index[..., None], -1)[..., 0]
+    np.testing.assert_array_equal(fused._take(logits, index, pos), want)
+    g = np.random.default_rng(2).normal(size=index.shape)
+    d1, d2 = logits.copy(), logits.copy()
+    fused._add_at_index(d1, index, pos, g)
+    picked = np.take_along_axis(d2, index[..., None], -1) + g[..., None]
+    np.put_along_axis(d2, index[..., None], picked, -1)
+    np.testing.assert_array_equal(d1, d2)
+    wrapped = index - 7
+    assert fused._flat_positions(wrapped, 7) is None and fused._flat_positions(index + 1, 7) is None
+    np.testing.assert_array_equal(xp.log_softmax_take(logits, wrapped), xp.log_softmax_take(logits, index))
+    gw = grad(lambda l: anp.sum(anp.sin(xp.log_softmax_take(l, wrapped))))(logits)
+    np.testing.assert_array_equal(gw, grad(lambda l: anp.sum(anp.sin(xp.log_softmax_take(l, index))))(logits))
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 8, 16, 17, 31, 32, 33])
+def test_row_max_by_doubling_equals_numpys_max(k):
+    r = np.random.default_rng(k)
+    logits = r.normal(size=(3, 7, 5, k)).astype("float32") * 10.0
+    logits[0, 0, 0, -1] = np.nan
+    logits[0, 1, 0, 0] = np.inf
+    logits[1, 0, 0] = -np.inf
+    for x in (logits, logits[:, ::2], np.swapaxes(logits, 0, 1)):
+        got = fused._row_max(x)
+        np.testing.assert_array_equal(got, np.max(x, axis=-1, keepdims=True))
+        got[...] = 0.0  # a fresh array: writing to it leaves the logits alone
+    assert not np.all(logits == 0.0)

@@ -138,3 +138,22 @@ def test_checkpoint_round_trip_keeps_params_state_and_loss_bit_for_bit(name, tmp
     batch = DATA.astype("float32")
     np.testing.assert_array_equal(to_numpy(_loss(model, loaded["params"], batch, Rng(1))),
                                   to_numpy(_loss(model, params, batch, Rng(1))))
+
+
+def test_check_params_remembers_a_passing_layout_and_still_refuses_others():
+    # check_params compares a cheap layout signature with the last one that passed before building param_specs
+    from genblocks.backends import value_and_grad
+
+    mlp = MLP((3, 4, 2))
+    params = mlp.init(Rng(0))
+    mlp.check_params(params)
+    mlp.check_params(mlp.init(Rng(1), "float64"))  # same layout, other values and dtype
+    value_and_grad(lambda p: namespace(p).sum(mlp.apply(p, np.ones((2, 3), np.float32))))(params)  # traced leaves
+    mlp.check_params(tuple(params))  # a tuple is indexed like the list: param_specs does not tell them apart
+    bad = [dict(params[0]), {"W": params[1]["W"][:, :1], "b": params[1]["b"]}]
+    for wrong, why in ((bad, "shape of"), (params[:1], "missing"), ([params[0], {**params[1], "c": params[1]["b"]}],
+                                                                     "unexpected"),
+                       ([params[0], {"W": params[1]["W"], "B": params[1]["b"]}], "missing")):
+        with pytest.raises(ValueError, match=why):
+            mlp.check_params(wrong)
+        mlp.check_params(params)

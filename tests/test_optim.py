@@ -24,6 +24,7 @@ from genblocks.train import (
     tree_leaves,
     tree_map,
 )
+from genblocks.train.tree import tree_unflatten
 
 
 def quad_grad(params, a, c):
@@ -90,6 +91,101 @@ def test_adam_and_adamw_equations(weight_decay):
     assert int(state["step"]) == 4
     np.testing.assert_allclose(state["m"]["x"], m, rtol=1e-13)
     np.testing.assert_allclose(state["v"]["x"], v, rtol=1e-13)
+
+
+def reference_adam(params, grads, lr, b1, b2, eps, weight_decay):
+    """The docstring equations, one plain numpy expression each, arranged as ``xp.adam_leaf`` documents:
+    m' = (g - m)(1 - b1) + m, v' = (g g - v)(1 - b2) + v, p' = ((1 / (sqrt(v') + eps r)) m') (-lr r / c1) + p
+    (+ p (1 - lr wd) with weight decay), r = sqrt(c2). Python floats take the arrays' dtype (NEP 50)."""
+    p, m, v = params, np.zeros_like(params), np.zeros_like(params)
+    out = []
+    for t, g in enumerate(grads, start=1):
+        lr_t = lr(t - 1) if callable(lr) else lr
+        c1, c2 = 1.0 - b1**t, 1.0 - b2**t
+        r = math.sqrt(c2)
+        g = g.astype(p.dtype)
+        m = (g - m) * (1.0 - b1) + m
+        v = (g * g - v) * (1.0 - b2) + v
+        step = (1.0 / (np.sqrt(v) + eps * r)) * m * (-lr_t * r / c1)
+        p = step + (p * (1.0 - lr_t * weight_decay) if weight_decay else p)
+        out.append((p, m, v))
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.03])
+@pytest.mark.parametrize("backend_name", ["numpy", "strict"])
+def test_adam_is_bit_identical_to_the_plain_equations(dtype, weight_decay, backend_name):
+    # the numpy path (ufuncs with out= and reciprocal) and the generic one (in-place operators and **= -1.0, here
+    # on array_api_strict) give exactly the bits of the plain expressions, over steps, with a schedule, with
+    # gradients spanning many magnitudes and some given in the other dtype (cast to the parameter's first)
+    rng = np.random.default_rng(0)
+    shapes = {"w": (7, 5), "b": (5,), "s": ()}
+    params = {k: (rng.standard_normal(s) * 10.0 ** rng.uniform(-3, 3, s)).astype(dtype) for k, s in shapes.items()}
+    grads = [{k: (rng.standard_normal(s) * 10.0 ** rng.uniform(-9, 9, s)).astype(dtype if t % 3 else "float64")
+              for k, s in shapes.items()} for t in range(12)]
+    lr = cosine_decay(3e-2, 10)
+    opt = adamw(lr, 0.8, 0.99, 1e-7, weight_decay) if weight_decay else adam(lr, 0.8, 0.99, 1e-7)
+    p, state = to_device(params, backend_name), opt.init(to_device(params, backend_name))
+    trace = []
+    for g in grads:
+        p, state = opt.update(to_device(g, backend_name), state, p)
+        trace.append((to_numpy(p), to_numpy(state)))
+    for k in shapes:
+        ref = reference_adam(params[k], [g[k] for g in grads], lr, 0.8, 0.99, 1e-7, weight_decay)
+        for (p_t, s_t), (p_ref, m_ref, v_ref) in zip(trace, ref):
+            for got, want in ((p_t[k], p_ref), (s_t["m"][k], m_ref), (s_t["v"][k], v_ref)):
+                assert got.dtype == want.dtype == np.dtype(dtype)
+                np.testing.assert_array_equal(got.view(f"u{got.itemsize}"), want.view(f"u{want.itemsize}"))
+    assert int(trace[-1][1]["step"]) == len(grads)
+
+
+def test_adam_update_is_pure_and_returns_fresh_arrays():
+    rng = np.random.default_rng(1)
+    params = {"a": [rng.standard_normal((4, 3)).astype("float32")], "b": (rng.standard_normal(3), None)}
+    grads = tree_map(lambda x: rng.standard_normal(x.shape).astype(x.dtype), params)
+    init, update = adamw(0.1, weight_decay=0.1)
+    state = init(params)
+    kept = [tree_map(np.copy, t) for t in (params, grads, state["m"], state["v"])]
+    new, new_state = update(grads, state, params)
+    again, _ = update(grads, state, params)  # the same inputs, the same result
+    for before, after in zip(kept, (params, grads, state["m"], state["v"])):
+        tree_map(np.testing.assert_array_equal, before, after)
+    tree_map(np.testing.assert_array_equal, new, again)
+    old_leaves = tree_leaves((params, grads, state))
+    for leaf in tree_leaves((new, new_state["m"], new_state["v"])):
+        assert leaf.base is None and not any(np.shares_memory(leaf, o) for o in old_leaves)
+    assert isinstance(new["b"], tuple) and new["b"][1] is None and new_state["m"]["b"][1] is None
+
+
+def test_adam_differentiates_through_its_update():
+    # autograd boxes take the generic in-place-operator path: d p' / d g by autograd against finite differences
+    from genblocks.backends import value_and_grad
+
+    init, update = adam(0.1)
+    p = {"w": np.array([0.5, -1.0, 2.0])}
+    state = update({"w": np.array([0.3, 0.1, -0.2])}, init(p), p)[1]
+
+    def f(g):
+        return np.sum(update(g, state, p)[0]["w"] ** 2)
+
+    g0 = {"w": np.array([0.2, -0.4, 0.7])}
+    value, dg = value_and_grad(f)(g0)
+    assert value == f(g0)
+    for i in range(3):
+        e = np.zeros(3)
+        e[i] = 1e-6
+        fd = (f({"w": g0["w"] + e}) - f({"w": g0["w"] - e})) / 2e-6
+        assert dg["w"][i] == pytest.approx(fd, rel=1e-5)
+
+
+def test_tree_unflatten_refills_the_structure():
+    tree = {"a": [1, (2, None)], "b": None, "c": 3}
+    assert tree_unflatten(tree, [10, 20, 30]) == {"a": [10, (20, None)], "b": None, "c": 30}
+    with pytest.raises(ValueError, match="fewer"):
+        tree_unflatten(tree, [1, 2])
+    with pytest.raises(ValueError, match="more"):
+        tree_unflatten(tree, [1, 2, 3, 4])
 
 
 @given(hnp.arrays(np.float64, st.integers(1, 6), elements=st.floats(-1e3, 1e3).filter(lambda g: abs(g) > 1e-3)))

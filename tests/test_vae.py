@@ -360,6 +360,64 @@ def test_fast_paths_equal_the_plain_paths_in_value_and_gradient(dtype, objective
     np.testing.assert_allclose(kl_fast, vae.loss_terms(params, x, Rng(6))["kl_per_dim"], rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("case", ["categorical", "gaussian k=3", "free bits", "warm-up", "conditional", "n=1, L=1",
+                                  "conditional prior"])
+def test_fused_draws_kl_and_loss_equal_the_composed_graph_bit_for_bit(case, dtype):
+    # the ELBO's draws and KL through xp.normal_rsample_kl (one node) against the slices, exp, products and sums
+    # it replaces (the route loss_terms and the other objectives take), and its loss through xp.elbo_loss against
+    # the means, sums and beta product: loss and every gradient, bit for bit, in every combination
+    L, D, C = (1, 3, 0) if case == "n=1, L=1" else (2, 3, 2 if case.startswith("conditional") else 0)
+    options = {"categorical": dict(likelihood="categorical", num_levels=4),
+               "free bits": dict(likelihood="categorical", num_levels=4, free_bits=0.3),
+               "warm-up": dict(likelihood="bernoulli", beta=kl_warmup(10)),
+               "gaussian k=3": dict(num_samples=3)}.get(case, {})
+    if case == "conditional prior":
+        options = dict(prior=ConditionalGaussianPrior(L, C))
+    P = {"categorical": 4, "free bits": 4}.get(case, 1)
+    vae = VAE(MLP((D + C, 6, 2 * L)), MLP((L + C, 6, D * P)), context_dim=C, **options)
+    x = _data({"categorical": "levels", "free bits": "levels", "warm-up": "binary"}.get(case, "real"),
+              1 if case == "n=1, L=1" else 6).astype(dtype)
+    batch = (x, np.random.default_rng(2).standard_normal((x.shape[0], C)).astype(dtype)) if C else x
+    params = vae.init(Rng(0), dtype)
+    kw = {"step": 4} if case == "warm-up" else {}
+    assert vae._fused_gaussian_elbo() == (case != "conditional prior") and vae._fused_elbo_loss()
+    results = []
+    heads = (True, False) if case != "conditional prior" else (False,)  # (the fused KL is the one to N(0, I))
+    for head, tail in [(h, t) for h in heads for t in (True, False)]:
+        vae._fused_gaussian_elbo, vae._fused_elbo_loss = (lambda: head), (lambda: tail)
+        value, g = value_and_grad(lambda p: vae.loss(p, batch, Rng(7), **kw))(params)
+        results.append([np.asarray(value)] + _leaves(g))
+        assert np.asarray(vae.loss(params, batch, Rng(7), **kw)).tobytes() == results[-1][0].tobytes()  # untraced
+    del vae._fused_gaussian_elbo, vae._fused_elbo_loss
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert a.dtype == b.dtype == np.dtype(dtype)
+            np.testing.assert_array_equal(a.view(f"u{a.itemsize}"), b.view(f"u{b.itemsize}"))
+
+
+def test_fused_draws_kl_and_loss_second_order_and_other_backends(backend):
+    from genblocks.backends import namespace
+
+    h = np.random.default_rng(0).standard_normal((4, 6))
+    eps = np.random.default_rng(1).standard_normal((2, 4, 3))
+    xp = namespace(to_device(h, backend))
+    z, kl = xp.normal_rsample_kl(to_device(h, backend), to_device(eps, backend))
+    mu, sigma = h[:, :3], np.exp(h[:, 3:])
+    np.testing.assert_allclose(to_numpy(z), mu + sigma * eps, rtol=1e-12)
+    np.testing.assert_allclose(to_numpy(kl), 0.5 * (sigma**2 + mu**2 - 1.0) - np.log(sigma), rtol=1e-12, atol=1e-12)
+    log_px = np.random.default_rng(2).standard_normal((2, 4))
+    loss = xp.elbo_loss(to_device(log_px, backend), kl, 0.7)
+    want = -np.mean(np.mean(log_px, axis=0)) + 0.7 * np.mean(np.sum(to_numpy(kl), axis=-1))
+    assert float(to_numpy(loss)) == pytest.approx(want, rel=1e-12)
+    if backend == "numpy":
+        def f(hh):
+            zz, kk = xp.normal_rsample_kl(hh, eps)
+            return np.sum(np.sin(zz)) + np.sum(kk * kk) + np.sin(xp.elbo_loss(np.cos(zz), kk * kk, 0.3))
+
+        check_grads(f, modes=["rev"], order=2)(h)
+
+
 def _leaves(tree):
     if isinstance(tree, dict):
         return [leaf for k in sorted(tree) for leaf in _leaves(tree[k])]

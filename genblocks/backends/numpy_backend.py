@@ -17,7 +17,15 @@ from autograd.numpy.numpy_boxes import ArrayBox
 from autograd.numpy.numpy_vjps import untake as _autograd_untake
 
 from .differentiable import astype
-from .fused import make_dense, make_gated_tanh, make_im2col, make_log_softmax_take
+from .fused import (
+    make_adam_leaf,
+    make_dense,
+    make_elbo_loss,
+    make_gated_tanh,
+    make_im2col,
+    make_log_softmax_take,
+    make_normal_rsample_kl,
+)
 from .vocab import ARRAY_API, EXTRAS, LINALG
 
 # ---------------------------------------------------------------------------------------------------
@@ -120,9 +128,51 @@ def _count(x, axis):
     return math.prod(shape[a] for a in axes)
 
 
+# The gradient of a sum: autograd broadcasts g back as ``reshape(g, shape with the summed axes set to 1) +
+# zeros(shape)``, finding those shapes through three small numpy arrays per call (measured 32 us per VJP for a
+# (1, 100, 64) float32 sum, against 13 us here). The same two array operations here, so the same bits; this
+# replaces autograd's VJP for ``anp.sum`` in the whole process, as ``__getitem__``'s is replaced below.
+
+
+def _summed_shape(shape, axis):
+    if axis is None:
+        return (1,) * len(shape)
+    new = list(shape)
+    for a in (tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)):
+        new[a] = 1
+    return tuple(new)
+
+
+def _sum_vjp(ans, x, axis=None, keepdims=False, dtype=None, **kwargs):
+    shape, x_dtype = anp.shape(x), anp.result_type(x)
+    if shape == ():
+        return lambda g: g
+    new_shape = _summed_shape(shape, axis)
+    return lambda g: anp.reshape(g, new_shape) + onp.zeros(shape, dtype=x_dtype)
+
+
+defvjp(anp.sum, _sum_vjp)
+
+
+@primitive
+def _mean(x, axis, keepdims):
+    return onp.sum(x, axis=axis, keepdims=keepdims) / float(_count(x, axis))
+
+
+def _mean_vjp(ans, x, axis, keepdims):
+    # what sum / n composed gave: divide's VJP g / n (its unbroadcast is a no-op: g has the sum's shape), then
+    # sum's; one node instead of two
+    n = float(_count(x, axis))
+    sum_vjp = _sum_vjp(None, x, axis)
+    return lambda g: sum_vjp(g / n)
+
+
+defvjp(_mean, _mean_vjp)
+
+
 def mean(x, /, *, axis=None, keepdims=False):
-    # sum / n keeps float32 gradients float32 (autograd's mean VJP upcasts through a float64 count)
-    return anp.sum(x, axis=axis, keepdims=keepdims) / float(_count(x, axis))
+    """sum / n (one primitive: autograd's mean VJP upcasts float32 gradients through a float64 count)."""
+    return _mean(x, axis, keepdims)
 
 
 def var(x, /, *, axis=None, correction=0.0, keepdims=False):
@@ -377,6 +427,9 @@ def build_namespace():
     ns.im2col = make_im2col(ns, fused=True)
     ns.log_softmax_take = make_log_softmax_take(ns, fused=True)
     ns.gated_tanh = make_gated_tanh(ns, fused=True)
+    ns.adam_leaf = make_adam_leaf(ns, fused=True)
+    ns.normal_rsample_kl = make_normal_rsample_kl(ns, fused=True)
+    ns.elbo_loss = make_elbo_loss(ns, fused=True)
     ns.vector_norm = vector_norm
     ns.device_of = device_of
     ns.backend_name = "numpy"

@@ -34,7 +34,7 @@ import math
 
 from genblocks.backends import is_traced, namespace, to_numpy
 from genblocks.blocks import ops
-from genblocks.blocks.base import Block, check_array, check_dtype, params_dtype, unpack_batch
+from genblocks.blocks.base import Block, check_array, check_dtype, dtype_name, params_dtype, unpack_batch
 from genblocks.blocks.distributions import (
     Bernoulli,
     Categorical,
@@ -484,7 +484,9 @@ class VAE(Block):
         return Independent(base, 1, validate=False)
 
     # The categorical log p(x | z) through xp.log_softmax_take and the KL to N(0, I) as one formula (False:
-    # the plain Categorical and kl(Normal, Normal) paths; tests/test_vae.py pins the two together).
+    # the plain Categorical and kl(Normal, Normal) paths; tests/test_vae.py pins the two together). The ELBO
+    # with the Gaussian posterior and N(0, I) prior also takes its draws and that KL from one
+    # xp.normal_rsample_kl (``_fused_gaussian_elbo``; the same bits as the formula's graph, pinned by a test).
     fast_paths = True
 
     def decoder_log_prob(self, params, z, x, context=None):
@@ -525,6 +527,29 @@ class VAE(Block):
                 raise
             return None
 
+    def _fused_gaussian_elbo(self):
+        """True when the ELBO's draws and KL can come from ``xp.normal_rsample_kl`` (one node on numpy, the
+        same values and gradients as ``_draw`` and ``_analytic_kl``'s formula): the diagonal Gaussian posterior
+        against the N(0, I) prior, with ``fast_paths``."""
+        return (self.fast_paths and self.posterior is None and self.posterior_context_dim == 0
+                and type(self.prior) is StandardNormalPrior and self.kl != "mc")
+
+    def _fused_elbo_loss(self):
+        """True when the analytic-KL ELBO's loss comes from ``xp.elbo_loss`` (one node on numpy, the same bits as
+        the means and sums of ``_terms``): with ``fast_paths``."""
+        return self.fast_paths
+
+    def _draw_with_kl(self, params, x, context, rng, n):
+        """n reparameterised draws z (n, ..., L) and KL(q(z | x) || N(0, I)) per dimension (..., L), from the
+        encoder's (mu, log sigma) in one ``xp.normal_rsample_kl``; eps is drawn as ``Normal.rsample`` draws it."""
+        xp = namespace(x, params)
+        h = self.encoder.apply(params["encoder"], _with_context(xp, self._encoder_input(x), context))
+        if rng.backend != xp.backend_name:
+            raise ValueError(f"rng: expected a genblocks Rng on the parameters' backend {xp.backend_name!r}, got "
+                             f"{rng!r}; use Rng(seed, backend={xp.backend_name!r})")
+        eps = rng.normal((n,) + tuple(h.shape[:-1]) + (self.latent_dim,), dtype=dtype_name(h.dtype))
+        return xp.normal_rsample_kl(h, eps)
+
     def _beta(self, beta, step):
         beta = self.beta if beta is None else self._check_beta(beta)
         if callable(beta):
@@ -549,7 +574,7 @@ class VAE(Block):
 
     def _terms(self, params, batch, rng, objective, num_samples, beta, free_bits, step, full):
         """loss_terms (full=True), or just what loss needs (full=False: no ELBO or beta report, no per-dimension
-        KL without free bits, no active-unit count)."""
+        KL without free bits, no active-unit count; only {"loss"} for the analytic-KL ELBO without free bits)."""
         x, context = unpack_batch(batch)
         self.check_params(params)
         self._check_inputs(x, context)
@@ -558,10 +583,16 @@ class VAE(Block):
         k = self.num_samples if num_samples is None else check_positive_int(num_samples, "num_samples")
         beta = self._beta(beta, step)
         free_bits = self.free_bits if free_bits is None else check_real(free_bits, "free_bits", low=0.0)
-        z, lazy_log_q, q0 = self._draw(params, x, context, rng, k)
+        if not full and objective == "elbo" and self._fused_gaussian_elbo():
+            z, kl_dims = self._draw_with_kl(params, x, context, rng, k)
+            lazy_log_q = q0 = None
+        else:
+            z, lazy_log_q, q0 = self._draw(params, x, context, rng, k)
+            kl_dims = self._analytic_kl(params, q0, context)
         log_px = self.decoder_log_prob(params, z, x, context)
+        if not full and objective == "elbo" and not free_bits and kl_dims is not None and self._fused_elbo_loss():
+            return {"loss": xp.elbo_loss(log_px, kl_dims, beta)}  # one node: the same bits as the lines below
         rec = xp.mean(log_px, axis=0)  # (...,): E_q log p(x|z) by k draws
-        kl_dims = self._analytic_kl(params, q0, context)
         if kl_dims is None or objective == "iwae":  # the weights' other terms (the analytic ELBO needs neither)
             log_q, log_pz = lazy_log_q(), self.prior_log_prob(params, z, context)
         if kl_dims is not None:

@@ -20,7 +20,7 @@ from collections import namedtuple
 from genblocks.backends import namespace
 from genblocks.blocks.validate import check_int, check_real
 
-from .tree import global_norm, tree_leaves, tree_map
+from .tree import global_norm, tree_leaves, tree_map, tree_unflatten
 
 __all__ = [
     "Optimizer", "sgd", "adam", "adamw", "constant", "cosine_decay", "linear_warmup",
@@ -173,38 +173,26 @@ def _adam(lr, b1, b2, eps, weight_decay):
         return {"step": _step_array(xp, 0), "m": tree_map(xp.zeros_like, params), "v": tree_map(xp.zeros_like, params)}
 
     def update(grads, state, params):
-        xp = namespace(params)
         t = int(state["step"]) + 1
         lr_t = _lr_at(schedule, t - 1)
         c1, c2 = 1.0 - b1**t, 1.0 - b2**t  # bias corrections, Python floats (no upcast)
-        grads = tree_map(lambda g, p: _cast_like(xp, g, p), grads, params)
-
-        # Same equations as the docstring, arranged so that each leaf allocates three fresh arrays (m, v and
-        # the new parameter) and updates them in place: large temporaries cost page faults (docs/architecture.md,
-        # Numerics). Inputs are never modified, so the update stays pure. Using
-        # m_hat / (sqrt(v_hat) + eps) = (sqrt(c2) / c1) m / (sqrt(v) + eps sqrt(c2)):
-        def moment(old, g, beta, square):
-            new = g * g if square else g - old
-            if square:
-                new -= old
-            new *= 1.0 - beta
-            new += old  # = beta * old + (1 - beta) * g(^2)
-            return new
-
-        m = tree_map(lambda m, g: moment(m, g, b1, False), state["m"], grads)
-        v = tree_map(lambda v, g: moment(v, g, b2, True), state["v"], grads)
         root_c2 = math.sqrt(c2)
+        # m_hat / (sqrt(v_hat) + eps) = (sqrt(c2) / c1) m / (sqrt(v) + eps sqrt(c2)): the scalars, once per step
+        shift, scale = eps * root_c2, -lr_t * root_c2 / c1
+        decay = 1.0 - lr_t * weight_decay if weight_decay else None
+        xp = namespace(params)
+        leaf_update = xp.adam_leaf  # (p, g, m, v) -> fresh (p, m, v): genblocks/backends/fused.py
+        new_m, new_v = [], []
 
-        def step(p, m, v):
-            new = xp.sqrt(v)
-            new += eps * root_c2
-            new **= -1.0
-            new *= m
-            new *= -lr_t * root_c2 / c1  # -lr m_hat / (sqrt(v_hat) + eps)
-            new += p * (1.0 - lr_t * weight_decay) if weight_decay else p
-            return new
+        def step(p, g, m, v):
+            p, m, v = leaf_update(p, g, m, v, b1, b2, shift, scale, decay)
+            new_m.append(m)
+            new_v.append(v)
+            return p
 
-        return tree_map(step, params, m, v), {"step": _step_array(xp, t), "m": m, "v": v}
+        new_params = tree_map(step, params, grads, state["m"], state["v"])  # one walk over the leaves
+        return new_params, {"step": _step_array(xp, t), "m": tree_unflatten(new_params, new_m),
+                            "v": tree_unflatten(new_params, new_v)}
 
     return Optimizer(init, update)
 
@@ -216,7 +204,13 @@ def adam(lr, b1=0.9, b2=0.999, eps=1e-8):
         m_hat = m / (1 - b1^t)          v_hat = v / (1 - b2^t)
         p <- p - lr_{t-1} m_hat / (sqrt(v_hat) + eps)
 
-    State: ``{"step": t, "m": tree, "v": tree}``.
+    State: ``{"step": t, "m": tree, "v": tree}``. Each leaf is computed by ``xp.adam_leaf``
+    (``genblocks/backends/fused.py``) in the arrangement m' = (g - m)(1 - b1) + m, v' = (g g - v)(1 - b2) + v,
+    p' = p - (lr_{t-1} sqrt(c2) / c1) m' / (sqrt(v') + eps sqrt(c2)) with c1 = 1 - b1^t, c2 = 1 - b2^t: the same
+    values (to rounding) as the lines above, and bit for bit the same on every backend (``tests/test_optim.py``).
+
+    ``update`` is pure: it never modifies ``grads``, ``state`` or ``params``, and every array it returns (the new
+    parameters, m and v) is freshly allocated, so a caller may keep any earlier parameters or state.
     """
     return _adam(lr, b1, b2, eps, 0.0)
 

@@ -2,6 +2,7 @@
 
 - ``tree_map(fn, tree, *rest)``: ``fn`` applied leafwise to trees of the same structure.
 - ``tree_leaves(tree)``: the leaves in order (dicts in insertion order).
+- ``tree_unflatten(tree, leaves)``: ``tree``'s structure with the leaves taken in that order from ``leaves``.
 - ``global_norm(tree)``: ``sqrt(sum_i sum(leaf_i ** 2))`` as a Python float, accumulated in float64.
 - ``tree_all_finite(tree)``: True when no leaf holds NaN or inf.
 """
@@ -10,7 +11,7 @@ import math
 
 from genblocks.backends import namespace
 
-__all__ = ["tree_map", "tree_leaves", "global_norm", "tree_all_finite"]
+__all__ = ["tree_map", "tree_leaves", "tree_unflatten", "global_norm", "tree_all_finite"]
 
 
 def _where(path):
@@ -108,6 +109,35 @@ def tree_leaves(tree):
 
     visit(tree)
     return out
+
+
+def tree_unflatten(tree, leaves):
+    """``tree``'s structure (as ``tree_map`` returns it: tuples stay tuples, ``None`` stays ``None``) with its
+    leaves replaced, in ``tree_leaves`` order, by the items of ``leaves``; ValueError when their counts differ."""
+    items = iter(leaves)
+    out = _fill(tree, items)
+    if next(items, _END) is not _END:
+        raise ValueError("tree_unflatten: more leaves than the tree has")
+    return out
+
+
+_END = object()
+
+
+def _fill(node, items):
+    # a module-level function, not a closure calling itself: such a closure is a reference cycle, which would
+    # keep ``leaves`` (and every array in it) alive until the cyclic garbage collector runs
+    if isinstance(node, dict):
+        return {k: _fill(v, items) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        out = [_fill(v, items) for v in node]
+        return tuple(out) if isinstance(node, tuple) else out
+    if node is None:
+        return None
+    try:
+        return next(items)
+    except StopIteration:
+        raise ValueError("tree_unflatten: fewer leaves than the tree has") from None
 
 
 def global_norm(tree):

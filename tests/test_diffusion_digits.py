@@ -187,6 +187,27 @@ def test_vlb_trains_mean_sends_the_bounds_gradient_to_the_mean_outputs_only():
         Diffusion(model.network, model.schedule, vlb_trains_mean=True)
 
 
+def test_decoder_variance_beta_learns_the_decoders_variance_between_the_posterior_and_beta_0():
+    x_t = np.zeros((3, 64))
+    pred = np.zeros((3, 64))
+    t = np.zeros(3)
+    logvars = {}
+    for kind in ("posterior", "beta"):
+        model = digits_diffusion(hidden=(8,), time_embed_dim=8, num_timesteps=100, decoder_variance=kind)
+        sched = model.schedule
+        logvars[kind] = [model.p_mean_logvar(pred, np.full((3, 64), v), x_t, t)[1] for v in (-1.0, 1.0)]
+    small = math.log(sched.posterior_variance[1])
+    # DDPM's table: at t = 0 both ends of the range are sigma~^2_1, so v has no effect on the decoder
+    np.testing.assert_allclose(logvars["posterior"][0], small, rtol=1e-10)
+    np.testing.assert_allclose(logvars["posterior"][1], small, rtol=1e-10)
+    # "beta": v = -1 gives sigma~^2_1, v = 1 gives beta_0 = 1 - alpha_bar_0 = sigma_min^2 (the merged first step)
+    np.testing.assert_allclose(logvars["beta"][0], small, rtol=1e-10)
+    np.testing.assert_allclose(logvars["beta"][1], math.log(sched.betas[0]), rtol=1e-10)
+    assert math.sqrt(sched.betas[0]) == pytest.approx(0.025, rel=0.2) and sched.betas[0] > sched.posterior_variance[1]
+    with pytest.raises(ValueError, match="decoder_variance"):
+        digits_diffusion(decoder_variance="large")
+
+
 @pytest.mark.parametrize("n,T,H", [(20, 5, 3), (7, 50, 10), (1, 3, 2), (64, 4, 2)])
 def test_importance_history_update_is_a_shift_register_per_t(n, T, H, backend):
     from genblocks.models.diffusion import LossSecondMomentSampler

@@ -104,14 +104,17 @@ def truncated_cosine_betas(num_timesteps, sigma_min):
 
 def digits_diffusion(*, hidden=(512, 512, 512), time_embed_dim=128, num_timesteps=1000, num_bins=17,
                      sigma_min=0.025, timestep_sampling="importance", vlb_weight=0.001, network="mlp",
-                     base_channels=64, channel_mults=(1, 2), num_res_blocks=2, vlb_trains_mean=False):
+                     base_channels=64, channel_mults=(1, 2), num_res_blocks=2, vlb_trains_mean=False,
+                     decoder_variance="posterior"):
     """Improved DDPM for 8x8 images on ``num_bins`` levels in [-1, 1]: an eps-predictor with learned variances
     (``learned_range``, twice the outputs), the hybrid loss L_simple + ``vlb_weight`` T L_vlb, importance-sampled
     t, the cosine schedule of ``num_timesteps`` steps (its steps below ``sigma_min`` merged into the first,
     ``truncated_cosine_betas``; None keeps them all) and the discretized Gaussian decoder over the bins.
 
     ``vlb_trains_mean=True``: L_vlb's gradient also trains the mean prediction (``Diffusion``), not only the
-    variances. ``network="mlp"``: an MLP with FiLM time conditioning (``hidden`` widths) on flat data x (n, 64).
+    variances. ``decoder_variance="beta"``: the decoder's variance is learned in [sigma~^2_1, beta_0] (beta_0 =
+    sigma_min^2 after truncation) instead of fixed at sigma~^2_1 (``Diffusion``).
+    ``network="mlp"``: an MLP with FiLM time conditioning (``hidden`` widths) on flat data x (n, 64).
     ``network="unet"``: the ``UNet`` (``base_channels``, ``channel_mults``, ``num_res_blocks``, 2 output
     channels) on images x (n, 8, 8, 1) (``digits_images``). The default sigma_min = 0.025 (0.4 of the
     half-width of a 17-level bin in [-1, 1]) drops the 9 steps whose noise is far finer than the bins: after
@@ -132,7 +135,7 @@ def digits_diffusion(*, hidden=(512, 512, 512), time_embed_dim=128, num_timestep
         raise ValueError(f"network: expected 'mlp' or 'unet', got {network!r}")
     return Diffusion(net, schedule, variance_type="learned_range", timestep_sampling=timestep_sampling,
                      vlb_weight=vlb_weight, decoder="discretized", num_bins=num_bins,
-                     vlb_trains_mean=vlb_trains_mean)
+                     vlb_trains_mean=vlb_trains_mean, decoder_variance=decoder_variance)
 
 
 def digits_images(x):

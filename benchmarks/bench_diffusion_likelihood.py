@@ -68,7 +68,8 @@ def torch_twin_train(model, params0, x, steps, seed=0, snapshots=()):
     abar = f32(sched.alphas_cumprod)
     c1, c2 = f32(sched.posterior_mean_coef1), f32(sched.posterior_mean_coef2)
     small = f32(sched.posterior_log_variance_clipped)
-    big = torch.log(f32((sched.posterior_variance[1],) + tuple(sched.betas[1:])))
+    first = sched.posterior_variance[1] if model.decoder_variance == "posterior" else sched.betas[0]
+    big = torch.log(f32((first,) + tuple(sched.betas[1:])))
     half = net.time_embedding.frequency_dim // 2
     freqs = torch.exp(torch.arange(half, dtype=torch.float32) * (-math.log(10000.0) / half))
     p0 = to_numpy(params0)
@@ -145,7 +146,7 @@ def torch_twin_train(model, params0, x, steps, seed=0, snapshots=()):
         xt = a * x0 + s * eps
         out = forward(xt, ti.float())
         pred, v = out[:, :D], out[:, D:]
-        vb = vb_terms(pred.detach(), v, x0, xt, ti).mean(dim=1)
+        vb = vb_terms(pred if model.vlb_trains_mean else pred.detach(), v, x0, xt, ti).mean(dim=1)
         per = ((pred - eps) ** 2).mean(dim=1) + (0.001 * T) * vb
         for tt, val in zip(ti.tolist(), vb.detach().tolist()):  # the shift register, in batch order
             history[tt, :-1] = history[tt, 1:]
@@ -209,6 +210,10 @@ def main():
     parser.add_argument("--passes", type=int, default=2, help="noise draws per term and image in the bound")
     parser.add_argument("--valid", action="store_true", help="also score the valid digits (T more passes each)")
     parser.add_argument("--ode-points", type=int, default=447, help="test digits in the PF-ODE NLL (0: skip)")
+    parser.add_argument("--sigma-min", type=float, default=0.025, help="digits_diffusion's truncation of the chain")
+    parser.add_argument("--decoder-variance", default="posterior", choices=("posterior", "beta"),
+                        help="the top of the decoder's learned variance range (digits_diffusion)")
+    parser.add_argument("--vlb-trains-mean", action="store_true", help="L_vlb's gradient also trains the mean")
     parser.add_argument("--plot", default="examples-out/diffusion_digits_lt.png", help="the L_t picture")
     args = parser.parse_args()
     threads = set_blas_threads(args.threads) if args.threads else "default"
@@ -220,10 +225,12 @@ def main():
           f"{' '.join(f'{v:.1f}' for v in os.getloadavg())}")
     digits = load_digits(backend="numpy")
     x = {k: levels_to_unit(to_numpy(digits[k][0])).astype(np.float32) for k in ("train", "valid", "test")}
-    model = digits_diffusion(hidden=hidden, num_timesteps=T)
+    model = digits_diffusion(hidden=hidden, num_timesteps=T, sigma_min=args.sigma_min,
+                             decoder_variance=args.decoder_variance, vlb_trains_mean=args.vlb_trains_mean)
     nominal, T = T, model.schedule.num_train_timesteps  # the cosine chain's steps above sigma_min
     size = sum(v.size for v in _leaves(model.init(Rng(0))))
-    print(f"model: {model.network!r}, T = {T} (of {nominal} cosine steps), {size} params; "
+    print(f"model: {model.network!r}, T = {T} (of {nominal} cosine steps, sigma_min {args.sigma_min}), {size} params, "
+          f"decoder_variance {model.decoder_variance!r}, vlb_trains_mean {model.vlb_trains_mean}; "
           f"batch {BATCH}, Adam {LR}, clip {CLIP}, EMA {EMA}; independent-pixel floor 106.4 test nats")
     try:
         import torch

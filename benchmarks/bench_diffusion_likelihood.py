@@ -147,7 +147,7 @@ def torch_twin_train(model, params0, x, steps, seed=0, snapshots=()):
         out = forward(xt, ti.float())
         pred, v = out[:, :D], out[:, D:]
         vb = vb_terms(pred if model.vlb_trains_mean else pred.detach(), v, x0, xt, ti).mean(dim=1)
-        per = ((pred - eps) ** 2).mean(dim=1) + (0.001 * T) * vb
+        per = ((pred - eps) ** 2).mean(dim=1) + (model.vlb_weight * T) * vb
         for tt, val in zip(ti.tolist(), vb.detach().tolist()):  # the shift register, in batch order
             history[tt, :-1] = history[tt, 1:]
             history[tt, -1] = val
@@ -214,6 +214,7 @@ def main():
     parser.add_argument("--decoder-variance", default="posterior", choices=("posterior", "beta"),
                         help="the top of the decoder's learned variance range (digits_diffusion)")
     parser.add_argument("--vlb-trains-mean", action="store_true", help="L_vlb's gradient also trains the mean")
+    parser.add_argument("--vlb-weight", type=float, default=0.001, help="lambda in L_simple + lambda T L_vlb")
     parser.add_argument("--plot", default="examples-out/diffusion_digits_lt.png", help="the L_t picture")
     args = parser.parse_args()
     threads = set_blas_threads(args.threads) if args.threads else "default"
@@ -226,11 +227,13 @@ def main():
     digits = load_digits(backend="numpy")
     x = {k: levels_to_unit(to_numpy(digits[k][0])).astype(np.float32) for k in ("train", "valid", "test")}
     model = digits_diffusion(hidden=hidden, num_timesteps=T, sigma_min=args.sigma_min,
-                             decoder_variance=args.decoder_variance, vlb_trains_mean=args.vlb_trains_mean)
+                             decoder_variance=args.decoder_variance, vlb_trains_mean=args.vlb_trains_mean,
+                             vlb_weight=args.vlb_weight)
     nominal, T = T, model.schedule.num_train_timesteps  # the cosine chain's steps above sigma_min
     size = sum(v.size for v in _leaves(model.init(Rng(0))))
     print(f"model: {model.network!r}, T = {T} (of {nominal} cosine steps, sigma_min {args.sigma_min}), {size} params, "
-          f"decoder_variance {model.decoder_variance!r}, vlb_trains_mean {model.vlb_trains_mean}; "
+          f"decoder_variance {model.decoder_variance!r}, vlb_trains_mean {model.vlb_trains_mean}, "
+          f"vlb_weight {model.vlb_weight}; "
           f"batch {BATCH}, Adam {LR}, clip {CLIP}, EMA {EMA}; independent-pixel floor 106.4 test nats")
     try:
         import torch

@@ -1,8 +1,9 @@
 """Diffusion likelihood on 17-level digits: the Improved DDPM recipe against its PyTorch twin in one run.
 
 Both sides train ``genblocks.train.recipes.digits_diffusion`` (an MLP eps-predictor with FiLM time
-conditioning and learned variances; hybrid loss L_simple + 0.001 T L_vlb; importance-sampled t; cosine
-schedule; Adam, gradient clipping at 1, EMA 0.999; batch 128 on the 1000 training digits) from the same
+conditioning and learned variances, the decoder's too; loss L_simple + 0.01 T L_vlb with L_vlb training the
+mean as well; importance-sampled t; cosine schedule truncated at sigma 0.05; Adam, gradient clipping at 1,
+EMA 0.999; batch 128 on the 1000 training digits; the flags restore the former recipe) from the same
 initial weights for ``--steps`` and then 2 x ``--steps`` steps. The twin is the same network, loss,
 sampler of t, optimizer and EMA written in PyTorch. Both EMA weights are scored by the same code
 (``recipes.diffusion_bound``: all T terms of the bound, two noise draws per term and image, with the
@@ -14,6 +15,8 @@ ms/step of both training loops (alternating, best of 3), and the picture of L_t 
     python benchmarks/bench_diffusion_likelihood.py --threads 1                # tens of minutes, 1 core
     python benchmarks/bench_diffusion_likelihood.py --steps 1500 --threads 1   # both sides at fewer steps
     python benchmarks/bench_diffusion_likelihood.py --quick                    # seconds, numbers meaningless
+    python benchmarks/bench_diffusion_likelihood.py --sigma-min 0.025 --decoder-variance posterior \
+        --no-vlb-trains-mean --vlb-weight 0.001 --threads 1                    # the former recipe
 
 Figures are indicative: they move with the machine's load and the BLAS build.
 """
@@ -210,11 +213,12 @@ def main():
     parser.add_argument("--passes", type=int, default=2, help="noise draws per term and image in the bound")
     parser.add_argument("--valid", action="store_true", help="also score the valid digits (T more passes each)")
     parser.add_argument("--ode-points", type=int, default=447, help="test digits in the PF-ODE NLL (0: skip)")
-    parser.add_argument("--sigma-min", type=float, default=0.025, help="digits_diffusion's truncation of the chain")
-    parser.add_argument("--decoder-variance", default="posterior", choices=("posterior", "beta"),
+    parser.add_argument("--sigma-min", type=float, default=0.05, help="digits_diffusion's truncation of the chain")
+    parser.add_argument("--decoder-variance", default="beta", choices=("posterior", "beta"),
                         help="the top of the decoder's learned variance range (digits_diffusion)")
-    parser.add_argument("--vlb-trains-mean", action="store_true", help="L_vlb's gradient also trains the mean")
-    parser.add_argument("--vlb-weight", type=float, default=0.001, help="lambda in L_simple + lambda T L_vlb")
+    parser.add_argument("--vlb-trains-mean", action=argparse.BooleanOptionalAction, default=True,
+                        help="L_vlb's gradient also trains the mean")
+    parser.add_argument("--vlb-weight", type=float, default=0.01, help="lambda in L_simple + lambda T L_vlb")
     parser.add_argument("--plot", default="examples-out/diffusion_digits_lt.png", help="the L_t picture")
     args = parser.parse_args()
     threads = set_blas_threads(args.threads) if args.threads else "default"

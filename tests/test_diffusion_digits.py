@@ -193,7 +193,8 @@ def test_decoder_variance_beta_learns_the_decoders_variance_between_the_posterio
     t = np.zeros(3)
     logvars = {}
     for kind in ("posterior", "beta"):
-        model = digits_diffusion(hidden=(8,), time_embed_dim=8, num_timesteps=100, decoder_variance=kind)
+        model = digits_diffusion(hidden=(8,), time_embed_dim=8, num_timesteps=100, sigma_min=0.025,
+                                 decoder_variance=kind)
         sched = model.schedule
         logvars[kind] = [model.p_mean_logvar(pred, np.full((3, 64), v), x_t, t)[1] for v in (-1.0, 1.0)]
     small = math.log(sched.posterior_variance[1])

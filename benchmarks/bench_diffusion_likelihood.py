@@ -58,7 +58,7 @@ BATCH, LR, EMA, CLIP = 128, 1e-3, 0.999, 1.0
 # the PyTorch twin: MLPScoreNet, Improved DDPM's hybrid loss with importance-sampled t, Adam + clip + EMA
 
 
-def torch_twin_train(model, params0, x, steps, seed=0, snapshots=()):
+def torch_twin_train(model, params0, x, steps, seed=0, snapshots=(), weight_decay=0.0):
     """Train the twin from genblocks' initial params0 for ``steps``; returns ({step: EMA params as a genblocks
     tree} for each step in ``snapshots`` and the last, training seconds)."""
     import torch
@@ -133,7 +133,8 @@ def torch_twin_train(model, params0, x, steps, seed=0, snapshots=()):
                 "films": [g(p) for p in P["films"]], "out": g(P["out"])}
 
     kept = {}
-    opt = torch.optim.Adam(leaves, lr=LR)
+    opt = (torch.optim.AdamW(leaves, lr=LR, weight_decay=weight_decay) if weight_decay
+           else torch.optim.Adam(leaves, lr=LR))
     ema = [p.detach().clone() for p in leaves]
     data = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     n, per_epoch, order, k = data.shape[0], data.shape[0] // BATCH, None, 0
@@ -218,6 +219,7 @@ def main():
                         help="the top of the decoder's learned variance range (digits_diffusion)")
     parser.add_argument("--vlb-trains-mean", action=argparse.BooleanOptionalAction, default=True,
                         help="L_vlb's gradient also trains the mean")
+    parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled decay (0: Adam)")
     parser.add_argument("--vlb-weight", type=float, default=0.01, help="lambda in L_simple + lambda T L_vlb")
     parser.add_argument("--plot", default="examples-out/diffusion_digits_lt.png", help="the L_t picture")
     args = parser.parse_args()
@@ -238,7 +240,8 @@ def main():
     print(f"model: {model.network!r}, T = {T} (of {nominal} cosine steps, sigma_min {args.sigma_min}), {size} params, "
           f"decoder_variance {model.decoder_variance!r}, vlb_trains_mean {model.vlb_trains_mean}, "
           f"vlb_weight {model.vlb_weight}; "
-          f"batch {BATCH}, Adam {LR}, clip {CLIP}, EMA {EMA}; independent-pixel floor 106.4 test nats")
+          f"batch {BATCH}, Adam {LR} (AdamW decay {args.weight_decay}), clip {CLIP}, EMA {EMA}; "
+          f"independent-pixel floor 106.4 test nats")
     try:
         import torch
     except ImportError:
@@ -250,9 +253,10 @@ def main():
     # ms/step: both training loops alternately, short runs from the same start
     short = 5 if args.quick else 30
     params0 = model.init(Rng(0).split(2)[0])  # the initial params fit_diffusion(..., Rng(0), ...) draws
-    fns = [lambda: fit_diffusion(model, x["train"], Rng(0), short)]
+    wd = args.weight_decay
+    fns = [lambda: fit_diffusion(model, x["train"], Rng(0), short, weight_decay=wd)]
     if twin:
-        fns.append(lambda: torch_twin_train(model, params0, x["train"], short))
+        fns.append(lambda: torch_twin_train(model, params0, x["train"], short, weight_decay=wd))
     times = best_of(fns, 1 if args.quick else 3)
     line = (f"ms/step (loss, gradient, clip, Adam, EMA; best of 3 runs of {short}): "
             f"genblocks {times[0] / short * 1e3:.1f}")
@@ -269,12 +273,13 @@ def main():
     spent = 0.0
     for mult in (1, 2):
         t0 = time.perf_counter()
-        res = fit_diffusion(model, x["train"], Rng(0), mult * steps, checkpoint_path=str(ck), resume=True)
+        res = fit_diffusion(model, x["train"], Rng(0), mult * steps, weight_decay=wd, checkpoint_path=str(ck),
+                            resume=True)
         spent += time.perf_counter() - t0
         rows.append(("genblocks", mult * steps, spent, res.ema_params))
     ck.unlink(missing_ok=True)
     if twin:
-        kept, seconds = torch_twin_train(model, params0, x["train"], 2 * steps, snapshots=(steps,))
+        kept, seconds = torch_twin_train(model, params0, x["train"], 2 * steps, snapshots=(steps,), weight_decay=wd)
         rows += [("torch twin", s, seconds * s / (2 * steps), kept[s]) for s in (steps, 2 * steps)]
     for name, s, seconds, params in rows:
         valid = math.nan

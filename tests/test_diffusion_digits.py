@@ -154,7 +154,7 @@ def test_fit_diffusion_weight_decay_and_cosine_lr_are_adamw_and_the_cosine_sched
     train = levels_to_unit(to_numpy(digits["train"][0][:128])).astype(np.float32)
     model = digits_diffusion(hidden=(16,), time_embed_dim=8, num_timesteps=10)
     kw = dict(batch_size=32, lr=1e-2, ema_decay=None)
-    plain = fit_diffusion(model, train, Rng(0), 3, **kw).params
+    plain = fit_diffusion(model, train, Rng(0), 3, weight_decay=0.0, **kw).params
     decayed = fit_diffusion(model, train, Rng(0), 3, weight_decay=0.5, lr_decay_steps=3, final_lr=1e-3, **kw).params
     # the same run by hand: init and root rng as fit_diffusion draws them, AdamW on the cosine schedule
     r_init, r_fit = Rng(0).split(2)
@@ -165,6 +165,10 @@ def test_fit_diffusion_weight_decay_and_cosine_lr_are_adamw_and_the_cosine_sched
     want = fit(model.loss_and_state, p0, train, r_fit, opt, 3, state=model.init_state(p0), batch_size=32,
                progress=False, clip_norm=1.0).params
     np.testing.assert_allclose(to_numpy(decayed["out"]["W"]), to_numpy(want["out"]["W"]), rtol=1e-6, atol=1e-7)
+    r_fit = Rng(0).split(2)[1]  # a fresh root: fit draws from the one it is given
+    adam = fit(model.loss_and_state, p0, train, r_fit, optim.adam(1e-2), 3, state=model.init_state(p0),
+               batch_size=32, progress=False, clip_norm=1.0).params  # weight_decay=0 is plain Adam
+    np.testing.assert_allclose(to_numpy(plain["out"]["W"]), to_numpy(adam["out"]["W"]), rtol=1e-6, atol=1e-7)
     assert not np.allclose(to_numpy(decayed["out"]["W"]), to_numpy(plain["out"]["W"]))
 
 

@@ -1,10 +1,11 @@
 """Diffusion likelihood on 17-level digits: the Improved DDPM recipe against its PyTorch twin in one run.
 
 Both sides train ``genblocks.train.recipes.digits_diffusion`` (an MLP eps-predictor with FiLM time
-conditioning and learned variances; hybrid loss L_simple + 0.001 T L_vlb; importance-sampled t; cosine
-schedule; Adam, gradient clipping at 1, EMA 0.999; batch 128 on the 1000 training digits) from the same
-initial weights for ``--steps`` and then 2 x ``--steps`` steps. The twin is the same network, loss,
-sampler of t, optimizer and EMA written in PyTorch. Both EMA weights are scored by the same code
+conditioning and learned variances, the decoder's too; loss L_simple + 0.01 T L_vlb with L_vlb training the
+mean as well; importance-sampled t; cosine schedule truncated at sigma 0.05; AdamW with decay 0.1,
+gradient clipping at 1, EMA 0.999; batch 128 on the 1000 training digits; flags restore the former
+recipe) from the same initial weights for ``--steps`` and then 2 x ``--steps`` steps. The twin is the same
+network, loss, sampler of t, optimizer and EMA written in PyTorch. Both EMA weights are scored by the same code
 (``recipes.diffusion_bound``: all T terms of the bound, two noise draws per term and image, with the
 decoder a Gaussian discretized over the 17 bins) on all 447 test digits (and the 350 valid ones with
 ``--valid``), in nats per image (independent-pixel floor 106.4). Then the PF-ODE NLL of the genblocks
@@ -14,6 +15,8 @@ ms/step of both training loops (alternating, best of 3), and the picture of L_t 
     python benchmarks/bench_diffusion_likelihood.py --threads 1                # tens of minutes, 1 core
     python benchmarks/bench_diffusion_likelihood.py --steps 1500 --threads 1   # both sides at fewer steps
     python benchmarks/bench_diffusion_likelihood.py --quick                    # seconds, numbers meaningless
+    python benchmarks/bench_diffusion_likelihood.py --sigma-min 0.025 --decoder-variance posterior \
+        --no-vlb-trains-mean --vlb-weight 0.001 --weight-decay 0 --threads 1  # the former recipe
 
 Figures are indicative: they move with the machine's load and the BLAS build.
 """
@@ -55,7 +58,7 @@ BATCH, LR, EMA, CLIP = 128, 1e-3, 0.999, 1.0
 # the PyTorch twin: MLPScoreNet, Improved DDPM's hybrid loss with importance-sampled t, Adam + clip + EMA
 
 
-def torch_twin_train(model, params0, x, steps, seed=0, snapshots=()):
+def torch_twin_train(model, params0, x, steps, seed=0, snapshots=(), weight_decay=0.0):
     """Train the twin from genblocks' initial params0 for ``steps``; returns ({step: EMA params as a genblocks
     tree} for each step in ``snapshots`` and the last, training seconds)."""
     import torch
@@ -68,7 +71,8 @@ def torch_twin_train(model, params0, x, steps, seed=0, snapshots=()):
     abar = f32(sched.alphas_cumprod)
     c1, c2 = f32(sched.posterior_mean_coef1), f32(sched.posterior_mean_coef2)
     small = f32(sched.posterior_log_variance_clipped)
-    big = torch.log(f32((sched.posterior_variance[1],) + tuple(sched.betas[1:])))
+    first = sched.posterior_variance[1] if model.decoder_variance == "posterior" else sched.betas[0]
+    big = torch.log(f32((first,) + tuple(sched.betas[1:])))
     half = net.time_embedding.frequency_dim // 2
     freqs = torch.exp(torch.arange(half, dtype=torch.float32) * (-math.log(10000.0) / half))
     p0 = to_numpy(params0)
@@ -129,7 +133,8 @@ def torch_twin_train(model, params0, x, steps, seed=0, snapshots=()):
                 "films": [g(p) for p in P["films"]], "out": g(P["out"])}
 
     kept = {}
-    opt = torch.optim.Adam(leaves, lr=LR)
+    opt = (torch.optim.AdamW(leaves, lr=LR, weight_decay=weight_decay) if weight_decay
+           else torch.optim.Adam(leaves, lr=LR))
     ema = [p.detach().clone() for p in leaves]
     data = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     n, per_epoch, order, k = data.shape[0], data.shape[0] // BATCH, None, 0
@@ -145,8 +150,8 @@ def torch_twin_train(model, params0, x, steps, seed=0, snapshots=()):
         xt = a * x0 + s * eps
         out = forward(xt, ti.float())
         pred, v = out[:, :D], out[:, D:]
-        vb = vb_terms(pred.detach(), v, x0, xt, ti).mean(dim=1)
-        per = ((pred - eps) ** 2).mean(dim=1) + (0.001 * T) * vb
+        vb = vb_terms(pred if model.vlb_trains_mean else pred.detach(), v, x0, xt, ti).mean(dim=1)
+        per = ((pred - eps) ** 2).mean(dim=1) + (model.vlb_weight * T) * vb
         for tt, val in zip(ti.tolist(), vb.detach().tolist()):  # the shift register, in batch order
             history[tt, :-1] = history[tt, 1:]
             history[tt, -1] = val
@@ -209,6 +214,13 @@ def main():
     parser.add_argument("--passes", type=int, default=2, help="noise draws per term and image in the bound")
     parser.add_argument("--valid", action="store_true", help="also score the valid digits (T more passes each)")
     parser.add_argument("--ode-points", type=int, default=447, help="test digits in the PF-ODE NLL (0: skip)")
+    parser.add_argument("--sigma-min", type=float, default=0.05, help="digits_diffusion's truncation of the chain")
+    parser.add_argument("--decoder-variance", default="beta", choices=("posterior", "beta"),
+                        help="the top of the decoder's learned variance range (digits_diffusion)")
+    parser.add_argument("--vlb-trains-mean", action=argparse.BooleanOptionalAction, default=True,
+                        help="L_vlb's gradient also trains the mean")
+    parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW's decoupled decay (0: Adam)")
+    parser.add_argument("--vlb-weight", type=float, default=0.01, help="lambda in L_simple + lambda T L_vlb")
     parser.add_argument("--plot", default="examples-out/diffusion_digits_lt.png", help="the L_t picture")
     args = parser.parse_args()
     threads = set_blas_threads(args.threads) if args.threads else "default"
@@ -220,11 +232,16 @@ def main():
           f"{' '.join(f'{v:.1f}' for v in os.getloadavg())}")
     digits = load_digits(backend="numpy")
     x = {k: levels_to_unit(to_numpy(digits[k][0])).astype(np.float32) for k in ("train", "valid", "test")}
-    model = digits_diffusion(hidden=hidden, num_timesteps=T)
+    model = digits_diffusion(hidden=hidden, num_timesteps=T, sigma_min=args.sigma_min,
+                             decoder_variance=args.decoder_variance, vlb_trains_mean=args.vlb_trains_mean,
+                             vlb_weight=args.vlb_weight)
     nominal, T = T, model.schedule.num_train_timesteps  # the cosine chain's steps above sigma_min
     size = sum(v.size for v in _leaves(model.init(Rng(0))))
-    print(f"model: {model.network!r}, T = {T} (of {nominal} cosine steps), {size} params; "
-          f"batch {BATCH}, Adam {LR}, clip {CLIP}, EMA {EMA}; independent-pixel floor 106.4 test nats")
+    print(f"model: {model.network!r}, T = {T} (of {nominal} cosine steps, sigma_min {args.sigma_min}), {size} params, "
+          f"decoder_variance {model.decoder_variance!r}, vlb_trains_mean {model.vlb_trains_mean}, "
+          f"vlb_weight {model.vlb_weight}; "
+          f"batch {BATCH}, Adam {LR} (AdamW decay {args.weight_decay}), clip {CLIP}, EMA {EMA}; "
+          f"independent-pixel floor 106.4 test nats")
     try:
         import torch
     except ImportError:
@@ -236,9 +253,10 @@ def main():
     # ms/step: both training loops alternately, short runs from the same start
     short = 5 if args.quick else 30
     params0 = model.init(Rng(0).split(2)[0])  # the initial params fit_diffusion(..., Rng(0), ...) draws
-    fns = [lambda: fit_diffusion(model, x["train"], Rng(0), short)]
+    wd = args.weight_decay
+    fns = [lambda: fit_diffusion(model, x["train"], Rng(0), short, weight_decay=wd)]
     if twin:
-        fns.append(lambda: torch_twin_train(model, params0, x["train"], short))
+        fns.append(lambda: torch_twin_train(model, params0, x["train"], short, weight_decay=wd))
     times = best_of(fns, 1 if args.quick else 3)
     line = (f"ms/step (loss, gradient, clip, Adam, EMA; best of 3 runs of {short}): "
             f"genblocks {times[0] / short * 1e3:.1f}")
@@ -255,12 +273,13 @@ def main():
     spent = 0.0
     for mult in (1, 2):
         t0 = time.perf_counter()
-        res = fit_diffusion(model, x["train"], Rng(0), mult * steps, checkpoint_path=str(ck), resume=True)
+        res = fit_diffusion(model, x["train"], Rng(0), mult * steps, weight_decay=wd, checkpoint_path=str(ck),
+                            resume=True)
         spent += time.perf_counter() - t0
         rows.append(("genblocks", mult * steps, spent, res.ema_params))
     ck.unlink(missing_ok=True)
     if twin:
-        kept, seconds = torch_twin_train(model, params0, x["train"], 2 * steps, snapshots=(steps,))
+        kept, seconds = torch_twin_train(model, params0, x["train"], 2 * steps, snapshots=(steps,), weight_decay=wd)
         rows += [("torch twin", s, seconds * s / (2 * steps), kept[s]) for s in (steps, 2 * steps)]
     for name, s, seconds, params in rows:
         valid = math.nan

@@ -4,8 +4,9 @@
     python examples/diffusion_digits.py --quick    # seconds (tiny sizes, for the tests)
 
 The recipe is Improved DDPM's (``genblocks.train.recipes.digits_diffusion``): an MLP noise predictor with
-learned variances trained on the hybrid loss L_simple + 0.001 T L_vlb, timesteps drawn by importance
-sampling, the cosine schedule and an EMA of the weights. The grey levels 0..16 become the grid
+learned variances (the decoder's too) trained on L_simple + 0.01 T L_vlb (L_vlb training the mean as
+well as the variances), timesteps drawn by importance sampling, the cosine schedule truncated at sigma 0.05
+and an EMA of the weights. The grey levels 0..16 become the grid
 {-1, -7/8, ..., 1}, and the decoder p(x_0 | x_1) is a Gaussian discretized over those 17 bins, so the
 bound -log p(x) <= L_T + sum_t L_t is in nats of the discrete images. We evaluate every one of the T
 terms on the test images, plot L_t against t (where the bits go) and save a grid of DDPM samples.

@@ -14,6 +14,7 @@ from genblocks.models.diffusion import discretized_gaussian_log_likelihood
 from genblocks.train.recipes import (
     diffusion_bound,
     digits_diffusion,
+    digits_images,
     fit_diffusion,
     levels_to_unit,
     ode_discrete_nll,
@@ -120,6 +121,96 @@ def test_ode_discrete_nll_is_a_finite_bound_on_the_discrete_scale(tiny):
     out = ode_discrete_nll(model, res.ema_params, test[:4], Rng(4), rtol=1e-3, atol=1e-3)
     # an untrained-ish model: far from good, but a positive finite number of nats with a standard error
     assert math.isfinite(out["nats"]) and out["nats"] > 0.0 and out["se"] >= 0.0
+
+
+def test_digits_images_is_the_row_major_8x8_view_and_names_a_bad_argument():
+    x = np.arange(2 * 64, dtype=np.float32).reshape(2, 64)
+    img = digits_images(x)
+    assert img.shape == (2, 8, 8, 1) and img[1, 2, 3, 0] == x[1, 2 * 8 + 3]
+    with pytest.raises(ValueError, match="x: expected 64 pixels"):
+        digits_images(np.zeros((2, 63), np.float32))
+    with pytest.raises(ValueError, match="network"):
+        digits_diffusion(network="transformer")
+
+
+def test_the_unet_recipe_trains_on_images_and_its_bound_adds_up():
+    digits = load_digits(backend="numpy")
+    train = digits_images(levels_to_unit(to_numpy(digits["train"][0][:256])).astype(np.float32))
+    test = digits_images(levels_to_unit(to_numpy(digits["test"][0][:6])).astype(np.float32))
+    model = digits_diffusion(network="unet", base_channels=8, num_res_blocks=1, time_embed_dim=16, num_timesteps=12)
+    assert model.network.out_channels == 2 and model.variance_type == "learned_range"
+    res = fit_diffusion(model, train, Rng(0), 6, batch_size=32)
+    assert all(np.isfinite(res.history["loss"]))
+    b = diffusion_bound(model, res.ema_params, test, Rng(1), passes=2)
+    assert len(b["L_t"]) == model.schedule.num_train_timesteps and len(b["per_example"]) == 6
+    assert b["nats"] == pytest.approx(b["L_T"] + sum(b["L_t"]), rel=1e-5)
+    assert b["bits_per_dim"] == pytest.approx(b["nats"] / (64 * math.log(2.0)), rel=1e-12)
+
+
+def test_fit_diffusion_weight_decay_and_cosine_lr_are_adamw_and_the_cosine_schedule():
+    from genblocks.train import optim
+
+    digits = load_digits(backend="numpy")
+    train = levels_to_unit(to_numpy(digits["train"][0][:128])).astype(np.float32)
+    model = digits_diffusion(hidden=(16,), time_embed_dim=8, num_timesteps=10)
+    kw = dict(batch_size=32, lr=1e-2, ema_decay=None)
+    plain = fit_diffusion(model, train, Rng(0), 3, weight_decay=0.0, **kw).params
+    decayed = fit_diffusion(model, train, Rng(0), 3, weight_decay=0.5, lr_decay_steps=3, final_lr=1e-3, **kw).params
+    # the same run by hand: init and root rng as fit_diffusion draws them, AdamW on the cosine schedule
+    r_init, r_fit = Rng(0).split(2)
+    p0 = model.init(r_init, "float32")
+    opt = optim.adamw(optim.cosine_decay(1e-2, 3, 1e-3), weight_decay=0.5)
+    from genblocks.train.loop import fit
+
+    want = fit(model.loss_and_state, p0, train, r_fit, opt, 3, state=model.init_state(p0), batch_size=32,
+               progress=False, clip_norm=1.0).params
+    np.testing.assert_allclose(to_numpy(decayed["out"]["W"]), to_numpy(want["out"]["W"]), rtol=1e-6, atol=1e-7)
+    r_fit = Rng(0).split(2)[1]  # a fresh root: fit draws from the one it is given
+    adam = fit(model.loss_and_state, p0, train, r_fit, optim.adam(1e-2), 3, state=model.init_state(p0),
+               batch_size=32, progress=False, clip_norm=1.0).params  # weight_decay=0 is plain Adam
+    np.testing.assert_allclose(to_numpy(plain["out"]["W"]), to_numpy(adam["out"]["W"]), rtol=1e-6, atol=1e-7)
+    assert not np.allclose(to_numpy(decayed["out"]["W"]), to_numpy(plain["out"]["W"]))
+
+
+def test_vlb_trains_mean_sends_the_bounds_gradient_to_the_mean_outputs_only():
+    digits = load_digits(backend="numpy")
+    x = levels_to_unit(to_numpy(digits["train"][0][:16])).astype(np.float64)
+    grads = {}
+    for flag in (False, True):
+        model = digits_diffusion(hidden=(16,), time_embed_dim=8, num_timesteps=10, timestep_sampling="uniform",
+                                 vlb_trains_mean=flag)
+        params = model.init(Rng(0), "float64")
+        params["out"]["W"] = 0.1 * np.random.default_rng(0).normal(size=params["out"]["W"].shape)
+        grads[flag] = grad(lambda p: model.loss(p, x, Rng(1)))(params)["out"]["W"]
+    # the variance outputs (columns 64:) see the same gradient; the mean outputs (columns :64) get L_vlb's too
+    np.testing.assert_allclose(grads[True][:, 64:], grads[False][:, 64:], rtol=1e-10, atol=1e-14)
+    assert not np.allclose(grads[True][:, :64], grads[False][:, :64])
+    with pytest.raises(ValueError, match="vlb_trains_mean"):
+        from genblocks.models.diffusion import Diffusion
+
+        Diffusion(model.network, model.schedule, vlb_trains_mean=True)
+
+
+def test_decoder_variance_beta_learns_the_decoders_variance_between_the_posterior_and_beta_0():
+    x_t = np.zeros((3, 64))
+    pred = np.zeros((3, 64))
+    t = np.zeros(3)
+    logvars = {}
+    for kind in ("posterior", "beta"):
+        model = digits_diffusion(hidden=(8,), time_embed_dim=8, num_timesteps=100, sigma_min=0.025,
+                                 decoder_variance=kind)
+        sched = model.schedule
+        logvars[kind] = [model.p_mean_logvar(pred, np.full((3, 64), v), x_t, t)[1] for v in (-1.0, 1.0)]
+    small = math.log(sched.posterior_variance[1])
+    # DDPM's table: at t = 0 both ends of the range are sigma~^2_1, so v has no effect on the decoder
+    np.testing.assert_allclose(logvars["posterior"][0], small, rtol=1e-10)
+    np.testing.assert_allclose(logvars["posterior"][1], small, rtol=1e-10)
+    # "beta": v = -1 gives sigma~^2_1, v = 1 gives beta_0 = 1 - alpha_bar_0 = sigma_min^2 (the merged first step)
+    np.testing.assert_allclose(logvars["beta"][0], small, rtol=1e-10)
+    np.testing.assert_allclose(logvars["beta"][1], math.log(sched.betas[0]), rtol=1e-10)
+    assert math.sqrt(sched.betas[0]) == pytest.approx(0.025, rel=0.2) and sched.betas[0] > sched.posterior_variance[1]
+    with pytest.raises(ValueError, match="decoder_variance"):
+        digits_diffusion(decoder_variance="large")
 
 
 @pytest.mark.parametrize("n,T,H", [(20, 5, 3), (7, 50, 10), (1, 3, 2), (64, 4, 2)])

@@ -193,6 +193,14 @@ class Diffusion(Block):
     ``snr_gamma`` (min-SNR-gamma): w = min(SNR, gamma) / SNR for eps, / (SNR + 1) for v, min(SNR, gamma) for x_0.
     ``variance_type="learned_range"``: the network outputs twice the channels (prediction, v in [-1, 1]) and the
     loss adds ``vlb_weight`` * T * L_t (nats per dim, mean prediction held fixed): Improved DDPM's hybrid loss.
+    ``vlb_trains_mean=True`` lets L_t's gradient reach the mean prediction too (L_t's mean part is
+    |mu_tilde(x_t, x_0) - mu_theta(x_t, t)|^2 / (2 sigma_theta^2), an eps-loss weighted as the bound weighs it), so the
+    loss is L_simple + ``vlb_weight`` T L_vlb with both parts training the mean: a direct push on the bound.
+    ``decoder_variance``: the top of the learned variance range at t = 0 (the decoder p(x_0 | x_1)).
+    "posterior" (DDPM's table): sigma~^2_1, the bottom of the range too, so the decoder's variance is fixed;
+    "beta": beta_0 = 1 - alpha_bar_0, the first forward step's variance, so the decoder learns
+    log sigma^2 = f log beta_0 + (1 - f) log sigma~^2_1, f = (v + 1) / 2 (useful when the first step is large,
+    e.g. the merged first step of a truncated schedule).
     ``timestep_sampling="importance"`` draws t by ``LossSecondMomentSampler`` from a loss history kept in a
     state tree (``init_state``, ``loss_and_state``), not on the model object. ``cond_drop_prob`` replaces labels by
     the null token (``num_classes``) for classifier-free guidance. ``decoder``: "gaussian" (continuous data) or
@@ -201,7 +209,8 @@ class Diffusion(Block):
 
     def __init__(self, network, schedule, *, prediction_type="epsilon", variance_type="fixed_small", snr_gamma=None,
                  timestep_sampling="uniform", vlb_weight=0.001, cond_drop_prob=0.0, num_classes=None,
-                 data_shape=None, decoder="gaussian", num_bins=256):
+                 data_shape=None, decoder="gaussian", num_bins=256, vlb_trains_mean=False,
+                 decoder_variance="posterior"):
         self.network = network
         self.schedule = schedule
         self.prediction_type = S.check_prediction_type(prediction_type)
@@ -215,6 +224,12 @@ class Diffusion(Block):
             raise ValueError(f"timestep_sampling: expected 'uniform' or 'importance', got {timestep_sampling!r}")
         self.timestep_sampling = timestep_sampling
         self.vlb_weight = float(vlb_weight)
+        if vlb_trains_mean and variance_type != "learned_range":
+            raise ValueError("vlb_trains_mean: needs variance_type='learned_range' (the loss has no L_vlb otherwise)")
+        self.vlb_trains_mean = bool(vlb_trains_mean)
+        if decoder_variance not in ("posterior", "beta"):
+            raise ValueError(f"decoder_variance: expected 'posterior' or 'beta', got {decoder_variance!r}")
+        self.decoder_variance = decoder_variance
         if not 0.0 <= float(cond_drop_prob) < 1.0:
             raise ValueError(f"cond_drop_prob: expected a probability in [0, 1), got {cond_drop_prob!r}")
         self.cond_drop_prob = float(cond_drop_prob)
@@ -363,7 +378,8 @@ class Diffusion(Block):
                          "sample": clipped}[self.prediction_type]
         tracked = per
         if self.variance_type == "learned_range":
-            vb = xp.mean(self._vb_terms(stop_gradient(pred), v, x0, x_t, t), axis=axes)
+            vb = xp.mean(self._vb_terms(pred if self.vlb_trains_mean else stop_gradient(pred), v, x0, x_t, t),
+                         axis=axes)
             per = per + (self.vlb_weight * self.schedule.num_train_timesteps) * vb
             tracked = vb
         if state is not None:
@@ -408,7 +424,8 @@ class Diffusion(Block):
 
     def _large_variance(self, t, ref, sched):
         xp = namespace(ref)
-        large = (sched.posterior_variance[1],) + tuple(sched.betas[1:])
+        first = sched.posterior_variance[1] if self.decoder_variance == "posterior" else sched.betas[0]
+        large = (first,) + tuple(sched.betas[1:])
         table = xp.asarray(large, dtype=ref.dtype, device=xp.device_of(ref))
         return self._bshape(xp.take(table, xp.astype(t, xp.int64), axis=0), ref)
 

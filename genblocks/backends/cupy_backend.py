@@ -9,15 +9,7 @@ import types
 from .activations import GELU_A as _GELU_A
 from .activations import GELU_C as _GELU_C
 from .activations import LEAKY_SLOPE
-from .fused import (
-    make_adam_leaf,
-    make_dense,
-    make_elbo_loss,
-    make_gated_tanh,
-    make_im2col,
-    make_log_softmax_take,
-    make_normal_rsample_kl,
-)
+from .fused import install as install_fused
 from .vocab import ARRAY_API, LINALG
 
 # activation(z + b) as one CUDA elementwise kernel each (T is float or double); the same formulas as
@@ -92,13 +84,7 @@ def build_namespace():
                                                             f"genblocks_dense_{name}")
         return kernel(z, b if b is not None else z.dtype.type(0), z)
 
-    ns.dense = make_dense(ns, fused=False, epilogue=epilogue)
-    ns.im2col = make_im2col(ns, fused=False)
-    ns.log_softmax_take = make_log_softmax_take(ns, fused=False)
-    ns.gated_tanh = make_gated_tanh(ns, fused=False)
-    ns.adam_leaf = make_adam_leaf(ns, fused=False)
-    ns.normal_rsample_kl = make_normal_rsample_kl(ns, fused=False)
-    ns.elbo_loss = make_elbo_loss(ns, fused=False)
+    install_fused(ns, fused=False, epilogue=epilogue)
     ns.backend_name = "cupy"
     ns._cupy = cupy
     return ns

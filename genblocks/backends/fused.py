@@ -999,3 +999,19 @@ def make_elbo_loss(xp, fused):
         return _elbo_loss_numpy(log_px, kl_dims, beta)  # (untraced, the primitive is just its forward)
 
     return elbo_loss
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def install(ns, fused, epilogue=None):
+    """Put every primitive of this module on the namespace ``ns`` (``ns.dense``, ``ns.im2col``, ...): the
+    numpy backend asks for the fused versions (``fused=True``), the others for the formulas; ``epilogue`` is
+    ``make_dense``'s (cupy's one-kernel bias + activation)."""
+    ns.dense = make_dense(ns, fused=fused, epilogue=epilogue)
+    ns.im2col = make_im2col(ns, fused=fused)
+    ns.log_softmax_take = make_log_softmax_take(ns, fused=fused)
+    ns.gated_tanh = make_gated_tanh(ns, fused=fused)
+    ns.adam_leaf = make_adam_leaf(ns, fused=fused)
+    ns.normal_rsample_kl = make_normal_rsample_kl(ns, fused=fused)
+    ns.elbo_loss = make_elbo_loss(ns, fused=fused)

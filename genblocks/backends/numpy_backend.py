@@ -17,15 +17,7 @@ from autograd.numpy.numpy_boxes import ArrayBox
 from autograd.numpy.numpy_vjps import untake as _autograd_untake
 
 from .differentiable import astype
-from .fused import (
-    make_adam_leaf,
-    make_dense,
-    make_elbo_loss,
-    make_gated_tanh,
-    make_im2col,
-    make_log_softmax_take,
-    make_normal_rsample_kl,
-)
+from .fused import install as install_fused
 from .vocab import ARRAY_API, EXTRAS, LINALG
 
 # ---------------------------------------------------------------------------------------------------
@@ -423,13 +415,7 @@ def build_namespace():
     for name in LINALG:
         setattr(linalg, name, _LINALG_PATCHED.get(name) or getattr(alinalg, name))
     ns.linalg = linalg
-    ns.dense = make_dense(ns, fused=True)
-    ns.im2col = make_im2col(ns, fused=True)
-    ns.log_softmax_take = make_log_softmax_take(ns, fused=True)
-    ns.gated_tanh = make_gated_tanh(ns, fused=True)
-    ns.adam_leaf = make_adam_leaf(ns, fused=True)
-    ns.normal_rsample_kl = make_normal_rsample_kl(ns, fused=True)
-    ns.elbo_loss = make_elbo_loss(ns, fused=True)
+    install_fused(ns, fused=True)
     ns.vector_norm = vector_norm
     ns.device_of = device_of
     ns.backend_name = "numpy"

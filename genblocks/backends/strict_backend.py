@@ -10,15 +10,7 @@ import array_api_strict as _strict
 import numpy as onp
 from array_api_strict._array_object import Array as _Array
 
-from .fused import (
-    make_adam_leaf,
-    make_dense,
-    make_elbo_loss,
-    make_gated_tanh,
-    make_im2col,
-    make_log_softmax_take,
-    make_normal_rsample_kl,
-)
+from .fused import install as install_fused
 from .vocab import ARRAY_API, LINALG
 
 DEVICE = _strict.Device("device1")
@@ -95,12 +87,6 @@ def build_namespace():
     ns.vector_norm = _vector_norm
     ns.linalg.diagonal = _diagonal
     ns.device_of = _device_of
-    ns.dense = make_dense(ns, fused=False)
-    ns.im2col = make_im2col(ns, fused=False)
-    ns.log_softmax_take = make_log_softmax_take(ns, fused=False)
-    ns.gated_tanh = make_gated_tanh(ns, fused=False)
-    ns.adam_leaf = make_adam_leaf(ns, fused=False)
-    ns.normal_rsample_kl = make_normal_rsample_kl(ns, fused=False)
-    ns.elbo_loss = make_elbo_loss(ns, fused=False)
+    install_fused(ns, fused=False)
     ns.backend_name = "strict"
     return ns

@@ -5,16 +5,19 @@ probabilities averaged at evaluation) and a gated PixelCNN (8 x 8 x 1, 17 levels
 digits of ``genblocks.data.load_digits`` (the fixed 1000/350/447 split), keeps the checkpoint with the best
 valid NLL (``--ema``: the parameter average competes too) and reports the test NLL in nats per image (the
 independent-pixel floor is 106.4; with ``--binarized`` the pixels are x >= 8, MADE has Bernoulli outputs and
-PixelCNN 2 levels, floor 24.9). Then: training ms/step (loss, gradient, Adam) at the same batch size, and,
-when torch is importable, the same network (same masks, same widths, float32) in PyTorch with the ratio genblocks /
-torch; then sampling
-images/s for PixelCNN's naive loop (the whole network per sub-pixel) and its cached loop (one vertical
-row per image row, one horizontal column per step), which give the same images.
+PixelCNN 2 levels, floor 24.9; PixelCNN trains with AdamW, weight decay 1.0). Then: training ms/step (loss,
+gradient, Adam) at the same batch size, and, when torch is importable, the same network (same masks, same
+widths, float32) in PyTorch with the ratio genblocks / torch, both the median of single steps timed in
+alternating blocks; then sampling images/s for PixelCNN's naive loop (the whole network per sub-pixel) and
+its cached loop (one vertical row per image row, one horizontal column per step), which give the same
+images, at 8x8 and in a table by image size (``--sampling-sizes``). ``--train-twin`` also trains PixelCNN's
+PyTorch twin with the same recipe and initial weights and prints its training time and test NLL.
 
     python benchmarks/bench_autoregressive.py            # the full run (minutes on 2 cores)
     python benchmarks/bench_autoregressive.py --quick    # a smoke run (seconds, numbers meaningless)
     python benchmarks/bench_autoregressive.py --threads 1   # single-threaded BLAS and torch (like for like)
     python benchmarks/bench_autoregressive.py --binarized   # binary digits (pixel >= 8)
+    python benchmarks/bench_autoregressive.py --threads 1 --models pixelcnn --train-twin   # PixelCNN beside its twin
 
 Figures are indicative: they move with the machine's load and the BLAS build.
 """

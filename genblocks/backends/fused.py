@@ -50,6 +50,7 @@ from .activations import ACTIVATIONS, LEAKY_SLOPE, apply_activation, check_activ
 from .activations import GELU_A as _GELU_A
 from .activations import GELU_C as _GELU_C
 from .differentiable import astype as _astype
+from .differentiable import count, summed_shape, unbroadcast
 
 _GELU_CLIP = 10.0  # |z| beyond which gelu'(z) is 0 or 1 in float64 (avoids inf * 0 for huge z)
 # activations whose derivative needs the pre-activation z (the others get it from the output y)
@@ -802,16 +803,6 @@ def make_adam_leaf(xp, fused):
 # normal_rsample_kl: a VAE's reparameterised draws and its KL to N(0, I), one node
 
 
-def _unbroadcast_to(g, shape):
-    """autograd's unbroadcast of a plain array: sum the leading axes away, then each axis of size 1 (keepdims)."""
-    while g.ndim > len(shape):
-        g = onp.sum(g, axis=0)
-    for axis, size in enumerate(shape):
-        if size == 1:
-            g = onp.sum(g, axis=axis, keepdims=True)
-    return g
-
-
 def _rsample_kl_parts(h, eps):
     L = h.shape[-1] // 2
     mu, sigma = h[..., :L], onp.exp(h[..., L:2 * L])
@@ -849,13 +840,13 @@ def _normal_rsample_kl_vjp(ans, h, eps):
         t = onp.multiply(gkl, 0.5)  # d kl / d (sigma^2 + mu^2): each product's two factors get mu t or sigma t
         t_mu = onp.multiply(mu, t)
         g_mu = t_mu + t_mu
-        g_mu += _unbroadcast_to(gz, mu.shape)
+        g_mu += unbroadcast(gz, mu.shape)
         t_sigma = onp.multiply(sigma, t)
         g_sigma = onp.negative(gkl)
         g_sigma /= sigma  # d(-log sigma)
         g_sigma += t_sigma
         g_sigma += t_sigma
-        g_sigma += _unbroadcast_to(onp.multiply(eps, gz), sigma.shape)
+        g_sigma += unbroadcast(onp.multiply(eps, gz), sigma.shape)
         g_sigma *= sigma  # exp's VJP
         dh = onp.zeros(onp.shape(h), dtype=onp.result_type(h))
         dh[..., :L] += g_mu
@@ -908,15 +899,6 @@ def make_normal_rsample_kl(xp, fused):
 # elbo_loss: the ELBO's means, sums and beta in one node
 
 
-def _count_of(shape, axis):
-    if axis is None:
-        n = 1
-        for s in shape:
-            n *= s
-        return n
-    return shape[axis]
-
-
 def _elbo_loss_generic(xp, log_px, kl_dims, beta):
     rec = xp.mean(log_px, axis=0)
     kl_mean = xp.mean(xp.sum(kl_dims, axis=-1))
@@ -927,27 +909,24 @@ def _elbo_loss_autograd(log_px, kl_dims, beta):
     """The composed formula in autograd.numpy, means as sum / count (autograd's mean VJP upcasts float32)."""
     rec = anp.sum(log_px, axis=0) / float(anp.shape(log_px)[0])
     kl_x = anp.sum(kl_dims, axis=-1)
-    kl_mean = anp.sum(kl_x) / float(_count_of(anp.shape(kl_x), None))
-    return -(anp.sum(rec) / float(_count_of(anp.shape(rec), None))) + beta * kl_mean
+    kl_mean = anp.sum(kl_x) / float(count(anp.shape(kl_x), None))
+    return -(anp.sum(rec) / float(count(anp.shape(rec), None))) + beta * kl_mean
 
 
 @primitive
 def _elbo_loss_numpy(log_px, kl_dims, beta):
     # exactly the composed calls: mean = sum / float(count), then -, beta * and +
-    rec = onp.sum(log_px, axis=0) / float(_count_of(onp.shape(log_px), 0))
+    rec = onp.sum(log_px, axis=0) / float(count(onp.shape(log_px), 0))
     kl_x = onp.sum(kl_dims, axis=-1)
-    kl_mean = onp.sum(kl_x) / float(_count_of(onp.shape(kl_x), None))
-    return -(onp.sum(rec) / float(_count_of(onp.shape(rec), None))) + beta * kl_mean
+    kl_mean = onp.sum(kl_x) / float(count(onp.shape(kl_x), None))
+    return -(onp.sum(rec) / float(count(onp.shape(rec), None))) + beta * kl_mean
 
 
 def _broadcast_back(g, shape, dtype, axis):
     """sum's VJP (as numpy_backend's): reshape(g, shape with the summed axes set to 1) + zeros(shape)."""
     if shape == ():
         return g
-    new = [1] * len(shape) if axis is None else list(shape)
-    if axis is not None:
-        new[axis] = 1
-    return onp.reshape(g, new) + onp.zeros(shape, dtype=dtype)
+    return onp.reshape(g, summed_shape(shape, axis)) + onp.zeros(shape, dtype=dtype)
 
 
 def _elbo_loss_vjp(argnums, ans, args, kwargs):
@@ -968,12 +947,12 @@ def _elbo_loss_vjp(argnums, ans, args, kwargs):
         if 0 in argnums:  # -mean(mean(log_px, axis=0)): negative's VJP, then the two means'
             px_shape = onp.shape(log_px)
             rec_shape = px_shape[1:]
-            g_rec = _broadcast_back(onp.negative(g) / float(_count_of(rec_shape, None)), rec_shape, dt_px, None)
+            g_rec = _broadcast_back(onp.negative(g) / float(count(rec_shape, None)), rec_shape, dt_px, None)
             found[0] = _broadcast_back(g_rec / float(px_shape[0]), px_shape, dt_px, 0)
         if 1 in argnums:  # beta * mean(sum(kl_dims, axis=-1)): multiply's VJP (beta g), mean's, sum's
             kl_shape = onp.shape(kl_dims)
             x_shape = kl_shape[:-1]
-            g_x = _broadcast_back((beta * g) / float(_count_of(x_shape, None)), x_shape, dt_kl, None)
+            g_x = _broadcast_back((beta * g) / float(count(x_shape, None)), x_shape, dt_kl, None)
             found[1] = _broadcast_back(g_x, kl_shape, dt_kl, len(kl_shape) - 1)
         return tuple(found[i] for i in argnums)
 

@@ -16,7 +16,7 @@ from autograd.extend import SparseObject, defvjp, primitive, vspace
 from autograd.numpy.numpy_boxes import ArrayBox
 from autograd.numpy.numpy_vjps import untake as _autograd_untake
 
-from .differentiable import astype
+from .differentiable import astype, count, summed_shape, unbroadcast
 from .fused import install as install_fused
 from .vocab import ARRAY_API, EXTRAS, LINALG
 
@@ -113,11 +113,7 @@ def matrix_norm(x, /, *, keepdims=False, ord="fro"):
 
 
 def _count(x, axis):
-    shape = anp.shape(x)
-    if axis is None:
-        return math.prod(shape)
-    axes = (axis,) if isinstance(axis, int) else axis
-    return math.prod(shape[a] for a in axes)
+    return count(anp.shape(x), axis)
 
 
 # The gradient of a sum: autograd broadcasts g back as ``reshape(g, shape with the summed axes set to 1) +
@@ -126,20 +122,11 @@ def _count(x, axis):
 # replaces autograd's VJP for ``anp.sum`` in the whole process, as ``__getitem__``'s is replaced below.
 
 
-def _summed_shape(shape, axis):
-    if axis is None:
-        return (1,) * len(shape)
-    new = list(shape)
-    for a in (tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)):
-        new[a] = 1
-    return tuple(new)
-
-
 def _sum_vjp(ans, x, axis=None, keepdims=False, dtype=None, **kwargs):
     shape, x_dtype = anp.shape(x), anp.result_type(x)
     if shape == ():
         return lambda g: g
-    new_shape = _summed_shape(shape, axis)
+    new_shape = summed_shape(shape, axis)
     return lambda g: anp.reshape(g, new_shape) + onp.zeros(shape, dtype=x_dtype)
 
 
@@ -227,7 +214,7 @@ def broadcast_to(x, /, shape):
     return onp.broadcast_to(x, shape)
 
 
-defvjp(broadcast_to, lambda ans, x, shape: lambda g: _unbroadcast(g, onp.shape(x)).astype(
+defvjp(broadcast_to, lambda ans, x, shape: lambda g: unbroadcast(g, onp.shape(x)).astype(
     onp.result_type(x), copy=False))
 
 
@@ -271,21 +258,12 @@ def _where_vjp(argnum):
 
         def vjp(g):
             out = onp.where(keep, g, onp.zeros((), dtype=onp.result_type(g)))
-            out = _unbroadcast(out, onp.shape(operand))
+            out = unbroadcast(out, onp.shape(operand))
             return out.astype(onp.result_type(operand, g), copy=False)
 
         return vjp
 
     return make
-
-
-def _unbroadcast(g, shape):
-    while onp.ndim(g) > len(shape):
-        g = onp.sum(g, axis=0)
-    for axis, size in enumerate(shape):
-        if size == 1 and g.shape[axis] != 1:
-            g = onp.sum(g, axis=axis, keepdims=True)
-    return g
 
 
 defvjp(_where, None, _where_vjp(1), _where_vjp(2))

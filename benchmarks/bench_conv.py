@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from bench_train_step import _interleaved_medians, blas_arch, blas_threads, set_blas_threads  # noqa: E402
+from bench_train_step import _interleaved_medians, blas_arch, threads_and_torch  # noqa: E402
 from profile_parts import HEADER, cpu_model, format_parts, profile_parts  # noqa: E402
 
 from genblocks.backends import Rng, namespace, value_and_grad  # noqa: E402
@@ -133,17 +133,7 @@ def main(argv=None):
     parser.add_argument("--profile", action="store_true", help="print where genblocks' step time goes first")
     args = parser.parse_args(argv)
     n_warmup, n_steps = (2, 6) if args.quick else (5, 60)
-    if args.threads:
-        set_blas_threads(args.threads)
-    threads = blas_threads()
-    torch = None
-    if not args.no_torch:
-        try:
-            import torch
-
-            torch.set_num_threads(threads)
-        except ImportError:
-            torch = None
+    threads, torch = threads_and_torch(args.threads, args.no_torch)
     print(f"CPU: {cpu_model()} ({os.cpu_count()} logical cores); numpy {np.__version__} ({blas_arch()}), "
           f"BLAS threads {threads}" + (f", torch {torch.__version__} ({torch.get_num_threads()} threads)"
                                        if torch else ", torch not installed"))

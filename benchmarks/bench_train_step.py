@@ -53,6 +53,22 @@ def blas_threads():
     return os.cpu_count() or 1
 
 
+def threads_and_torch(threads=None, no_torch=False):
+    """(BLAS threads, the torch module or None): numpy's BLAS limited to ``threads`` when given, and torch (when
+    importable and not ``no_torch``) set to the same number, so both sides of a comparison run alike."""
+    if threads:
+        set_blas_threads(threads)
+    threads = blas_threads()
+    if no_torch:
+        return threads, None
+    try:
+        import torch
+    except ImportError:
+        return threads, None
+    torch.set_num_threads(threads)
+    return threads, torch
+
+
 def set_blas_threads(n):
     """Limit numpy's BLAS to ``n`` threads (needs threadpoolctl)."""
     from threadpoolctl import threadpool_limits
@@ -184,17 +200,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     n_warmup, n_large, n_small = (3, 10, 30) if args.quick else (10, 100, 400)
 
-    if args.threads:
-        set_blas_threads(args.threads)
-    threads = blas_threads()
-    torch = None
-    if not args.no_torch:
-        try:
-            import torch
-
-            torch.set_num_threads(threads)
-        except ImportError:
-            torch = None
+    threads, torch = threads_and_torch(args.threads, args.no_torch)
     _, adam_name = get_adam(1e-3)
     print(f"CPU: {cpu_model()} ({os.cpu_count()} logical cores); python {sys.version.split()[0]}")
     print(f"numpy {np.__version__} ({blas_arch()}), BLAS threads {threads}, "

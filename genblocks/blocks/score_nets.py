@@ -7,6 +7,8 @@
   h <- h gamma(e) + beta(e) (gamma starts at 1, beta at 0), with e = silu(e_time(t) + e_class(y)).
 - ``UNet``: a small U-Net on NHWC images (conv residual blocks with FiLM, stride-2 down-sampling,
   nearest up-sampling, skip connections) for 8x8 and 28x28 inputs.
+- ``LevelDecoder``: g(x_1) (n, ..., K), logits over K levels per dimension for a categorical decoder
+  p(x_0 | x_1) (``Diffusion(decoder="categorical")``): same-padded convs plus a per-dimension bias.
 
 Every network has ``apply(params, x, t, y=None)``; ``out_channels = 2 * channels`` gives the extra
 outputs a ``variance_type="learned_range"`` model needs.
@@ -23,12 +25,14 @@ from genblocks.blocks.nn import (
     SinusoidalEmbedding,
     film_modulate,
     upsample_nearest,
+    zeros,
 )
 from genblocks.blocks.ops import get_activation, silu
 from genblocks.blocks.validate import check_positive_int
 
 # FiLM, ResBlock and upsample_nearest live with the other layers in nn.py; re-exported here for old imports
-__all__ = ["TimeEmbedding", "ClassEmbedding", "FiLM", "MLPScoreNet", "UNet", "ResBlock", "upsample_nearest"]
+__all__ = ["TimeEmbedding", "ClassEmbedding", "FiLM", "MLPScoreNet", "UNet", "LevelDecoder", "ResBlock",
+           "upsample_nearest"]
 
 
 def _check_times(t, n):
@@ -292,3 +296,65 @@ class UNet(_Conditioning):
                 h = up.apply(pu, upsample_nearest(h))
         silu = get_activation("silu")
         return self.conv_out.apply(params["conv_out"], silu(self.norm_out.apply(params["norm_out"], h)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# the decoder network of a categorical decoder p(x_0 | x_1)
+
+
+class LevelDecoder(Block):
+    """g[n, d, k] = h_L(x_1)[n, d, k] + c[d, k]: logits over ``num_levels`` levels of every dimension d of x_0.
+
+    h: ``depth`` same-padded ``kernel_size`` convs (``channels`` wide, silu) on x_1 seen as images of
+    ``image_shape`` (H, W, C), then a 1x1 conv to C K; c (H W C, K) a learned bias per dimension and level
+    (where a pixel's level tends to be). x_1 (n, H W C) flat or (n, H, W, C) -> g (n, H W C, K) or
+    (n, H, W, C, K). The last conv and c start at zero, so a fresh decoder adds nothing: ``Diffusion``'s
+    categorical decoder is then the exact posterior over the levels under a uniform prior.
+    """
+
+    def __init__(self, image_shape, num_levels, *, channels=32, depth=2, kernel_size=3):
+        image_shape = tuple(image_shape)
+        if len(image_shape) != 3:
+            raise ValueError(f"image_shape: expected (H, W, C), got {image_shape!r}")
+        self.image_shape = tuple(check_positive_int(v, "image_shape") for v in image_shape)
+        self.num_levels = check_positive_int(num_levels, "num_levels")
+        if self.num_levels < 2:
+            raise ValueError(f"num_levels: expected at least 2 levels, got {num_levels!r}")
+        self.channels = check_positive_int(channels, "channels")
+        self.depth = check_positive_int(depth, "depth")
+        self.kernel_size = check_positive_int(kernel_size, "kernel_size")
+        c = self.image_shape[2]
+        widths = (c,) + (self.channels,) * self.depth
+        self.convs = [Conv2d(widths[i], widths[i + 1], self.kernel_size, activation="silu", init="he")
+                      for i in range(self.depth)]
+        self.out = Conv2d(self.channels, c * self.num_levels, 1, init="zeros")
+
+    def __repr__(self):
+        return (f"LevelDecoder(image_shape={self.image_shape}, num_levels={self.num_levels}, "
+                f"channels={self.channels}, depth={self.depth}, kernel_size={self.kernel_size})")
+
+    def init(self, rng, dtype="float32"):
+        dtype = check_dtype(dtype)
+        rs = rng.split(self.depth + 1)
+        H, W, C = self.image_shape
+        return {"convs": [conv.init(r, dtype) for conv, r in zip(self.convs, rs)],
+                "out": self.out.init(rs[-1], dtype),
+                "bias": zeros(rs[-1], (H * W * C, self.num_levels), dtype)}
+
+    def apply(self, params, x):
+        H, W, C = self.image_shape
+        D, K = H * W * C, self.num_levels
+        flat = x.ndim == 2
+        if flat:
+            check_array(x, "x", ndim=2, last_dim=D)
+        else:
+            check_array(x, "x", ndim=4)
+            if tuple(x.shape[1:]) != self.image_shape:
+                raise ValueError(f"x: expected (n, {D}) or (n, {H}, {W}, {C}), got shape {tuple(x.shape)}")
+        xp = namespace(x, params)
+        n = x.shape[0]
+        h = xp.reshape(x, (n, H, W, C))
+        for conv, p in zip(self.convs, params["convs"]):
+            h = conv.apply(p, h)
+        g = xp.reshape(self.out.apply(params["out"], h), (n, D, K)) + params["bias"]
+        return g if flat else xp.reshape(g, (n, H, W, C, K))

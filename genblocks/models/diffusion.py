@@ -9,7 +9,9 @@ v = alpha_t eps - sigma_t x_0 (``prediction_type``) from (x_t, t[, y]). Read thi
    variances (``variance_type="learned_range"``, hybrid loss L_simple + lambda L_vlb) and label dropout
    for classifier-free guidance (``cond_drop_prob``);
 2. the variational bound: ``loss_terms`` gives L_T (prior), L_{T-1}..L_1 (KL terms) and L_0 (decoder),
-   ``nll_bound`` their sum in bits/dim;
+   ``nll_bound`` their sum in bits/dim; the decoder p(x_0 | x_1) of discrete data is a Gaussian
+   discretized over the bins, or a categorical over the levels (``decoder="categorical"``, with an optional
+   decoder network of its own);
 3. the probability-flow ODE likelihood (``log_prob``), sampling with any sampler of
    ``genblocks.blocks.samplers`` (``sample``), and the noise-aware classifier for classifier guidance.
 """
@@ -204,13 +206,23 @@ class Diffusion(Block):
     ``timestep_sampling="importance"`` draws t by ``LossSecondMomentSampler`` from a loss history kept in a
     state tree (``init_state``, ``loss_and_state``), not on the model object. ``cond_drop_prob`` replaces labels by
     the null token (``num_classes``) for classifier-free guidance. ``decoder``: "gaussian" (continuous data) or
-    "discretized" (data on ``num_bins`` levels scaled to [-1, 1]). Batches: x (n, *data_shape) or (x, y).
+    "discretized" (data on ``num_bins`` levels scaled to [-1, 1]) or "categorical" (the same data; see below).
+    Batches: x (n, *data_shape) or (x, y).
+
+    ``decoder="categorical"``: p(x_0 = v_k | x_1) = softmax_k(-(x_1 - a_0 v_k)^2 / (2 s_0^2) + g_k(x_1)) per
+    dimension, v_k = -1 + 2k / (K - 1) the K = ``num_bins`` levels, (a_0, s_0) the first step's marginal.
+    With g = 0 this is the exact posterior of the levels under a uniform prior; ``decoder_network`` (a block
+    x_1 (n, *data_shape) -> g (n, *data_shape, K), e.g. ``LevelDecoder``) learns g from the whole of x_1 (its
+    params sit beside the network's: {"network": ..., "decoder": ...}) and trains on its own term,
+    -log p(x_0 | x_1) per dimension on every example of every batch. The score network then has no share
+    in L_0: its L_vlb at t = 0 is 0. Sampling ("ddpm" or "ddim", a grid ending at t = 0) draws x_0 from
+    the decoder given the x that enters the last step.
     """
 
     def __init__(self, network, schedule, *, prediction_type="epsilon", variance_type="fixed_small", snr_gamma=None,
                  timestep_sampling="uniform", vlb_weight=0.001, cond_drop_prob=0.0, num_classes=None,
                  data_shape=None, decoder="gaussian", num_bins=256, vlb_trains_mean=False,
-                 decoder_variance="posterior"):
+                 decoder_variance="posterior", decoder_network=None):
         self.network = network
         self.schedule = schedule
         self.prediction_type = S.check_prediction_type(prediction_type)
@@ -236,10 +248,24 @@ class Diffusion(Block):
         self.num_classes = num_classes if num_classes is not None else getattr(network, "num_classes", None)
         if self.cond_drop_prob > 0.0 and self.num_classes is None:
             raise ValueError("cond_drop_prob: label dropout needs a class-conditional network (num_classes)")
-        if decoder not in ("gaussian", "discretized"):
-            raise ValueError(f"decoder: expected 'gaussian' or 'discretized', got {decoder!r}")
+        if decoder not in ("gaussian", "discretized", "categorical"):
+            raise ValueError(f"decoder: expected 'gaussian', 'discretized' or 'categorical', got {decoder!r}")
         self.decoder = decoder
         self.num_bins = int(num_bins)
+        if decoder in ("discretized", "categorical") and self.num_bins < 2:
+            raise ValueError(f"num_bins: expected at least 2 levels, got {num_bins!r}")
+        if decoder == "categorical" and not getattr(schedule, "is_discrete", False):
+            raise ValueError(f"schedule: decoder='categorical' needs a DiscreteSchedule (its first step gives "
+                             f"x_1), got {schedule!r}")
+        if decoder_network is not None:
+            if decoder != "categorical":
+                raise ValueError(f"decoder_network: only decoder='categorical' has a decoder network, "
+                                 f"got decoder={decoder!r}")
+            if not (callable(getattr(decoder_network, "init", None)) and callable(getattr(decoder_network, "apply",
+                                                                                        None))):
+                raise ValueError(f"decoder_network: expected a block with init(rng, dtype) and apply(params, x_1), "
+                                 f"got {decoder_network!r}")
+        self.decoder_network = decoder_network
         if data_shape is None and hasattr(network, "dim"):
             data_shape = (network.dim,)
         self.data_shape = None if data_shape is None else tuple(data_shape)
@@ -255,13 +281,20 @@ class Diffusion(Block):
     def __repr__(self):
         return (f"Diffusion({self.network!r}, {self.schedule!r}, prediction_type={self.prediction_type!r}, "
                 f"variance_type={self.variance_type!r}, snr_gamma={self.snr_gamma}, "
-                f"timestep_sampling={self.timestep_sampling!r}, cond_drop_prob={self.cond_drop_prob})")
+                f"timestep_sampling={self.timestep_sampling!r}, cond_drop_prob={self.cond_drop_prob}, "
+                f"decoder={self.decoder!r}, decoder_network={self.decoder_network!r})")
 
     def init(self, rng, dtype="float32"):
-        return self.network.init(rng, dtype)
+        """The network's params, or {"network": ..., "decoder": ...} with a ``decoder_network``."""
+        if self.decoder_network is None:
+            return self.network.init(rng, dtype)
+        r_net, r_dec = rng.split(2)
+        return {"network": self.network.init(r_net, dtype), "decoder": self.decoder_network.init(r_dec, dtype)}
 
     # -- the network as a model_fn -------------------------------------------------------------------
     def _apply(self, params, x, t, y=None):
+        if self.decoder_network is not None:
+            params = params["network"]
         if self.num_classes is None:
             if y is not None:
                 raise ValueError("y: this model is unconditional (num_classes=None), got labels")
@@ -355,7 +388,10 @@ class Diffusion(Block):
         xp = namespace(x0, params)
         n = x0.shape[0]
         dtype = "float64" if "64" in str(x0.dtype) else "float32"
-        r_t, r_eps, r_drop = rng.split(3)
+        if self.decoder_network is None:
+            r_t, r_eps, r_drop = rng.split(3)
+        else:
+            r_t, r_eps, r_drop, r_dec = rng.split(4)
         if state is not None:
             t, weights = self.timestep_sampler.sample(state, r_t, n, dtype)
         else:
@@ -385,7 +421,12 @@ class Diffusion(Block):
         if state is not None:
             state = self.timestep_sampler.update(state, t, stop_gradient(tracked))
             per = per * weights
-        return xp.mean(per), ({} if state is None else state)
+        loss = xp.mean(per)
+        if self.decoder_network is not None:  # the decoder's own term: -log p(x_0 | x_1) per dimension
+            a0, s0 = self.schedule.marginal_host(0)
+            x1 = a0 * x0 + s0 * r_dec.normal(tuple(x0.shape), dtype=dtype)
+            loss = loss + xp.mean(self.decoder_nll(params, x0, x1))
+        return loss, ({} if state is None else state)
 
     # -- 2. the variational bound --------------------------------------------------------------------
     def _table(self, name, t, ref):
@@ -430,17 +471,56 @@ class Diffusion(Block):
         return self._bshape(xp.take(table, xp.astype(t, xp.int64), axis=0), ref)
 
     def _vb_terms(self, pred, v, x0, x_t, t, clip_denoised=False):
-        """Elementwise L_t: KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) for t > 0, -log p(x_0 | x_1) at t = 0."""
+        """Elementwise L_t: KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) for t > 0, -log p(x_0 | x_1) at t = 0
+        (0 there with the categorical decoder, which does not use the score network's prediction)."""
         xp = namespace(pred, x0)
         true_mean = self._table("posterior_mean_coef1", t, x0) * x0 + self._table("posterior_mean_coef2", t, x0) * x_t
         true_logvar = self._table("posterior_log_variance_clipped", t, x0)
         mean, logvar, _ = self.p_mean_logvar(pred, v, x_t, t, clip_denoised)
         kl = normal_kl(true_mean, true_logvar, mean, logvar)
+        if self.decoder == "categorical":  # L_0 is the decoder's alone (``decoder_nll``)
+            return xp.where(self._bshape(t, x0) == 0.0, 0.0, kl)
         if self.decoder == "discretized":
             nll = -discretized_gaussian_log_likelihood(x0, mean, logvar, self.num_bins)
         else:
             nll = 0.5 * (math.log(2.0 * math.pi) + logvar + (x0 - mean) ** 2 * xp.exp(-logvar))
         return xp.where(self._bshape(t, x0) == 0.0, nll, kl)
+
+    def _levels(self, ref):
+        xp = namespace(ref)
+        K = self.num_bins
+        return xp.asarray(tuple(-1.0 + 2.0 * k / (K - 1) for k in range(K)), dtype=ref.dtype, device=xp.device_of(ref))
+
+    def decoder_logits(self, params, x1):
+        """-(x_1 - a_0 v_k)^2 / (2 s_0^2) + g_k(x_1): the categorical decoder's logits, x_1 (n, ...) -> (n, ..., K)."""
+        if self.decoder != "categorical":
+            raise ValueError(f"decoder_logits: needs decoder='categorical', this model has {self.decoder!r}")
+        a0, s0 = self.schedule.marginal_host(0)
+        logits = (-0.5 / (s0 * s0)) * (x1[..., None] - a0 * self._levels(x1)) ** 2
+        if self.decoder_network is not None:
+            g = self.decoder_network.apply(params["decoder"], x1)
+            if tuple(g.shape) != tuple(logits.shape):
+                raise ValueError(f"decoder_network: expected logits of shape {tuple(logits.shape)} (x_1's shape and "
+                                 f"num_bins), got {tuple(g.shape)}")
+            logits = logits + g
+        return logits
+
+    def decoder_nll(self, params, x0, x1):
+        """-log p(x_0 | x_1) of the categorical decoder, elementwise: x_0 on the levels, x_1 (n, ...) -> (n, ...)."""
+        xp = namespace(x0, x1)
+        K = self.num_bins
+        index = xp.astype(xp.clip(xp.round((stop_gradient(x0) + 1.0) * (0.5 * (K - 1))), 0, K - 1), xp.int64)
+        return -xp.log_softmax_take(self.decoder_logits(params, x1), index)
+
+    def _check_levels(self, x0):
+        """ValueError unless x0 lies on the decoder's num_bins levels in [-1, 1] (within 1e-3 of a level)."""
+        xp = namespace(x0)
+        K = self.num_bins
+        scaled = (x0 + 1.0) * (0.5 * (K - 1))
+        off = float(xp.max(xp.abs(scaled - xp.clip(xp.round(scaled), 0, K - 1))))
+        if off > 1e-3 * (K - 1):
+            raise ValueError(f"x: expected data on the {K} levels -1 + 2k/{K - 1} (decoder={self.decoder!r}), "
+                             f"got values up to {off * 2.0 / (K - 1):.3g} away from the nearest level")
 
     def prior_kl(self, x0):
         """L_T = KL(q(x_{T-1} | x_0) || N(0, I)) summed over dimensions: (n,)."""
@@ -458,23 +538,28 @@ class Diffusion(Block):
         after it, "vlb": L_T + sum_t L_t, "bits_per_dim": vlb / (D log 2), "vlb_per_example": (n,) each
         example's own sum (one noise draw per t: an unbiased estimate of its bound)}. Costs T network
         evaluations.
-        ``clip_denoised`` (default: True with the discretized decoder, whose data lie in [-1, 1]) evaluates the
-        bound of the model that clips x0_hat, as Improved DDPM's evaluation does; near t = T an eps model's
-        x0_hat = (x_t - sigma eps_hat) / alpha amplifies small errors by 1 / alpha otherwise.
+        ``clip_denoised`` (default: True with a discretized or categorical decoder, whose data lie in [-1, 1])
+        evaluates the bound of the model that clips x0_hat, as Improved DDPM's evaluation does; near t = T an eps
+        model's x0_hat = (x_t - sigma eps_hat) / alpha amplifies small errors by 1 / alpha otherwise.
         """
         self.check_params(params)
         if clip_denoised is None:
-            clip_denoised = self.decoder == "discretized"
+            clip_denoised = self.decoder in ("discretized", "categorical")
         sched = check_discrete(self.schedule, "the variational bound")
         xp = namespace(x0, params)
         n = x0.shape[0]
         D = math.prod(tuple(x0.shape[1:]))
         dtype = "float64" if "64" in str(x0.dtype) else "float32"
+        if self.decoder == "categorical":
+            self._check_levels(x0)
         terms = []
         for i, r in enumerate(rng.split(sched.num_train_timesteps)):
             t = xp.full((n,), float(i), dtype=x0.dtype, device=xp.device_of(x0))
             a, s = sched.marginal_host(i)
             x_t = a * x0 + s * r.normal(tuple(x0.shape), dtype=dtype)
+            if i == 0 and self.decoder == "categorical":
+                terms.append(xp.sum(xp.reshape(self.decoder_nll(params, x0, x_t), (n, -1)), axis=-1))
+                continue
             pred, v = self._split(self._apply(params, x_t, t, y), x0)
             vb = self._vb_terms(pred, v, x0, x_t, t, clip_denoised)
             terms.append(xp.sum(xp.reshape(vb, (n, -1)), axis=-1))
@@ -506,6 +591,8 @@ class Diffusion(Block):
 
         ``y`` (n,) labels for a class-conditional model; ``guidance_weight`` w turns on classifier-free guidance
         eps_u + (1 + w)(eps_c - eps_u). Learned variances are used by "ddpm"; other samplers use the mean.
+        With ``decoder="categorical"`` the last step is a draw from the decoder (``callback`` still sees the
+        chain's own last x).
         """
         self.check_params(params)
         if sampler not in SAMPLERS:
@@ -525,8 +612,36 @@ class Diffusion(Block):
                                      null_label=self.num_classes, guidance_rescale=guidance_rescale)
         if learned:
             kw.setdefault("variance_type", "learned_range")
-        return SAMPLERS[sampler](model_fn, self.schedule, rng, (n,) + tuple(shape),
-                                 prediction_type=self.prediction_type, cond=cond, dtype=dtype, **kw)
+        if self.decoder != "categorical":
+            return SAMPLERS[sampler](model_fn, self.schedule, rng, (n,) + tuple(shape),
+                                     prediction_type=self.prediction_type, cond=cond, dtype=dtype, **kw)
+        return self._sample_categorical(params, sampler, model_fn, rng, (n,) + tuple(shape), cond, dtype, kw)
+
+    def _sample_categorical(self, params, sampler, model_fn, rng, shape, cond, dtype, kw):
+        """The chain down to the x that enters the last step (t = 0: x_1), then x_0 ~ p(x_0 | x_1)."""
+        if sampler not in ("ddpm", "ddim"):
+            raise ValueError(f"sampler: decoder='categorical' draws x_0 from the x that enters the step at t = 0, "
+                             f"which only 'ddpm' and 'ddim' visit; got {sampler!r}")
+        user_callback = kw.pop("callback", None)
+        seen = []
+
+        def keep(k, t, x):  # the last two snapshots: the second to last is x_1 when the last step is at t = 0
+            seen[:] = seen[-1:] + [(t, x)]
+            if user_callback is not None:
+                user_callback(k, t, x)
+
+        r_loop, r_dec = rng.split(2)
+        SAMPLERS[sampler](model_fn, self.schedule, r_loop, shape, prediction_type=self.prediction_type, cond=cond,
+                          dtype=dtype, callback=keep, **kw)
+        if float(seen[-1][0]) != 0.0 or len(seen) < 2:
+            raise ValueError(f"{sampler}: decoder='categorical' needs a grid of at least 2 steps ending at t = 0 "
+                             f"(e.g. timestep_spacing='leading'); this one ends at t = {float(seen[-1][0]):g} "
+                             f"after {len(seen)} step(s)")
+        x1 = seen[0][1]
+        xp = namespace(x1)
+        index = r_dec.categorical(self.decoder_logits(params, x1))
+        levels = self._levels(x1)
+        return xp.reshape(xp.take(levels, xp.reshape(index, (-1,)), axis=0), tuple(x1.shape))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -58,6 +58,41 @@ BATCH, LR, EMA, CLIP = 128, 1e-3, 0.999, 1.0
 # the PyTorch twin: MLPScoreNet, Improved DDPM's hybrid loss with importance-sampled t, Adam + clip + EMA
 
 
+def torch_categorical_decoder(model, decoder_params):
+    """The twin of ``Diffusion(decoder="categorical", decoder_network=LevelDecoder(...))``'s decoder from
+    genblocks' decoder params: (leaves, nll(x0, x1) -> -log p(x_0 | x_1) (n, D), tree(value_of) -> genblocks
+    params of the decoder with each leaf's value ``value_of(leaf)``)."""
+    import torch
+
+    dec, p0 = model.decoder_network, to_numpy(decoder_params)
+    H, W, C = dec.image_shape
+    a0, s0 = model.schedule.marginal_host(0)
+    levels = torch.linspace(-1.0, 1.0, model.num_bins)
+    f32 = lambda a: torch.tensor(np.asarray(a, dtype=np.float32))
+    conv0 = lambda p: {"W": torch.nn.Parameter(f32(p["W"]).permute(3, 2, 0, 1).contiguous()),  # (c_out, c_in, kh, kw)
+                       "b": torch.nn.Parameter(f32(p["b"]))}
+    P = {"convs": [conv0(p) for p in p0["convs"]], "out": conv0(p0["out"]), "bias": torch.nn.Parameter(f32(p0["bias"]))}
+    leaves = [p[j] for p in P["convs"] + [P["out"]] for j in ("W", "b")] + [P["bias"]]
+
+    def nll(x0, x1):
+        n, D = x1.shape
+        logits = -0.5 / s0 ** 2 * (x1[..., None] - a0 * levels) ** 2
+        h = x1.reshape(n, H, W, C).permute(0, 3, 1, 2)
+        for p in P["convs"]:
+            h = torch.nn.functional.silu(torch.nn.functional.conv2d(h, p["W"], p["b"], padding=dec.kernel_size // 2))
+        g = torch.nn.functional.conv2d(h, P["out"]["W"], P["out"]["b"]).permute(0, 2, 3, 1)  # NHWC, C K last
+        logits = logits + g.reshape(n, D, -1) + P["bias"]
+        index = torch.round((x0 + 1.0) * (0.5 * (model.num_bins - 1))).long()
+        return -torch.log_softmax(logits, -1).gather(-1, index[..., None])[..., 0]
+
+    def tree(value_of):
+        conv = lambda p: {"W": np.ascontiguousarray(np.asarray(value_of(p["W"])).transpose(2, 3, 1, 0)),
+                          "b": np.asarray(value_of(p["b"]))}
+        return {"convs": [conv(p) for p in P["convs"]], "out": conv(P["out"]), "bias": np.asarray(value_of(P["bias"]))}
+
+    return leaves, nll, tree
+
+
 def torch_twin_train(model, params0, x, steps, seed=0, snapshots=(), weight_decay=0.0):
     """Train the twin from genblocks' initial params0 for ``steps``; returns ({step: EMA params as a genblocks
     tree} for each step in ``snapshots`` and the last, training seconds)."""
@@ -75,12 +110,18 @@ def torch_twin_train(model, params0, x, steps, seed=0, snapshots=(), weight_deca
     big = torch.log(f32((first,) + tuple(sched.betas[1:])))
     half = net.time_embedding.frequency_dim // 2
     freqs = torch.exp(torch.arange(half, dtype=torch.float32) * (-math.log(10000.0) / half))
+    categorical, dec_net = model.decoder == "categorical", model.decoder_network
     p0 = to_numpy(params0)
+    pd0 = p0["decoder"] if dec_net is not None else None
+    p0 = p0["network"] if dec_net is not None else p0
     lin0 = lambda p: {"W": torch.nn.Parameter(f32(p["W"])), "b": torch.nn.Parameter(f32(p["b"]))}
     P = {"fc1": lin0(p0["cond"]["time"]["fc1"]), "fc2": lin0(p0["cond"]["time"]["fc2"]),
          "layers": [lin0(p) for p in p0["layers"]], "films": [lin0(p) for p in p0["films"]], "out": lin0(p0["out"])}
     leaves = [P[k][j] for k in ("fc1", "fc2", "out") for j in ("W", "b")]
     leaves += [p[j] for k in ("layers", "films") for p in P[k] for j in ("W", "b")]
+    if dec_net is not None:
+        dec_leaves, decoder_nll, decoder_tree = torch_categorical_decoder(model, pd0)
+        leaves += dec_leaves
     silu = torch.nn.functional.silu
     lin = lambda h, p: torch.addmm(p["b"], h, p["W"])
 
@@ -113,6 +154,8 @@ def torch_twin_train(model, params0, x, steps, seed=0, snapshots=(), weight_deca
         log1m = torch.where(d < math.log(2.0), torch.log(-torch.expm1(-d.clamp(min=1e-30))),
                             torch.log1p(-torch.exp(-d.clamp(min=math.log(2.0)))))
         logp = torch.where(x0 < -1 + 1.0 / 16, ls(u), torch.where(x0 > 1 - 1.0 / 16, ls(-w), ls(u) + ls(-w) + log1m))
+        if categorical:  # L_0 is the decoder's alone
+            return torch.where((ti == 0)[:, None], torch.zeros_like(kl), kl)
         return torch.where((ti == 0)[:, None], -logp, kl)
 
     history, counts = np.zeros((T, 10)), np.zeros(T, dtype=np.int64)  # LossSecondMomentSampler's state
@@ -129,8 +172,11 @@ def torch_twin_train(model, params0, x, steps, seed=0, snapshots=(), weight_deca
     def as_tree(values):
         back = dict(zip([id(p) for p in leaves], [v.numpy().copy() for v in values]))
         g = lambda p: {"W": back[id(p["W"])], "b": back[id(p["b"])]}
-        return {"cond": {"time": {"fc1": g(P["fc1"]), "fc2": g(P["fc2"])}}, "layers": [g(p) for p in P["layers"]],
+        tree = {"cond": {"time": {"fc1": g(P["fc1"]), "fc2": g(P["fc2"])}}, "layers": [g(p) for p in P["layers"]],
                 "films": [g(p) for p in P["films"]], "out": g(P["out"])}
+        if dec_net is None:
+            return tree
+        return {"network": tree, "decoder": decoder_tree(lambda p: back[id(p)])}
 
     kept = {}
     opt = (torch.optim.AdamW(leaves, lr=LR, weight_decay=weight_decay) if weight_decay
@@ -157,6 +203,9 @@ def torch_twin_train(model, params0, x, steps, seed=0, snapshots=(), weight_deca
             history[tt, -1] = val
             counts[tt] += 1
         loss = (per * weights).mean()
+        if dec_net is not None:  # the decoder's own term on a fresh x_1 of every example
+            a0, s0 = sched.marginal_host(0)
+            loss = loss + decoder_nll(x0, a0 * x0 + s0 * torch.randn_like(x0)).mean()
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(leaves, CLIP)
@@ -214,11 +263,15 @@ def main():
     parser.add_argument("--passes", type=int, default=2, help="noise draws per term and image in the bound")
     parser.add_argument("--valid", action="store_true", help="also score the valid digits (T more passes each)")
     parser.add_argument("--ode-points", type=int, default=447, help="test digits in the PF-ODE NLL (0: skip)")
-    parser.add_argument("--sigma-min", type=float, default=0.05, help="digits_diffusion's truncation of the chain")
+    parser.add_argument("--sigma-min", type=float, default=0.1, help="digits_diffusion's truncation of the chain")
     parser.add_argument("--decoder-variance", default="beta", choices=("posterior", "beta"),
                         help="the top of the decoder's learned variance range (digits_diffusion)")
     parser.add_argument("--vlb-trains-mean", action=argparse.BooleanOptionalAction, default=True,
                         help="L_vlb's gradient also trains the mean")
+    parser.add_argument("--decoder", default="categorical", choices=("discretized", "categorical"),
+                        help="p(x_0 | x_1): a Gaussian discretized over the bins, or a categorical over the levels")
+    parser.add_argument("--decoder-channels", type=int, default=16,
+                        help="the categorical decoder's LevelDecoder width (0: no decoder network)")
     parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW's decoupled decay (0: Adam)")
     parser.add_argument("--vlb-weight", type=float, default=0.01, help="lambda in L_simple + lambda T L_vlb")
     parser.add_argument("--plot", default="examples-out/diffusion_digits_lt.png", help="the L_t picture")
@@ -234,12 +287,13 @@ def main():
     x = {k: levels_to_unit(to_numpy(digits[k][0])).astype(np.float32) for k in ("train", "valid", "test")}
     model = digits_diffusion(hidden=hidden, num_timesteps=T, sigma_min=args.sigma_min,
                              decoder_variance=args.decoder_variance, vlb_trains_mean=args.vlb_trains_mean,
-                             vlb_weight=args.vlb_weight)
+                             vlb_weight=args.vlb_weight, decoder=args.decoder,
+                             decoder_channels=args.decoder_channels)
     nominal, T = T, model.schedule.num_train_timesteps  # the cosine chain's steps above sigma_min
     size = sum(v.size for v in _leaves(model.init(Rng(0))))
     print(f"model: {model.network!r}, T = {T} (of {nominal} cosine steps, sigma_min {args.sigma_min}), {size} params, "
           f"decoder_variance {model.decoder_variance!r}, vlb_trains_mean {model.vlb_trains_mean}, "
-          f"vlb_weight {model.vlb_weight}; "
+          f"vlb_weight {model.vlb_weight}, decoder {model.decoder!r} {model.decoder_network!r}; "
           f"batch {BATCH}, Adam {LR} (AdamW decay {args.weight_decay}), clip {CLIP}, EMA {EMA}; "
           f"independent-pixel floor 106.4 test nats")
     try:

@@ -37,3 +37,34 @@ def test_pixelcnn_twin_gives_genblocks_log_prob_and_keeps_its_masks_through_trai
     g = grad[0, 0].abs().numpy()
     assert np.all(g.reshape(-1)[2 * 4 + 1:] == 0.0)  # pixel (2, 1) and everything after it in raster order
     assert g.reshape(-1)[:2 * 4 + 1].sum() > 0.0
+
+
+def test_the_diffusion_twins_categorical_decoder_gives_genblocks_nll_and_round_trips_its_params():
+    torch = pytest.importorskip("torch", reason="torch is not installed (the benchmarks' optional yardstick)")
+    from bench_diffusion_likelihood import torch_categorical_decoder
+
+    from genblocks.train.recipes import digits_diffusion
+
+    model = digits_diffusion(hidden=(8,), time_embed_dim=8, num_timesteps=20, sigma_min=0.1, decoder="categorical",
+                             decoder_channels=4)
+    params = model.init(Rng(0), "float32")
+    gen = np.random.default_rng(0)
+    for leaf in ("bias",):
+        params["decoder"][leaf] = gen.normal(size=params["decoder"][leaf].shape).astype(np.float32)
+    params["decoder"]["out"]["W"] = gen.normal(size=params["decoder"]["out"]["W"].shape).astype(np.float32)
+    x0 = (gen.integers(0, 17, size=(5, 64)) / 8.0 - 1.0).astype(np.float32)
+    x1 = (x0 + 0.1 * gen.normal(size=x0.shape)).astype(np.float32)
+    leaves, nll, tree = torch_categorical_decoder(model, params["decoder"])
+    got = nll(torch.tensor(x0), torch.tensor(x1)).detach().numpy()
+    np.testing.assert_allclose(got, model.decoder_nll(params, x0, x1), rtol=1e-4, atol=1e-4)
+    back = tree(lambda p: p.detach().numpy())
+    for a, b in zip(_flat(back), _flat(params["decoder"])):
+        np.testing.assert_array_equal(a, b)
+
+
+def _flat(tree):
+    if isinstance(tree, dict):
+        return [v for k in sorted(tree) for v in _flat(tree[k])]
+    if isinstance(tree, list):
+        return [v for item in tree for v in _flat(item)]
+    return [np.asarray(tree)]

@@ -14,7 +14,7 @@ import math
 from genblocks.backends import namespace, to_numpy
 from genblocks.blocks.base import check_array
 from genblocks.blocks.schedules import DiscreteSchedule
-from genblocks.blocks.score_nets import MLPScoreNet, UNet
+from genblocks.blocks.score_nets import LevelDecoder, MLPScoreNet, UNet
 from genblocks.blocks.validate import check_positive_int
 from genblocks.data import dequantization_log_det, uniform_dequantize
 from genblocks.metrics import nats_to_bits_per_dim
@@ -103,9 +103,9 @@ def truncated_cosine_betas(num_timesteps, sigma_min):
 
 
 def digits_diffusion(*, hidden=(512, 512, 512), time_embed_dim=128, num_timesteps=1000, num_bins=17,
-                     sigma_min=0.05, timestep_sampling="importance", vlb_weight=0.01, network="mlp",
+                     sigma_min=0.1, timestep_sampling="importance", vlb_weight=0.01, network="mlp",
                      base_channels=64, channel_mults=(1, 2), num_res_blocks=2, vlb_trains_mean=True,
-                     decoder_variance="beta"):
+                     decoder_variance="beta", decoder="categorical", decoder_channels=16):
     """Improved DDPM for 8x8 images on ``num_bins`` levels in [-1, 1]: an eps-predictor with learned variances
     (``learned_range``, twice the outputs), the hybrid loss L_simple + ``vlb_weight`` T L_vlb, importance-sampled
     t, the cosine schedule of ``num_timesteps`` steps (its steps below ``sigma_min`` merged into the first,
@@ -135,9 +135,14 @@ def digits_diffusion(*, hidden=(512, 512, 512), time_embed_dim=128, num_timestep
                    time_embed_dim=time_embed_dim, out_channels=2)
     else:
         raise ValueError(f"network: expected 'mlp' or 'unet', got {network!r}")
+    if decoder not in ("discretized", "categorical"):
+        raise ValueError(f"decoder: expected 'discretized' or 'categorical', got {decoder!r}")
+    decoder_net = None
+    if decoder == "categorical" and decoder_channels:
+        decoder_net = LevelDecoder((8, 8, 1), num_bins, channels=decoder_channels)
     return Diffusion(net, schedule, variance_type="learned_range", timestep_sampling=timestep_sampling,
-                     vlb_weight=vlb_weight, decoder="discretized", num_bins=num_bins,
-                     vlb_trains_mean=vlb_trains_mean, decoder_variance=decoder_variance)
+                     vlb_weight=vlb_weight, decoder=decoder, num_bins=num_bins,
+                     vlb_trains_mean=vlb_trains_mean, decoder_variance=decoder_variance, decoder_network=decoder_net)
 
 
 def digits_images(x):

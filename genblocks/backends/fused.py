@@ -48,6 +48,7 @@ sum KL from them, one primitive in place of seven nodes, again the same operatio
 Elsewhere (strict, cupy) all eight are the same formulas written with the backend's own array-API calls.
 """
 
+import math
 import threading
 
 import autograd.numpy as anp
@@ -537,7 +538,7 @@ def _scratch_array(slot, shape, dtype):
     Large temporaries freshly allocated at every step cost a page fault per 4 kB page once the allocator has
     given the memory back to the system (measured: about 3500 faults and 15-20 ms per step of the conv
     benchmark at 28x28, before blocks and scratch buffers)."""
-    nbytes = int(onp.prod(shape)) * onp.dtype(dtype).itemsize
+    nbytes = math.prod(shape) * onp.dtype(dtype).itemsize
     if nbytes > _SCRATCH_MAX:
         return onp.empty(shape, dtype)
     bufs = getattr(_scratch, "bufs", None)
@@ -549,15 +550,15 @@ def _scratch_array(slot, shape, dtype):
     return onp.reshape(buf[:nbytes].view(dtype), shape)
 
 
-def _padded_block(src, pads):
+def _padded_block(src, pads, slot=0):
     """src (n, H, W, C) with pads ((top, bottom), (left, right)) of zeros, a negative pad cropping instead: src
-    itself when every pad is 0, else a scratch array (slot 0)."""
+    itself when every pad is 0, else a scratch array (``slot``)."""
     ((pt, pb), (pl, pr)) = pads
     if not (pt or pb or pl or pr):
         return src
     n, H, W, C = src.shape
     Hp, Wp = H + pt + pb, W + pl + pr
-    out = _scratch_array(0, (n, Hp, Wp, C), src.dtype)
+    out = _scratch_array(slot, (n, Hp, Wp, C), src.dtype)
     r0, r1, c0, c1 = max(-pt, 0), H - max(-pb, 0), max(-pl, 0), W - max(-pr, 0)  # the rows / columns kept
     t, l = max(pt, 0), max(pl, 0)
     if r1 <= r0 or c1 <= c0:
@@ -631,14 +632,21 @@ def _conv_input_grad(dz, W, x_shape, stride, pads):
     whole = sh == 1 and sw == 1 and bool(rows) and bool(cols)  # one phase covering every pixel
     dx = onp.empty((N, H, Wd, c_in), dtype) if whole else onp.zeros((N, H, Wd, c_in), dtype)
     dx_rows = onp.reshape(dx, (N * H * Wd, c_in))
+    if not whole:  # dz zero-padded (or cropped) once for every phase: rows lo_h ... hi_h, columns lo_w ... hi_w
+        lo_h, hi_h = min(m0 - T + 1 for _, _, _, m0, T in rows), max(m0 + M - 1 for _, _, M, m0, _ in rows)
+        lo_w, hi_w = min(m0 - T + 1 for _, _, _, m0, T in cols), max(m0 + M - 1 for _, _, M, m0, _ in cols)
+        dzp = _padded_block(dz, ((-lo_h, hi_h + 1 - Ho), (-lo_w, hi_w + 1 - Wo)), slot=2)
     for rh, ph, Mh, mh, Th in rows:
         for rw, pw, Mw, mw, Tw in cols:
             kernel = onp.reshape(onp.swapaxes(W[rh::sh, rw::sw][::-1, ::-1], 2, 3).astype(dtype, copy=False),
                                  (Th * Tw * c_out, c_in))
             # dz rows mh - Th + 1 ... mh + Mh - 1 (zeros outside 0 ... Ho - 1), columns likewise
-            top, left = Th - 1 - mh, Tw - 1 - mw
-            dz_pads = ((top, mh + Mh - Ho), (left, mw + Mw - Wo))
-            for n0, n1, P in _patch_blocks(dz, (Th, Tw), (1, 1), dz_pads, (Mh, Mw)):
+            if whole:
+                src, src_pads = dz, ((Th - 1 - mh, mh + Mh - Ho), (Tw - 1 - mw, mw + Mw - Wo))
+            else:
+                a, b = mh - Th + 1 - lo_h, mw - Tw + 1 - lo_w
+                src, src_pads = dzp[:, a:a + Mh + Th - 1, b:b + Mw + Tw - 1, :], ((0, 0), (0, 0))
+            for n0, n1, P in _patch_blocks(src, (Th, Tw), (1, 1), src_pads, (Mh, Mw)):
                 if whole:
                     onp.matmul(P, kernel, out=dx_rows[n0 * H * Wd:n1 * H * Wd])
                 else:

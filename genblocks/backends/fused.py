@@ -20,8 +20,9 @@ an NHWC convolution with explicit ((top, bottom), (left, right)) zero pads. On n
 VJP: dW = cols^T dz and db = sum dz, and dx as a correlation of dz with the flipped kernel, per stride phase (one
 at stride 1), in place of dz @ W^T and col2im (measured 2x faster, 64 x 14 x 14 x 32 -> 32, 3x3, float32, one
 thread). The patches go through BLAS in blocks of images, in reused per-thread scratch buffers, and are built
-again for dW rather than kept: no batch-sized patch matrix is allocated or held (measured 74 -> 50 ms per training
-step of ``benchmarks/bench_conv.py`` at 28x28: fresh large arrays each step cost a page fault per 4 kB).
+again for dW rather than kept: no batch-sized patch matrix is allocated or held (a training step of
+``benchmarks/bench_conv.py`` at 28x28, one thread: 74 ms with whole-batch patches kept for the VJP, about 3500
+page faults per step on freshly allocated memory; 50 ms and no faults in blocks).
 Gradients of gradients go through the composed im2col and dense primitives.
 
 ``log_softmax_take(logits, index)``: logits[..., index] - logsumexp(logits), the categorical
@@ -514,18 +515,6 @@ def check_conv2d_args(x, W, b, stride, pads, activation):
     return name, k, s, p
 
 
-def _phases(size, k, s, pad):
-    """Per stride phase r of one spatial axis: (r, first input index p0, count M, first row m0, taps T).
-
-    The input positions p with (p + pad) % s == r (p0, p0 + s, ..., M of them) receive their gradient from
-    the kernel taps r, r + s, ... (T of them) and the output rows m0 - T + 1 ... m0 + M - 1."""
-    out = []
-    for r in range(s):
-        p0 = (r - pad) % s
-        out.append((r, p0, len(range(p0, size, s)), (p0 + pad - r) // s, len(range(r, k, s))))
-    return out
-
-
 _CHUNK_BYTES = 1 << 21  # patches per block of images: about 2 MB, cache-sized
 _SCRATCH_MAX = 1 << 23  # per-thread scratch buffers up to this size are kept for the next call
 _scratch = threading.local()
@@ -671,6 +660,7 @@ def _conv_forward(x, W, b, stride, pads, name, keep_z=True):
 
 @primitive
 def _conv2d_numpy(x, W, b, stride, pads, name):
+    """y = activation(conv(x, W) + b): x (N, H, W, c_in), W (kh, kw, c_in, c_out), b (c_out,) -> (N, Ho, Wo, c_out)."""
     y, z = _conv_forward(x, W, b, stride, pads, name)
     if z is not None:
         _conv_slot.entry = (y, z)
@@ -733,13 +723,14 @@ defvjp_argnums(_conv2d_numpy, _conv2d_vjp)
 def make_conv2d(xp, fused):
     """Build ``conv2d(x, W, b=None, stride=(1, 1), pads=((0, 0), (0, 0)), activation=None)`` for ``xp``.
 
-    Math: y[n, i, j, :] = activation(sum_{a, b, c} x_pad[n, i s_h + a, j s_w + b, c] W[a, b, c, :] + b); x (N, H,
-    W, c_in), W (kh, kw, c_in, c_out), b (c_out,) -> y (N, H_out, W_out, c_out), x_pad = x with pads =
-    ((top, bottom), (left, right)) zeros: dense(im2col(x), reshape(W, (kh kw c_in, c_out)), b, activation).
-    On numpy one primitive: its forward keeps the patches, its VJP computes dW = cols^T dz and db = sum dz in
-    one BLAS call each and dx as a correlation of dz with the flipped kernel (``_conv_input_grad``), with
-    no col2im; gradients of gradients go through the composed im2col and dense primitives. Elsewhere (strict,
-    cupy) im2col then dense.
+    Math: y[n, i, j] = activation(sum_{a, b, c} x_pad[n, i s_h + a, j s_w + b, c] W[a, b, c] + b), x (N, H, W, c_in)
+    zero-padded by pads = ((top, bottom), (left, right)), W (kh, kw, c_in, c_out), b (c_out,) -> y (N, H_out,
+    W_out, c_out): dense(im2col(x), reshape(W, (kh kw c_in, c_out)), b, activation), stride (s_h, s_w).
+    On numpy one primitive: the forward multiplies the patches block by block (``_patch_blocks``) and keeps none
+    of them; the VJP computes dW = cols^T dz from patches built again block by block, db = sum dz, and dx as a
+    correlation of dz with the flipped kernel per stride phase (``_conv_input_grad``), with no col2im. Gradients
+    of gradients go through the composed im2col and dense primitives. Elsewhere (strict, cupy): im2col then
+    dense, as before.
     """
 
     def generic(x, W, b, stride, pads, name):

@@ -97,6 +97,14 @@ def test_without_bias_non_contiguous_input_and_untraced_call():
                                    rtol=1e-11, atol=1e-11)
 
 
+def test_empty_batch():
+    x, W, b = _data((0, 5, 4, 2), (3, 3))
+    s, p = (2, 1), ((1, 1), (1, 1))
+    assert xp.conv2d(x, W, b, s, p, "relu").shape == (0, 3, 4, 4)
+    gx, gW, gb = grad(lambda args: anp.sum(xp.conv2d(*args, s, p, "relu")))((x, W, b))
+    assert gx.shape == x.shape and not np.any(gW) and not np.any(gb) and gW.shape == W.shape
+
+
 def test_blocks_and_large_scratch_give_the_same_results(monkeypatch):
     """The patches go through BLAS in blocks of images (``_CHUNK_BYTES``) held in reused scratch buffers up to
     ``_SCRATCH_MAX``: one image per block, fresh arrays and the default all compute the same thing."""

@@ -707,6 +707,8 @@ def _conv2d_vjp(argnums, ans, args, kwargs):
             for n0, n1, P in _patch_blocks(x, (kh, kw), stride, pads, (Ho, Wo)):
                 part = onp.matmul(onp.swapaxes(dz_rows[n0 * Ho * Wo:n1 * Ho * Wo], 0, 1), P)
                 dWt = part if dWt is None else onp.add(dWt, part, out=dWt)
+            if dWt is None:  # an empty batch
+                dWt = onp.zeros((c_out, kh * kw * c_in), onp.result_type(dz, x))
             out[1] = _cast(onp.reshape(onp.swapaxes(dWt, 0, 1), W.shape), W, onp)
         if 2 in argnums:  # a matrix-vector product with ones: measured 5x faster than sum over axis 0
             out[2] = _cast(onp.matmul(onp.ones(dz_rows.shape[0], dz_rows.dtype), dz_rows), b, onp)

@@ -1,5 +1,5 @@
-"""Hot-path primitives, one call on every backend: ``dense``, ``im2col``, ``log_softmax_take``, ``gated_tanh``,
-``normal_rsample_kl``, ``elbo_loss`` and ``adam_leaf``.
+"""Hot-path primitives, one call on every backend: ``dense``, ``conv2d``, ``im2col``, ``log_softmax_take``,
+``gated_tanh``, ``normal_rsample_kl``, ``elbo_loss`` and ``adam_leaf``.
 
 ``dense(x, W, b, activation)``: y = activation(x @ W + b). On the numpy backend it is a single autograd
 primitive with a hand-written VJP. The forward pass runs in plain numpy, in place where the buffers are
@@ -14,6 +14,16 @@ derivatives through ``dense`` are correct too. Untraced calls skip autograd alto
 primitives, im2col (one strided copy) and its adjoint col2im (kh * kw strided adds), each the other's
 VJP; measured 7x faster forward and a 4x faster conv gradient than slicing and stacking under autograd
 (3x3 conv, 64x16x16x32 float32, one thread).
+
+``conv2d(x, W, b, stride, pads, activation)``: y = activation(im2col(x) @ reshape(W, (kh kw c_in, c_out)) + b),
+an NHWC convolution with explicit ((top, bottom), (left, right)) zero pads. On numpy one primitive that owns its
+VJP: dW = cols^T dz and db = sum dz, and dx as a correlation of dz with the flipped kernel, per stride phase (one
+at stride 1), in place of dz @ W^T and col2im (measured 2x faster, 64 x 14 x 14 x 32 -> 32, 3x3, float32, one
+thread). The patches go through BLAS in blocks of images, in reused per-thread scratch buffers, and are built
+again for dW rather than kept: no batch-sized patch matrix is allocated or held (a training step of
+``benchmarks/bench_conv.py`` at 28x28, one thread: 74 ms with whole-batch patches kept for the VJP, about 3500
+page faults per step on freshly allocated memory; 50 ms and no faults in blocks).
+Gradients of gradients go through the composed im2col and dense primitives.
 
 ``log_softmax_take(logits, index)``: logits[..., index] - logsumexp(logits), the categorical
 log-likelihood. On numpy one primitive whose forward keeps exp(logits - max) for the VJP,
@@ -36,9 +46,10 @@ stacked in one array, then two slices) in place of twelve nodes; its VJP adds up
 order as theirs, so the same bits. ``elbo_loss(log_px, kl_dims, beta)``: the loss -mean log p(x | z) + beta mean
 sum KL from them, one primitive in place of seven nodes, again the same operations.
 
-Elsewhere (strict, cupy) all seven are the same formulas written with the backend's own array-API calls.
+Elsewhere (strict, cupy) all eight are the same formulas written with the backend's own array-API calls.
 """
 
+import math
 import threading
 
 import autograd.numpy as anp
@@ -94,7 +105,11 @@ def _activate_inplace(z, name):
 def _forward(x, W, b, name, keep_z=True):
     """(y, z) with z = x @ W + b and y = activation(z); z is None when the VJP will not need it (or
     ``keep_z`` is False: a call that will not be differentiated)."""
-    z = _matmul_2d(x, W)
+    return _bias_activation(_matmul_2d(x, W), b, name, keep_z)
+
+
+def _bias_activation(z, b, name, keep_z):
+    """(activation(z + b), z + b or None) as ``_forward``, z a fresh buffer of ours (added to in place)."""
     if b is not None:
         if onp.result_type(z, b) == z.dtype:
             z += b
@@ -360,14 +375,14 @@ def make_dense(xp, fused, epilogue=None):
 # im2col: the patches of a 2-D convolution, one matmul away from its output
 
 
-def check_im2col_args(x, kernel_size, stride, pads):
-    """Validated ((kh, kw), (sh, sw), ((top, bottom), (left, right))) for an NHWC ``x``."""
+def check_im2col_args(x, kernel_size, stride, pads, who="im2col"):
+    """Validated ((kh, kw), (sh, sw), ((top, bottom), (left, right))) for an NHWC ``x``; errors start with ``who``."""
     if len(x.shape) != 4:
-        raise ValueError(f"im2col: x must be NHWC (4-d), got shape {tuple(x.shape)}")
+        raise ValueError(f"{who}: x must be NHWC (4-d), got shape {tuple(x.shape)}")
     (kh, kw), (sh, sw) = (int(k) for k in kernel_size), (int(s) for s in stride)
     (pt, pb), (pl, pr) = ((int(a), int(b)) for a, b in pads)
     if min(kh, kw, sh, sw) < 1 or min(pt, pb, pl, pr) < 0:
-        raise ValueError(f"im2col: expected positive kernel sizes and strides and non-negative pads, got "
+        raise ValueError(f"{who}: expected positive kernel sizes and strides and non-negative pads, got "
                          f"kernel_size={kernel_size}, stride={stride}, pads={pads}")
     H, W = x.shape[1] + pt + pb, x.shape[2] + pl + pr
     if H < kh or W < kw:
@@ -381,8 +396,9 @@ def _out_size(x_shape, kernel_size, stride, pads):
     return (x_shape[1] + pt + pb - kh) // sh + 1, (x_shape[2] + pl + pr - kw) // sw + 1
 
 
-@primitive
-def _im2col_numpy(x, kernel_size, stride, pads):
+def _im2col_plain(x, kernel_size, stride, pads):
+    """im2col's forward in plain numpy: (N, Ho, Wo, kh * kw * C), C-contiguous and read-only to the caller (a
+    view of x for a 1x1 kernel at stride 1 without pads, else a fresh copy)."""
     (kh, kw), (sh, sw), ((pt, pb), (pl, pr)) = kernel_size, stride, pads
     N, H, W, C = x.shape
     Ho, Wo = _out_size(x.shape, kernel_size, stride, pads)
@@ -391,11 +407,24 @@ def _im2col_numpy(x, kernel_size, stride, pads):
         padded[:, pt:pt + H, pl:pl + W, :] = x
     else:
         padded = onp.ascontiguousarray(x)
+    if C == 1 and kh * kw > 1:
+        # one strided copy per kernel tap: with one channel the windows' copy below runs kw elements at a time
+        # (measured 3.5x slower, 64 x 28 x 28 x 1 float32, 3x3, one thread)
+        cols = onp.empty((N, Ho, Wo, kh * kw), dtype=x.dtype)
+        for a in range(kh):
+            for b in range(kw):
+                cols[..., a * kw + b] = padded[:, a:a + sh * (Ho - 1) + 1:sh, b:b + sw * (Wo - 1) + 1:sw, 0]
+        return cols
     sN, sH, sW, sC = padded.strides
     windows = onp.lib.stride_tricks.as_strided(
         padded, (N, Ho, Wo, kh, kw, C), (sN, sH * sh, sW * sw, sH, sW, sC), writeable=False
     )
     return onp.reshape(windows, (N, Ho, Wo, kh * kw * C))  # the one copy
+
+
+@primitive
+def _im2col_numpy(x, kernel_size, stride, pads):
+    return _im2col_plain(x, kernel_size, stride, pads)
 
 
 @primitive
@@ -466,6 +495,259 @@ def _pad_axis(xp, x, axis, before, after):
         shape[axis] = after
         parts.append(xp.zeros(tuple(shape), dtype=x.dtype, device=xp.device_of(x)))
     return xp.concat(parts, axis=axis)
+
+
+# ---------------------------------------------------------------------------------------------------
+# conv2d: a 2-D convolution (+ bias + activation) as one primitive that owns its VJP
+
+
+def check_conv2d_args(x, W, b, stride, pads, activation):
+    """Validated (activation name, (kh, kw), (sh, sw), ((top, bottom), (left, right))) for conv2d."""
+    name = check_activation(activation)
+    if len(W.shape) != 4:
+        raise ValueError(f"conv2d: W must be 4-d (kh, kw, c_in, c_out), got shape {tuple(W.shape)}")
+    if len(x.shape) != 4 or x.shape[-1] != W.shape[2]:
+        raise ValueError(f"conv2d: x must be NHWC with c_in = {W.shape[2]} channels (W has shape "
+                         f"{tuple(W.shape)}), got shape {tuple(x.shape)}")
+    if b is not None and (len(b.shape) == 0 or b.shape[-1] != W.shape[3]):
+        raise ValueError(f"conv2d: b must have a last axis of c_out = {W.shape[3]}, got shape {tuple(b.shape)}")
+    k, s, p = check_im2col_args(x, W.shape[:2], stride, pads, who="conv2d")
+    return name, k, s, p
+
+
+_CHUNK_BYTES = 1 << 21  # patches per block of images: about 2 MB, cache-sized
+_SCRATCH_MAX = 1 << 23  # per-thread scratch buffers up to this size are kept for the next call
+_scratch = threading.local()
+
+
+def _scratch_array(slot, shape, dtype):
+    """An uninitialised array of ``shape`` in this thread's scratch buffer number ``slot``, reused from call to
+    call (a fresh array when larger than _SCRATCH_MAX). Valid until the next request for the same slot.
+
+    Large temporaries freshly allocated at every step cost a page fault per 4 kB page once the allocator has
+    given the memory back to the system (measured: about 3500 faults and 15-20 ms per step of the conv
+    benchmark at 28x28, before blocks and scratch buffers)."""
+    nbytes = math.prod(shape) * onp.dtype(dtype).itemsize
+    if nbytes > _SCRATCH_MAX:
+        return onp.empty(shape, dtype)
+    bufs = getattr(_scratch, "bufs", None)
+    if bufs is None:
+        bufs = _scratch.bufs = {}
+    buf = bufs.get(slot)
+    if buf is None or buf.nbytes < nbytes:
+        buf = bufs[slot] = onp.empty(max(nbytes, 1 << 16), onp.uint8)
+    return onp.reshape(buf[:nbytes].view(dtype), shape)
+
+
+def _padded_block(src, pads, slot=0):
+    """src (n, H, W, C) with pads ((top, bottom), (left, right)) of zeros, a negative pad cropping instead: src
+    itself when every pad is 0, else a scratch array (``slot``)."""
+    ((pt, pb), (pl, pr)) = pads
+    if not (pt or pb or pl or pr):
+        return src
+    n, H, W, C = src.shape
+    Hp, Wp = H + pt + pb, W + pl + pr
+    out = _scratch_array(slot, (n, Hp, Wp, C), src.dtype)
+    r0, r1, c0, c1 = max(-pt, 0), H - max(-pb, 0), max(-pl, 0), W - max(-pr, 0)  # the rows / columns kept
+    t, l = max(pt, 0), max(pl, 0)
+    if r1 <= r0 or c1 <= c0:
+        out[...] = 0.0
+        return out
+    out[:, :t] = 0.0
+    out[:, t + r1 - r0:] = 0.0
+    out[:, t:t + r1 - r0, :l] = 0.0
+    out[:, t:t + r1 - r0, l + c1 - c0:] = 0.0
+    out[:, t:t + r1 - r0, l:l + c1 - c0] = src[:, r0:r1, c0:c1]
+    return out
+
+
+def _patch_blocks(src, kernel_size, stride, pads, out_hw):
+    """Yield (n0, n1, P) for blocks of images: P ((n1 - n0) Ho Wo, kh kw C) the im2col patches of src[n0:n1]
+    (zero-padded by ``pads``; negative pads crop), in a scratch array (slot 1) valid until the next block.
+
+    A block's patches take about _CHUNK_BYTES, so they are still in cache when BLAS reads them, and no patch
+    matrix of the whole batch is ever allocated (nor kept: the VJP builds them again)."""
+    (kh, kw), (sh, sw) = kernel_size, stride
+    N, C = src.shape[0], src.shape[3]
+    Ho, Wo = out_hw
+    K = kh * kw * C
+    step = max(1, min(N, _CHUNK_BYTES // max(Ho * Wo * K * src.itemsize, 1)))
+    for n0 in range(0, N, step):
+        n1 = min(n0 + step, N)
+        padded = _padded_block(src[n0:n1], pads)
+        P = _scratch_array(1, (n1 - n0, Ho, Wo, kh, kw, C), src.dtype)
+        if C == 1 and kh * kw > 1:
+            # one strided copy per kernel tap: with one channel the windows' copy below runs kw elements at a
+            # time (measured 3.5x slower, 64 x 28 x 28 x 1 float32, 3x3, one thread)
+            for a in range(kh):
+                for b in range(kw):
+                    P[:, :, :, a, b, 0] = padded[:, a:a + sh * (Ho - 1) + 1:sh, b:b + sw * (Wo - 1) + 1:sw, 0]
+        else:
+            sN, sH, sW, sC = padded.strides
+            windows = onp.lib.stride_tricks.as_strided(padded, P.shape, (sN, sH * sh, sW * sw, sH, sW, sC),
+                                                       writeable=False)
+            onp.copyto(P, windows)
+        yield n0, n1, onp.reshape(P, ((n1 - n0) * Ho * Wo, K))
+
+
+def _phases(size, k, s, pad):
+    """Per stride phase r of one spatial axis: (r, first input index p0, count M, first row m0, taps T).
+
+    The input positions p with (p + pad) % s == r (p0, p0 + s, ..., M of them) receive their gradient from
+    the kernel taps r, r + s, ... (T of them) and the output rows m0 - T + 1 ... m0 + M - 1."""
+    out = []
+    for r in range(s):
+        p0 = (r - pad) % s
+        out.append((r, p0, len(range(p0, size, s)), (p0 + pad - r) // s, len(range(r, k, s))))
+    return out
+
+
+def _conv_input_grad(dz, W, x_shape, stride, pads):
+    """dx for z = conv(x, W): per stride phase, one "full" correlation of dz with the flipped sub-kernel.
+
+    With x_pad[q], q = s m + r: dx_pad[s m + r] = sum_t dz[m - t] W[r + s t] (per axis), a valid correlation
+    of dz, zero-padded by T - 1 rows, with the taps W[r::s] reversed and their channels swapped: patches of dz
+    then BLAS, per phase (one phase in all at stride 1), writing each phase's pixels of dx once. No dz @ W^T of
+    kh * kw * c_in columns and no scatter of kh * kw strided adds as col2im does (measured at 64 x 14 x 14 x 32
+    -> 32 channels, 3x3, float32, one thread: 9 ms against 23 ms at stride 1, 11 against 19 at stride 2).
+    """
+    N, H, Wd, c_in = x_shape
+    kh, kw, _, c_out = W.shape
+    (sh, sw), ((pt, _), (pl, _)) = stride, pads
+    Ho, Wo = dz.shape[1], dz.shape[2]
+    rows = [ph for ph in _phases(H, kh, sh, pt) if ph[2] and ph[4]]
+    cols = [ph for ph in _phases(Wd, kw, sw, pl) if ph[2] and ph[4]]
+    dtype = onp.result_type(dz, W)
+    whole = sh == 1 and sw == 1 and bool(rows) and bool(cols)  # one phase covering every pixel
+    dx = onp.empty((N, H, Wd, c_in), dtype) if whole else onp.zeros((N, H, Wd, c_in), dtype)
+    dx_rows = onp.reshape(dx, (N * H * Wd, c_in))
+    if not whole:  # dz zero-padded (or cropped) once for every phase: rows lo_h ... hi_h, columns lo_w ... hi_w
+        lo_h, hi_h = min(m0 - T + 1 for _, _, _, m0, T in rows), max(m0 + M - 1 for _, _, M, m0, _ in rows)
+        lo_w, hi_w = min(m0 - T + 1 for _, _, _, m0, T in cols), max(m0 + M - 1 for _, _, M, m0, _ in cols)
+        dzp = _padded_block(dz, ((-lo_h, hi_h + 1 - Ho), (-lo_w, hi_w + 1 - Wo)), slot=2)
+    for rh, ph, Mh, mh, Th in rows:
+        for rw, pw, Mw, mw, Tw in cols:
+            kernel = onp.reshape(onp.swapaxes(W[rh::sh, rw::sw][::-1, ::-1], 2, 3).astype(dtype, copy=False),
+                                 (Th * Tw * c_out, c_in))
+            # dz rows mh - Th + 1 ... mh + Mh - 1 (zeros outside 0 ... Ho - 1), columns likewise
+            if whole:
+                src, src_pads = dz, ((Th - 1 - mh, mh + Mh - Ho), (Tw - 1 - mw, mw + Mw - Wo))
+            else:
+                a, b = mh - Th + 1 - lo_h, mw - Tw + 1 - lo_w
+                src, src_pads = dzp[:, a:a + Mh + Th - 1, b:b + Mw + Tw - 1, :], ((0, 0), (0, 0))
+            for n0, n1, P in _patch_blocks(src, (Th, Tw), (1, 1), src_pads, (Mh, Mw)):
+                if whole:
+                    onp.matmul(P, kernel, out=dx_rows[n0 * H * Wd:n1 * H * Wd])
+                else:
+                    dx[n0:n1, ph::sh, pw::sw, :] = onp.reshape(onp.matmul(P, kernel), (n1 - n0, Mh, Mw, c_in))
+    return dx
+
+
+_conv_slot = threading.local()  # the forward's pre-activation for silu / gelu, handed to its VJP
+
+
+def _conv_forward(x, W, b, stride, pads, name, keep_z=True):
+    """(y, z): z = conv(x, W) + b, y = activation(z); z is None unless the VJP needs it (silu, gelu)."""
+    kh, kw, c_in, c_out = W.shape
+    Ho, Wo = _out_size(x.shape, (kh, kw), stride, pads)
+    W2 = onp.reshape(W, (kh * kw * c_in, c_out))
+    z = onp.empty((x.shape[0], Ho, Wo, c_out), onp.result_type(x, W))
+    z_rows = onp.reshape(z, (-1, c_out))
+    for n0, n1, P in _patch_blocks(x, (kh, kw), stride, pads, (Ho, Wo)):
+        onp.matmul(P, W2, out=z_rows[n0 * Ho * Wo:n1 * Ho * Wo])
+    return _bias_activation(z, b, name, keep_z)
+
+
+@primitive
+def _conv2d_numpy(x, W, b, stride, pads, name):
+    """y = activation(conv(x, W) + b): x (N, H, W, c_in), W (kh, kw, c_in, c_out), b (c_out,) -> (N, Ho, Wo, c_out)."""
+    y, z = _conv_forward(x, W, b, stride, pads, name)
+    if z is not None:
+        _conv_slot.entry = (y, z)
+    return y
+
+
+def _conv2d_composed(x, W, b, stride, pads, name):
+    """The same conv as im2col and dense primitives, differentiable to any order (gradients of gradients)."""
+    kh, kw, c_in, c_out = anp.shape(W)
+    cols = _im2col_numpy(x, (kh, kw), stride, pads)
+    return _dense_numpy(cols, anp.reshape(W, (kh * kw * c_in, c_out)), b, name)
+
+
+def _conv2d_vjp(argnums, ans, args, kwargs):
+    x, W, b, stride, pads, name = args
+    z = None
+    if name in _NEEDS_Z:
+        entry = getattr(_conv_slot, "entry", None)
+        _conv_slot.entry = None
+        z = entry[1] if entry is not None and entry[0] is ans else None
+    traced_args = isinstance(ans, Box) or any(isinstance(a, Box) for a in (x, W, b))
+
+    def vjp(g):
+        if traced_args or isinstance(g, Box):  # gradients of gradients: the composed graph's VJP
+            from autograd.core import make_vjp
+
+            def f(diff):
+                full = [x, W, b]
+                for i, d in zip(argnums, diff):
+                    full[i] = d
+                return _conv2d_composed(full[0], full[1], full[2], stride, pads, name)
+
+            return tuple(make_vjp(f, tuple(args[i] for i in argnums))[0](g))
+        kh, kw, c_in, c_out = W.shape
+        zz = z
+        if name in _NEEDS_Z and zz is None:
+            zz = _conv_forward(x, W, b, stride, pads, "identity")[0]
+        dz = _dz_fast(g, zz, ans, name)
+        Ho, Wo = dz.shape[1], dz.shape[2]
+        dz_rows = onp.reshape(dz, (-1, c_out))
+        out = {}
+        if 1 in argnums:  # cols^T dz, block by block, as (dz^T cols)^T (measured 1.2x faster than cols^T dz)
+            dWt = None
+            for n0, n1, P in _patch_blocks(x, (kh, kw), stride, pads, (Ho, Wo)):
+                part = onp.matmul(onp.swapaxes(dz_rows[n0 * Ho * Wo:n1 * Ho * Wo], 0, 1), P)
+                dWt = part if dWt is None else onp.add(dWt, part, out=dWt)
+            if dWt is None:  # an empty batch
+                dWt = onp.zeros((c_out, kh * kw * c_in), onp.result_type(dz, x))
+            out[1] = _cast(onp.reshape(onp.swapaxes(dWt, 0, 1), W.shape), W, onp)
+        if 2 in argnums:  # a matrix-vector product with ones: measured 5x faster than sum over axis 0
+            out[2] = _cast(onp.matmul(onp.ones(dz_rows.shape[0], dz_rows.dtype), dz_rows), b, onp)
+        if 0 in argnums:
+            out[0] = _cast(_conv_input_grad(dz, W, onp.shape(x), stride, pads), x, onp)
+        return tuple(out[i] for i in argnums)
+
+    return vjp
+
+
+defvjp_argnums(_conv2d_numpy, _conv2d_vjp)
+
+
+def make_conv2d(xp, fused):
+    """Build ``conv2d(x, W, b=None, stride=(1, 1), pads=((0, 0), (0, 0)), activation=None)`` for ``xp``.
+
+    Math: y[n, i, j] = activation(sum_{a, b, c} x_pad[n, i s_h + a, j s_w + b, c] W[a, b, c] + b), x (N, H, W, c_in)
+    zero-padded by pads = ((top, bottom), (left, right)), W (kh, kw, c_in, c_out), b (c_out,) -> y (N, H_out,
+    W_out, c_out): dense(im2col(x), reshape(W, (kh kw c_in, c_out)), b, activation), stride (s_h, s_w).
+    On numpy one primitive: the forward multiplies the patches block by block (``_patch_blocks``) and keeps none
+    of them; the VJP computes dW = cols^T dz from patches built again block by block, db = sum dz, and dx as a
+    correlation of dz with the flipped kernel per stride phase (``_conv_input_grad``), with no col2im. Gradients
+    of gradients go through the composed im2col and dense primitives. Elsewhere (strict, cupy): im2col then
+    dense, as before.
+    """
+
+    def generic(x, W, b, stride, pads, name):
+        kh, kw, c_in, c_out = W.shape
+        return xp.dense(xp.im2col(x, (kh, kw), stride, pads), xp.reshape(W, (kh * kw * c_in, c_out)), b, name)
+
+    def conv2d(x, W, b=None, stride=(1, 1), pads=((0, 0), (0, 0)), activation=None):
+        name, _, stride, pads = check_conv2d_args(x, W, b, stride, pads, activation)
+        if not fused or (b is not None and len(b.shape) != 1):
+            return generic(x, W, b, stride, pads, name)
+        if not _is_traced(x, W, b):
+            return _conv_forward(x, W, b, stride, pads, name, keep_z=False)[0]
+        return _conv2d_numpy(x, W, b, stride, pads, name)
+
+    return conv2d
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -989,6 +1271,7 @@ def install(ns, fused, epilogue=None):
     ``make_dense``'s (cupy's one-kernel bias + activation)."""
     ns.dense = make_dense(ns, fused=fused, epilogue=epilogue)
     ns.im2col = make_im2col(ns, fused=fused)
+    ns.conv2d = make_conv2d(ns, fused=fused)
     ns.log_softmax_take = make_log_softmax_take(ns, fused=fused)
     ns.gated_tanh = make_gated_tanh(ns, fused=fused)
     ns.adam_leaf = make_adam_leaf(ns, fused=fused)

@@ -43,6 +43,7 @@ EXTRAS = (
     "adam_leaf",  # adam_leaf(p, g, m, v, b1, b2, shift, scale, decay=None): one leaf of Adam, three fresh arrays
     "normal_rsample_kl",  # normal_rsample_kl(h, eps): (mu + exp(log_sigma) eps, KL to N(0, 1)); primitive on numpy
     "elbo_loss",  # elbo_loss(log_px, kl_dims, beta): -mean(mean(log_px, 0)) + beta mean(sum(kl_dims, -1)); primitive
+    "conv2d",  # conv2d(x, W, b=None, stride, pads, activation=None): NHWC conv, W (kh, kw, c_in, c_out); primitive
     "im2col",  # im2col(x, kernel_size, stride, pads): NHWC conv patches (N, Ho, Wo, kh*kw*C); primitive on numpy
     "device_of",  # device_of(x): the device an array lives on (None on numpy)
     "backend_name",  # the backend's name as a str: "numpy", "cupy" or "strict"

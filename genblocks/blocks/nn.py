@@ -360,7 +360,7 @@ def _broadcast_batch(a, b):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Convolutions (NHWC, im2col + one matmul)
+# Convolutions (NHWC: im2col + one matmul, one primitive with its own VJP on numpy)
 
 
 def _pair(value, name):
@@ -469,10 +469,11 @@ class Conv2d(Block):
         check_array(x, "x", ndim=4, last_dim=self.c_in)
         xp = namespace(x, params)
         padding = self.padding if padding is None else _check_padding(padding)
-        cols = im2col(x, self.kernel_size, stride=self.stride, padding=padding)
-        kh, kw = self.kernel_size
-        W = xp.reshape(self._kernel(xp, params["W"]), (kh * kw * self.c_in, self.c_out))
-        return _dense(xp, cols, W, params["b"], self.activation)
+        pads = conv_pads(x.shape, self.kernel_size, self.stride, padding)
+        W, act = self._kernel(xp, params["W"]), self.activation
+        if callable(act):
+            return act(xp.conv2d(x, W, params["b"], self.stride, pads, None))
+        return xp.conv2d(x, W, params["b"], self.stride, pads, act)
 
 
 def _host_kernel_mask(mask, conv):

@@ -275,6 +275,8 @@ def main():
     parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW's decoupled decay (0: Adam)")
     parser.add_argument("--vlb-weight", type=float, default=0.01, help="lambda in L_simple + lambda T L_vlb")
     parser.add_argument("--plot", default="examples-out/diffusion_digits_lt.png", help="the L_t picture")
+    parser.add_argument("--fd-samples", type=int, default=447,
+                        help="DDPM samples per model for the Frechet distance on DigitsFeatures (0: skip)")
     args = parser.parse_args()
     threads = set_blas_threads(args.threads) if args.threads else "default"
     steps, hidden, T, ode_points = args.steps, (512, 512, 512), 1000, args.ode_points
@@ -360,9 +362,31 @@ def main():
         print(f"PF-ODE NLL on {ode_points} test digits, uniformly dequantized onto the 17 bins (Hutchinson trace): "
               f"{ode['nats']:.2f} +- {ode['se']:.2f} nats = {ode['nats'] / (64 * math.log(2.0)):.3f} bits/dim "
               f"({time.perf_counter() - t0:.0f} s)")
+    if args.fd_samples:
+        frechet_table(model, finals, x, args.fd_samples, quick=args.quick)
     if args.plot:
         plot_lt(args.plot, [(f"{name}, {s} steps", finals[(name, s)][1]) for name, s in finals])
         print(f"wrote {args.plot}")
+
+
+def frechet_table(model, finals, x, n, quick=False):
+    """The Frechet distance on ``genblocks.metrics.DigitsFeatures`` (trained as bench_gan.py trains it: Rng(0),
+    400 steps) of n DDPM samples of each model (every step of the chain, the decoder's draw at the end)
+    against the test digits, and for scale the valid digits' and uniform noise's."""
+    from genblocks.metrics import DigitsFeatures
+
+    feats = DigitsFeatures.train(Rng(0), steps=60 if quick else 400)
+    grey = lambda v: (np.asarray(v, dtype=np.float64) + 1.0) * 8.0  # [-1, 1] -> grey levels 0..16
+    test = grey(x["test"])
+    noise = np.random.default_rng(0).uniform(0.0, 16.0, size=(n, 64))
+    print(f"\nFrechet distance on DigitsFeatures (valid accuracy {feats.accuracy:.3f}) against the {len(test)} test "
+          f"digits: valid digits {feats.frechet_distance(grey(x['valid']), test):.2f}, uniform noise "
+          f"{feats.frechet_distance(noise, test):.2f}")
+    for (name, s), (params, _) in finals.items():
+        t0 = time.perf_counter()
+        samples = to_numpy(model.sample(params, Rng(8), n, sampler="ddpm", data_shape=(64,)))
+        print(f"  {name}, {s} steps: {feats.frechet_distance(grey(samples), test):.2f} "
+              f"({n} DDPM samples, {time.perf_counter() - t0:.0f} s)", flush=True)
 
 
 def _leaves(tree):

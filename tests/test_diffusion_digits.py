@@ -331,6 +331,12 @@ def test_categorical_sampling_draws_x0_from_the_decoder_given_the_chains_x1():
     want = GRID[to_numpy(r_dec.categorical(model.decoder_logits(params, snaps[-2])))]
     np.testing.assert_array_equal(out, want)
     assert np.all(np.isin(model.sample(params, Rng(5), 3, sampler="ddim", num_inference_steps=4), GRID))
+    # a chain that blows up shows as NaN where x_1 is not finite, not as a level the decoder picked from NaN logits
+    x_T = np.zeros((2, 64))
+    x_T[0, 3] = np.inf
+    with np.errstate(invalid="ignore", over="ignore"):
+        bad = model.sample(params, Rng(5), 2, sampler="ddim", num_inference_steps=2, x_T=x_T, dtype="float64")
+    assert np.isnan(bad[0, 3]) and np.all(np.isin(bad[1], GRID))
     with pytest.raises(ValueError, match="sampler"):
         model.sample(params, Rng(5), 3, sampler="dpm_solver_pp")
     with pytest.raises(ValueError, match="t = 0"):

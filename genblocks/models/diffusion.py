@@ -641,7 +641,8 @@ class Diffusion(Block):
         xp = namespace(x1)
         index = r_dec.categorical(self.decoder_logits(params, x1))
         levels = self._levels(x1)
-        return xp.reshape(xp.take(levels, xp.reshape(index, (-1,)), axis=0), tuple(x1.shape))
+        x0 = xp.reshape(xp.take(levels, xp.reshape(index, (-1,)), axis=0), tuple(x1.shape))
+        return xp.where(xp.isfinite(x1), x0, float("nan"))  # a chain that diverged shows as NaN, not as a level
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,22 +1,25 @@
 """Diffusion likelihood on 17-level digits: the Improved DDPM recipe against its PyTorch twin in one run.
 
 Both sides train ``genblocks.train.recipes.digits_diffusion`` (an MLP eps-predictor with FiLM time
-conditioning and learned variances, the decoder's too; loss L_simple + 0.01 T L_vlb with L_vlb training the
-mean as well; importance-sampled t; cosine schedule truncated at sigma 0.05; AdamW with decay 0.1,
-gradient clipping at 1, EMA 0.999; batch 128 on the 1000 training digits; flags restore the former
-recipe) from the same initial weights for ``--steps`` and then 2 x ``--steps`` steps. The twin is the same
-network, loss, sampler of t, optimizer and EMA written in PyTorch. Both EMA weights are scored by the same code
-(``recipes.diffusion_bound``: all T terms of the bound, two noise draws per term and image, with the
-decoder a Gaussian discretized over the 17 bins) on all 447 test digits (and the 350 valid ones with
-``--valid``), in nats per image (independent-pixel floor 106.4). Then the PF-ODE NLL of the genblocks
-model on the same discrete scale (uniform dequantization: -log P(x) <= E_u[-log p(x + u)] - D log(2/16)),
-ms/step of both training loops (alternating, best of 3), and the picture of L_t against t (``--plot``).
+conditioning and learned variances; loss L_simple + 0.01 T L_vlb with L_vlb training the mean as well;
+importance-sampled t; cosine schedule truncated at sigma 0.1; a categorical decoder p(x_0 | x_1) over the 17
+levels whose LevelDecoder conv net trains on its own term; AdamW with decay 0.1, gradient clipping at 1,
+EMA 0.999; batch 128 on the 1000 training digits; flags restore the former recipes) from the same initial
+weights for ``--steps`` and then 2 x ``--steps`` steps. The twin is the same network, decoder, loss, sampler
+of t, optimizer and EMA written in PyTorch. Both EMA weights are scored by the same code
+(``recipes.diffusion_bound``: all T terms of the bound, two noise draws per term and image) on all 447 test
+digits (and the 350 valid ones with ``--valid``), in nats per image (independent-pixel floor 106.4). Then
+the PF-ODE NLL of the genblocks model on the same discrete scale (uniform dequantization: -log P(x) <=
+E_u[-log p(x + u)] - D log(2/16)), the Frechet distance on DigitsFeatures of each model's DDPM samples
+(``--fd-samples``), ms/step of both training loops (alternating, best of 3), and the picture of L_t
+against t (``--plot``).
 
     python benchmarks/bench_diffusion_likelihood.py --threads 1                # tens of minutes, 1 core
     python benchmarks/bench_diffusion_likelihood.py --steps 1500 --threads 1   # both sides at fewer steps
     python benchmarks/bench_diffusion_likelihood.py --quick                    # seconds, numbers meaningless
-    python benchmarks/bench_diffusion_likelihood.py --sigma-min 0.025 --decoder-variance posterior \
-        --no-vlb-trains-mean --vlb-weight 0.001 --weight-decay 0 --threads 1  # the former recipe
+    # the first recipe:
+    python benchmarks/bench_diffusion_likelihood.py --sigma-min 0.025 --decoder discretized \
+        --decoder-variance posterior --no-vlb-trains-mean --vlb-weight 0.001 --weight-decay 0 --threads 1
 
 Figures are indicative: they move with the machine's load and the BLAS build.
 """

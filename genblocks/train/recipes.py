@@ -109,19 +109,20 @@ def digits_diffusion(*, hidden=(512, 512, 512), time_embed_dim=128, num_timestep
     """Improved DDPM for 8x8 images on ``num_bins`` levels in [-1, 1]: an eps-predictor with learned variances
     (``learned_range``, twice the outputs), the hybrid loss L_simple + ``vlb_weight`` T L_vlb, importance-sampled
     t, the cosine schedule of ``num_timesteps`` steps (its steps below ``sigma_min`` merged into the first,
-    ``truncated_cosine_betas``; None keeps them all) and the discretized Gaussian decoder over the bins.
+    ``truncated_cosine_betas``; None keeps them all) and a decoder p(x_0 | x_1) over the levels.
 
+    ``decoder="categorical"`` (default): softmax_k(-(x_1 - a_0 v_k)^2 / (2 s_0^2) + g_k(x_1)) per pixel, g a
+    ``LevelDecoder`` of ``decoder_channels`` (0: none, the uniform-prior posterior) reading the whole of x_1;
+    "discretized": a Gaussian N(x0_hat, sigma^2) discretized over the bins, its variance learned in
+    [sigma~^2_1, beta_0] (``decoder_variance="beta"``; "posterior" fixes it at sigma~^2_1, DDPM's table).
     ``vlb_trains_mean=True``: L_vlb's gradient also trains the mean prediction (``Diffusion``), not only the
-    variances. ``decoder_variance="beta"``: the decoder's variance is learned in [sigma~^2_1, beta_0] (beta_0 =
-    sigma_min^2 after truncation); "posterior" fixes it at sigma~^2_1 (DDPM's table, ``Diffusion``).
-    ``network="mlp"``: an MLP with FiLM time conditioning (``hidden`` widths) on flat data x (n, 64).
+    variances. ``network="mlp"``: an MLP with FiLM time conditioning (``hidden`` widths) on flat data x (n, 64).
     ``network="unet"``: the ``UNet`` (``base_channels``, ``channel_mults``, ``num_res_blocks``, 2 output
-    channels) on images x (n, 8, 8, 1) (``digits_images``). The default sigma_min = 0.05 (0.8 of the
-    half-width of a 17-level bin in [-1, 1]) merges the 25 steps below it into the first. Test bounds of the
-    MLP (docs/diffusion.md): the former defaults (sigma_min 0.025, "posterior", vlb_trains_mean False,
-    vlb_weight 0.001) 141.6 nats after 3000 steps and 128.1 after 6000, all 1000 steps 207.9 and 194.0;
-    these defaults 111.4 after 3000 and 110.3 after 6000 trained with Adam, 103.3 after 6000 with
-    ``fit_diffusion``'s default AdamW decay 0.1.
+    channels) on images x (n, 8, 8, 1) (``digits_images``). The default sigma_min = 0.1 merges the 56 steps
+    below it into the first. Test bounds of the MLP (docs/diffusion.md): the first recipe (sigma_min 0.025,
+    "posterior" discretized decoder, vlb_trains_mean False, vlb_weight 0.001) 128.1 nats after 6000 steps;
+    sigma_min 0.05 with the "beta" discretized decoder and vlb_trains_mean 103.3; these defaults 97.7 after
+    3000 and 90.1 after 6000 steps (``fit_diffusion``'s default AdamW decay 0.1; the PyTorch twin 90.0).
     """
     if sigma_min is None:
         schedule = DiscreteSchedule("squaredcos_cap_v2", num_timesteps)
@@ -159,8 +160,8 @@ def fit_diffusion(model, x, rng, steps, *, batch_size=128, lr=1e-3, ema_decay=0.
     """Train ``model`` on x (n, ...) with Adam, gradient clipping and an EMA; returns ``fit``'s result.
 
     ``weight_decay`` > 0 uses AdamW (decoupled decay: p <- p - lr_t (m_hat / (sqrt(v_hat) + eps) + wd p)); 0 is
-    Adam. The default 0.1 was picked on the valid bound of ``digits_diffusion`` after 6000 steps (99.3 nats,
-    100.2 with 0.5; test 103.3 against 110.3 with Adam, docs/diffusion.md).
+    Adam. The default 0.1 was picked on the valid bound of ``digits_diffusion`` after 6000 steps (88.8 nats,
+    90.6 with 0.5; with the former discretized decoder 99.3 against 100.2, docs/diffusion.md).
     ``lr_decay_steps``: the learning rate follows a cosine from ``lr`` down to ``final_lr`` over that many steps,
     lr_t = final_lr + (lr - final_lr)(1 + cos(pi min(t, S) / S)) / 2; None keeps it constant.
     Uses ``loss_and_state`` (the importance sampler's history travels as state). With ``checkpoint_path``

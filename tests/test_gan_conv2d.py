@@ -112,3 +112,18 @@ def test_wgan_gp_losses_of_a_conv_gan_equal_the_composed_formula(monkeypatch):
 
     got, want = _both(monkeypatch, run)
     _assert_close_trees(got, want)
+
+
+def test_benchmark_times_both_versions_and_puts_the_fused_conv2d_back(capsys):
+    import pathlib
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_gan_conv
+
+    xp = namespace(np.zeros(1))
+    before = xp.conv2d
+    bench_gan_conv.main(["--quick", "--losses", "non_saturating"])
+    assert xp.conv2d is before
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| non_saturating")]
+    assert [r.split(" | ")[1] for r in rows] == ["xp.conv2d", "im2col + dense"]

@@ -273,10 +273,9 @@ class ConvDiscriminator(_SNLayers):
         self._check_state(state)
         mats, new_state = self._weights(params, state)
         h = x
-        for W, p in zip(mats[:-1], params[:-1]):
+        for W, p in zip(mats[:-1], params[:-1]):  # W (3, 3, c_in, c_out), already normalised with spectral_norm
             pads = conv_pads(h.shape, (3, 3), (2, 2), "same")
-            cols = xp.im2col(h, (3, 3), (2, 2), pads)
-            h = xp.dense(cols, xp.reshape(W, (-1, W.shape[-1])), p["b"], self.activation)
+            h = xp.conv2d(h, W, p["b"], (2, 2), pads, self.activation)  # act(im2col(h) @ reshape(W) + b)
         h = xp.reshape(h, (h.shape[0], self.flat))
         if self.minibatch_std:
             h = minibatch_std(h)
@@ -382,9 +381,7 @@ class ConvGenerator(Block):
             if i < last:
                 h = upsample_nearest(h)
             pads = conv_pads(h.shape, (3, 3), (1, 1), "same")
-            cols = xp.im2col(h, (3, 3), (1, 1), pads)
-            W = xp.reshape(p["W"], (-1, p["W"].shape[-1]))
-            h = xp.dense(cols, W, p["b"], self.activation if i < last else self.final_activation)
+            h = xp.conv2d(h, p["W"], p["b"], (1, 1), pads, self.activation if i < last else self.final_activation)
         return h
 
 

@@ -408,18 +408,25 @@ def _im2col_plain(x, kernel_size, stride, pads):
     else:
         padded = onp.ascontiguousarray(x)
     if C == 1 and kh * kw > 1:
-        # one strided copy per kernel tap: with one channel the windows' copy below runs kw elements at a time
-        # (measured 3.5x slower, 64 x 28 x 28 x 1 float32, 3x3, one thread)
-        cols = onp.empty((N, Ho, Wo, kh * kw), dtype=x.dtype)
-        for a in range(kh):
-            for b in range(kw):
-                cols[..., a * kw + b] = padded[:, a:a + sh * (Ho - 1) + 1:sh, b:b + sw * (Wo - 1) + 1:sw, 0]
-        return cols
+        cols = onp.empty((N, Ho, Wo, kh, kw, 1), dtype=x.dtype)
+        _copy_one_channel_taps(cols, padded, kernel_size, stride)
+        return onp.reshape(cols, (N, Ho, Wo, kh * kw))
     sN, sH, sW, sC = padded.strides
     windows = onp.lib.stride_tricks.as_strided(
         padded, (N, Ho, Wo, kh, kw, C), (sN, sH * sh, sW * sw, sH, sW, sC), writeable=False
     )
     return onp.reshape(windows, (N, Ho, Wo, kh * kw * C))  # the one copy
+
+
+def _copy_one_channel_taps(out, padded, kernel_size, stride):
+    """out (n, Ho, Wo, kh, kw, 1) <- the patches of a one-channel ``padded`` (n, Hp, Wp, 1), one strided copy per
+    kernel tap: with one channel the windows' copy runs kw elements at a time (measured 3.5x slower, 64 x 28 x
+    28 x 1 float32, 3x3, one thread)."""
+    (kh, kw), (sh, sw) = kernel_size, stride
+    Ho, Wo = out.shape[1], out.shape[2]
+    for a in range(kh):
+        for b in range(kw):
+            out[:, :, :, a, b, 0] = padded[:, a:a + sh * (Ho - 1) + 1:sh, b:b + sw * (Wo - 1) + 1:sw, 0]
 
 
 @primitive
@@ -577,11 +584,7 @@ def _patch_blocks(src, kernel_size, stride, pads, out_hw):
         padded = _padded_block(src[n0:n1], pads)
         P = _scratch_array(1, (n1 - n0, Ho, Wo, kh, kw, C), src.dtype)
         if C == 1 and kh * kw > 1:
-            # one strided copy per kernel tap: with one channel the windows' copy below runs kw elements at a
-            # time (measured 3.5x slower, 64 x 28 x 28 x 1 float32, 3x3, one thread)
-            for a in range(kh):
-                for b in range(kw):
-                    P[:, :, :, a, b, 0] = padded[:, a:a + sh * (Ho - 1) + 1:sh, b:b + sw * (Wo - 1) + 1:sw, 0]
+            _copy_one_channel_taps(P, padded, kernel_size, stride)
         else:
             sN, sH, sW, sC = padded.strides
             windows = onp.lib.stride_tricks.as_strided(padded, P.shape, (sN, sH * sh, sW * sw, sH, sW, sC),

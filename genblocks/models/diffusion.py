@@ -505,19 +505,25 @@ class Diffusion(Block):
             logits = logits + g
         return logits
 
+    def _level_position(self, x0):
+        """(k, nearest): x0 on the level scale, k = (x0 + 1)(K - 1) / 2, and the nearest level's index in [0, K-1]."""
+        xp = namespace(x0)
+        K = self.num_bins
+        scaled = (x0 + 1.0) * (0.5 * (K - 1))
+        return scaled, xp.clip(xp.round(scaled), 0, K - 1)
+
     def decoder_nll(self, params, x0, x1):
         """-log p(x_0 | x_1) of the categorical decoder, elementwise: x_0 on the levels, x_1 (n, ...) -> (n, ...)."""
         xp = namespace(x0, x1)
-        K = self.num_bins
-        index = xp.astype(xp.clip(xp.round((stop_gradient(x0) + 1.0) * (0.5 * (K - 1))), 0, K - 1), xp.int64)
+        index = xp.astype(self._level_position(stop_gradient(x0))[1], xp.int64)
         return -xp.log_softmax_take(self.decoder_logits(params, x1), index)
 
     def _check_levels(self, x0):
         """ValueError unless x0 lies on the decoder's num_bins levels in [-1, 1] (within 1e-3 of a level)."""
         xp = namespace(x0)
         K = self.num_bins
-        scaled = (x0 + 1.0) * (0.5 * (K - 1))
-        off = float(xp.max(xp.abs(scaled - xp.clip(xp.round(scaled), 0, K - 1))))
+        scaled, nearest = self._level_position(x0)
+        off = float(xp.max(xp.abs(scaled - nearest)))
         if off > 1e-3 * (K - 1):
             raise ValueError(f"x: expected data on the {K} levels -1 + 2k/{K - 1} (decoder={self.decoder!r}), "
                              f"got values up to {off * 2.0 / (K - 1):.3g} away from the nearest level")
@@ -623,21 +629,22 @@ class Diffusion(Block):
             raise ValueError(f"sampler: decoder='categorical' draws x_0 from the x that enters the step at t = 0, "
                              f"which only 'ddpm' and 'ddim' visit; got {sampler!r}")
         user_callback = kw.pop("callback", None)
-        seen = []
+        seen = []  # the last two (step, t, x) snapshots: the second to last is x_1 when the last step is at t = 0
 
-        def keep(k, t, x):  # the last two snapshots: the second to last is x_1 when the last step is at t = 0
-            seen[:] = seen[-1:] + [(t, x)]
+        def keep(k, t, x):
+            seen[:] = seen[-1:] + [(k, t, x)]
             if user_callback is not None:
                 user_callback(k, t, x)
 
         r_loop, r_dec = rng.split(2)
         SAMPLERS[sampler](model_fn, self.schedule, r_loop, shape, prediction_type=self.prediction_type, cond=cond,
                           dtype=dtype, callback=keep, **kw)
-        if float(seen[-1][0]) != 0.0 or len(seen) < 2:
+        steps, t_last = seen[-1][0] + 1, float(seen[-1][1])
+        if t_last != 0.0 or steps < 2:
             raise ValueError(f"{sampler}: decoder='categorical' needs a grid of at least 2 steps ending at t = 0 "
-                             f"(e.g. timestep_spacing='leading'); this one ends at t = {float(seen[-1][0]):g} "
-                             f"after {len(seen)} step(s)")
-        x1 = seen[0][1]
+                             f"(e.g. timestep_spacing='leading'); this one ends at t = {t_last:g} after {steps} "
+                             f"step(s)")
+        x1 = seen[0][2]
         xp = namespace(x1)
         index = r_dec.categorical(self.decoder_logits(params, x1))
         levels = self._levels(x1)

@@ -125,6 +125,7 @@ def torch_twin_train(model, params0, x, steps, seed=0, snapshots=(), weight_deca
     if dec_net is not None:
         dec_leaves, decoder_nll, decoder_tree = torch_categorical_decoder(model, pd0)
         leaves += dec_leaves
+        a0, s0 = sched.marginal_host(0)  # x_1 = a0 x_0 + s0 eps, the decoder's input
     silu = torch.nn.functional.silu
     lin = lambda h, p: torch.addmm(p["b"], h, p["W"])
 
@@ -207,7 +208,6 @@ def torch_twin_train(model, params0, x, steps, seed=0, snapshots=(), weight_deca
             counts[tt] += 1
         loss = (per * weights).mean()
         if dec_net is not None:  # the decoder's own term on a fresh x_1 of every example
-            a0, s0 = sched.marginal_host(0)
             loss = loss + decoder_nll(x0, a0 * x0 + s0 * torch.randn_like(x0)).mean()
         opt.zero_grad()
         loss.backward()

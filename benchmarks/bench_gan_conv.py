@@ -27,20 +27,11 @@ from bench_flows import set_blas_threads  # noqa: E402 (benchmarks/bench_flows.p
 from bench_gan import step_ms  # noqa: E402
 
 from genblocks.backends import Rng, namespace_of  # noqa: E402
+from genblocks.backends.fused import make_conv2d  # noqa: E402
 from genblocks.blocks.discriminators import ConvDiscriminator, ConvGenerator  # noqa: E402
 from genblocks.models.gan import GAN  # noqa: E402
 
 LOSSES = {"non_saturating": dict(loss="non_saturating"), "wgan_gp": dict(loss="wasserstein", penalty="gp")}
-
-
-def composed_conv2d(xp):
-    """conv2d as im2col then dense with the kernel reshaped to (kh kw c_in, c_out): the blocks before the switch."""
-
-    def conv2d(x, W, b=None, stride=(1, 1), pads=((0, 0), (0, 0)), activation=None):
-        kh, kw, c_in, c_out = W.shape
-        return xp.dense(xp.im2col(x, (kh, kw), stride, pads), xp.reshape(W, (kh * kw * c_in, c_out)), b, activation)
-
-    return conv2d
 
 
 def timed(gan, params, state, batch, repeats, conv):
@@ -75,7 +66,8 @@ def main(argv=None):
           f"median over {args.rounds} alternating rounds of the median of {args.repeats} steps")
     print("| loss | conv | ms/D step | ms/G step |\n|---|---|---|---|")
     xp = namespace_of("numpy")
-    versions = {"xp.conv2d": None, "im2col + dense": composed_conv2d(xp)}
+    # conv2d's plain (non-fused) form: dense(im2col(x), reshape(W, (kh kw c_in, c_out)), b), the blocks before
+    versions = {"xp.conv2d": None, "im2col + dense": make_conv2d(xp, fused=False)}
     for loss in args.losses:
         gan = GAN(ConvGenerator(16, shape, (64, 64, 32)), ConvDiscriminator(shape, (32, 64), spectral_norm=True),
                   **LOSSES[loss])

@@ -406,3 +406,84 @@ def test_row_max_by_doubling_equals_numpys_max(k):
         np.testing.assert_array_equal(got, np.max(x, axis=-1, keepdims=True))
         got[...] = 0.0  # a fresh array: writing to it leaves the logits alone
     assert not np.all(logits == 0.0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# reuse_buffers(): outputs recycled once nothing references them, never while something does
+
+
+def _address(a):
+    return a.__array_interface__["data"][0]
+
+
+def test_reuse_buffers_recycles_dropped_outputs_and_never_overwrites_held_ones():
+    from genblocks.backends import reuse_buffers
+
+    x, W, b = _data((64, 8), d_out=32, dtype="float32")
+    expected = xp.dense(x, W, b, "silu")
+    with reuse_buffers():
+        held = xp.dense(x, W, b, "silu")
+        view = xp.dense(x, W, b, "relu")[:3]  # a view keeps its base referenced
+        dropped = _address(xp.dense(x, W, b, "silu"))
+        again = xp.dense(x * 2.0, W, b, "silu")
+        assert _address(again) == dropped  # the dropped output's memory, handed out again
+        for _ in range(5):  # later calls write elsewhere: what is held keeps its values
+            xp.dense(-x, W, b, "silu")
+        np.testing.assert_array_equal(held, expected)
+        np.testing.assert_array_equal(view, xp.dense(x, W, b, "relu")[:3])
+        assert _address(held) != _address(again) and not np.shares_memory(view, again)
+    np.testing.assert_array_equal(held, expected)  # and after the block
+
+
+def test_reuse_buffers_gives_the_same_bits_and_is_scoped_nested_and_per_thread():
+    import threading
+
+    from genblocks.backends import reuse_buffers
+
+    x, W, b = _data((40, 6), d_out=16, dtype="float32")
+    plain = [xp.dense(x, W, b, name) for name in ACTIVATIONS]
+    with reuse_buffers():
+        with reuse_buffers():  # nested: one pool, kept until the outer block ends
+            inner = [xp.dense(x, W, b, name) for name in ACTIVATIONS]
+        assert fused._pool.arrays  # still the outer block's pool
+        seen = []
+        worker = threading.Thread(target=lambda: seen.append(getattr(fused._pool, "arrays", None)))
+        worker.start()
+        worker.join()
+        assert seen == [None]  # another thread has no pool of this block
+    assert fused._pool.arrays is None
+    for a, c in zip(plain, inner):
+        np.testing.assert_array_equal(a, c)
+    a1, a2 = xp.dense(x, W, b, "silu"), xp.dense(x, W, b, "silu")
+    assert not np.shares_memory(a1, a2)  # outside the block: fresh arrays
+
+
+def test_reuse_buffers_keeps_gradients_and_conv2d_values():
+    from genblocks.backends import reuse_buffers
+
+    x, W, b = _data((12, 5), d_out=7)
+    loss = lambda W: anp.sum(anp.sin(xp.dense(xp.dense(x, W[:, :5], b[:5], "silu"), W[:5, :], b, "tanh")))
+    W = np.random.default_rng(1).normal(size=(5, 7))
+    g_plain = grad(loss)(W)
+    img = np.random.default_rng(2).normal(size=(3, 6, 6, 2)).astype("float32")
+    K = np.random.default_rng(3).normal(size=(3, 3, 2, 4)).astype("float32")
+    conv_plain = xp.conv2d(img, K, None, (1, 1), ((1, 1), (1, 1)), "silu")
+    with reuse_buffers():
+        np.testing.assert_array_equal(grad(loss)(W), g_plain)
+        first = xp.conv2d(img, K, None, (1, 1), ((1, 1), (1, 1)), "silu")
+        second = xp.conv2d(-img, K, None, (1, 1), ((1, 1), (1, 1)), "silu")
+        np.testing.assert_array_equal(first, conv_plain)
+        assert not np.shares_memory(first, second)
+
+
+def test_reuse_buffers_does_nothing_where_reference_counts_prove_nothing(monkeypatch):
+    from genblocks.backends import reuse_buffers
+
+    assert fused._FREE_REFS is not None  # CPython with a GIL, as in CI
+    monkeypatch.setattr(fused, "_FREE_REFS", None)
+    x, W, b = _data((16, 4), d_out=8)
+    with reuse_buffers():
+        y = xp.dense(x, W, b, "silu")
+        assert fused._pooled((16, 8), "float64") is None
+        np.testing.assert_array_equal(y, xp.dense(x, W, b, "silu"))
+        assert not fused._pool.arrays  # nothing was pooled

@@ -632,6 +632,26 @@ def test_fast_path_equals_the_out_of_place_terms_bit_for_bit(name, model_name, b
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "dpm", "pc"])
+def test_fast_path_with_a_network_equals_the_plain_path_bit_for_bit(name):
+    """With a real network (dense layers, silu, FiLM) the fast loop also recycles the network's buffers
+    (``reuse_buffers``) from step to step: the same arrays as the plain loop, every step."""
+    from genblocks.blocks.score_nets import MLPScoreNet
+
+    net = MLPScoreNet(2, (32, 32), time_embed_dim=16)
+    params = net.init(Rng(0), "float32")
+    model = lambda x, t: net.apply(params, x, t)
+    x_T = to_numpy(Rng(3).normal((64, 2), dtype="float32"))
+    runs = {}
+    for fast in (False, True):
+        steps = []
+        got = _with_fast(IN_PLACE_RUNS[name], fast)(model, x_T, lambda k, t, x: steps.append(to_numpy(x)), Rng(4))
+        runs[fast] = [to_numpy(got)] + steps
+    assert len(runs[True]) >= 3
+    for a, b in zip(runs[False], runs[True], strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_every_step_function_fits_on_a_screen_and_states_its_equation():
     import inspect
 

@@ -19,6 +19,7 @@ import numpy as onp
 from autograd import jacobian
 
 from . import registry as _registry
+from .fused import reuse_buffers
 from .random import Rng, float_dtype_name
 from .registry import BACKENDS, Backend, backend_of, get_backend, is_traced, namespace_of, record, stop_gradient
 from .treegrad import grad, value_and_grad  # autograd's, minus its per-leaf container copies
@@ -27,7 +28,7 @@ from .vocab import VOCAB
 __all__ = [
     "BACKENDS", "VOCAB", "Rng", "namespace", "get_backend", "set_backend", "use_backend", "to_device",
     "to_numpy", "backend_of", "resolve_dtype", "float_dtype_name", "grad", "value_and_grad", "jacobian",
-    "namespace_of", "Backend", "record", "is_traced", "stop_gradient",
+    "namespace_of", "Backend", "record", "is_traced", "stop_gradient", "reuse_buffers",
 ]
 
 

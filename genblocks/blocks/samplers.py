@@ -5,8 +5,9 @@ shared loop, ``sample_loop``. A step reads the model only through ``denoise(x, t
 ``model_fn``'s prediction into x_0_hat and eps_hat) and returns its update as terms: x_next = sum_i c_i v_i,
 a list of (c_i, v_i). The loop owns the rest: the starting noise, the grid the sampler's grid builder made,
 guidance, ``callback(step, t, x)``, and adding the terms up. ``fast=False`` adds them out of place, the
-textbook form; the default writes them into the sampler's own array in place, in the same order, so the
-two agree bit for bit (tested). Reading a sampler: its grid builder, its step, its five-line driver.
+textbook form; the default writes them into the sampler's own array in place, in the same order, and runs
+the network inside ``reuse_buffers()`` (its large arrays recycled from step to step rather than faulted in
+afresh), so the two agree bit for bit (tested). Reading a sampler: its grid builder, its step, its five-line driver.
 
 Shared arguments: ``model_fn(x, t, **cond) -> prediction`` (a network, an analytic oracle or a guided
 wrapper), a schedule from ``genblocks.blocks.schedules``, an ``Rng`` (its backend is the backend of the
@@ -36,10 +37,11 @@ inputs). ``callback(step, t, x)`` receives a snapshot that is not touched afterw
 - Guidance wrappers: ``classifier_free_guidance``, ``classifier_guidance``.
 """
 
+import contextlib
 import math
 from collections import namedtuple
 
-from genblocks.backends import grad, namespace, record, to_device, to_numpy
+from genblocks.backends import grad, namespace, record, reuse_buffers, to_device, to_numpy
 from genblocks.blocks.schedules import check_discrete, karras_sigmas, multistep_timesteps
 from genblocks.blocks.validate import (
     check_callable,
@@ -356,7 +358,8 @@ def sample_loop(step, grid, model_fn, schedule, rng, shape, *, prediction_type="
     ``step(x, t, t_next, denoise, noise) -> [(c_i, v_i), ...]`` with x_next = sum_i c_i v_i; t_next is None
     after the last point. ``denoise(x, t) -> Denoised(x0, eps, extra)`` calls the (guided) model at host time
     t; ``noise()`` draws z ~ N(0, I) like x. ``callback(k, model time of t, snapshot of x)`` after each step.
-    ``fast=False`` adds the terms out of place. Returns the final x (batch, ...).
+    ``fast=False`` adds the terms out of place and runs the network without ``reuse_buffers()``. Returns the
+    final x (batch, ...).
     """
     check_prediction_type(prediction_type)
     if callback is not None:
@@ -387,12 +390,13 @@ def sample_loop(step, grid, model_fn, schedule, rng, shape, *, prediction_type="
         fresh.append(z)
         return z
 
-    for k, point in enumerate(grid):
-        fresh.clear()
-        update = step(x, point, grid[k + 1] if k + 1 < len(grid) else None, denoise, noise)
-        x = _combine_into(x, update, scratch, fresh) if fast else combine(update)
-        if callback is not None:
-            callback(k, schedule.model_time_any(_time(point)), xp.asarray(x, copy=True))
+    with reuse_buffers() if fast else contextlib.nullcontext():  # the network's large arrays, step after step
+        for k, point in enumerate(grid):
+            fresh.clear()
+            update = step(x, point, grid[k + 1] if k + 1 < len(grid) else None, denoise, noise)
+            x = _combine_into(x, update, scratch, fresh) if fast else combine(update)
+            if callback is not None:
+                callback(k, schedule.model_time_any(_time(point)), xp.asarray(x, copy=True))
     return x
 
 

@@ -458,7 +458,7 @@ def test_reuse_buffers_gives_the_same_bits_and_is_scoped_nested_and_per_thread()
     assert not np.shares_memory(a1, a2)  # outside the block: fresh arrays
 
 
-def test_reuse_buffers_keeps_gradients_and_conv2d_values():
+def test_reuse_buffers_keeps_gradients_and_leaves_conv2d_alone():
     from genblocks.backends import reuse_buffers
 
     x, W, b = _data((12, 5), d_out=7)
@@ -473,7 +473,9 @@ def test_reuse_buffers_keeps_gradients_and_conv2d_values():
         first = xp.conv2d(img, K, None, (1, 1), ((1, 1), (1, 1)), "silu")
         second = xp.conv2d(-img, K, None, (1, 1), ((1, 1), (1, 1)), "silu")
         np.testing.assert_array_equal(first, conv_plain)
-        assert not np.shares_memory(first, second)
+        pooled = [a for arrays in fused._pool.arrays.values() for a in arrays]
+        assert not any(np.shares_memory(a, c) for a in pooled for c in (first, second))  # conv outputs: fresh
+        np.testing.assert_array_equal(-second, -xp.conv2d(-img, K, None, (1, 1), ((1, 1), (1, 1)), "silu"))
 
 
 def test_reuse_buffers_does_nothing_where_reference_counts_prove_nothing(monkeypatch):

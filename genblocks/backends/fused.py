@@ -48,12 +48,15 @@ sum KL from them, one primitive in place of seven nodes, again the same operatio
 
 Elsewhere (strict, cupy) all eight are the same formulas written with the backend's own array-API calls.
 
-``reuse_buffers()``: inside this context, ``dense`` and ``conv2d`` on plain numpy arrays take their outputs and
-their silu temporary from a per-thread pool of arrays that nothing else references any more, instead of fresh
-memory. A sampling loop frees every large array of its network at the end of each step; glibc then gives the
-top of its heap back to the system and the next step faults it in again, page by page (measured on the DDIM-50
-checkerboard benchmark, 1000 samples: 218 faults per step, and 15-25% of the loop's time on a 2-core VM). The
-diffusion samplers enter it for their loop (``fast=True``, the default); values are the same bits.
+``reuse_buffers()``: inside this context, ``dense`` on plain numpy arrays takes its output and its silu
+temporary from a per-thread pool of arrays that nothing else references any more, instead of fresh memory. A
+sampling loop frees every large array of its network at the end of each step; glibc then gives the top of its
+heap back to the system and the next step faults it in again, page by page (measured on the DDIM-50
+checkerboard benchmark, 1000 samples: 218 faults per step, and about 20% of the loop's time on a 2-core VM).
+The diffusion samplers enter it for their loop (``fast=True``, the default); values are the same bits.
+``conv2d``'s outputs stay out of it (its silu temporary is pooled): with the U-Net's conv outputs pooled and
+its norms, sums and skips still fresh, the faults per forward tripled (3042 -> 9829 at 256 x 8 x 8, one
+thread), glibc reacting to what the pool holds; as it is, the U-Net's faults and time are unchanged.
 """
 
 import contextlib
@@ -119,7 +122,7 @@ _FREE_REFS = _free_refs()
 
 @contextlib.contextmanager
 def reuse_buffers():
-    """``with reuse_buffers(): ...``: numpy ``dense`` / ``conv2d`` outputs recycled within this thread.
+    """``with reuse_buffers(): ...``: numpy ``dense`` outputs recycled within this thread.
 
     An array of the pool is handed out again only when nothing but the pool references it (no variable, no
     view, no autograd node: CPython's reference count says so), so what a caller still holds is never
@@ -736,9 +739,7 @@ def _conv_forward(x, W, b, stride, pads, name, keep_z=True):
     kh, kw, c_in, c_out = W.shape
     Ho, Wo = _out_size(x.shape, (kh, kw), stride, pads)
     W2 = onp.reshape(W, (kh * kw * c_in, c_out))
-    z_shape, z_dtype = (x.shape[0], Ho, Wo, c_out), onp.result_type(x, W)
-    z = _pooled(z_shape, z_dtype)
-    z = onp.empty(z_shape, z_dtype) if z is None else z
+    z = onp.empty((x.shape[0], Ho, Wo, c_out), onp.result_type(x, W))
     z_rows = onp.reshape(z, (-1, c_out))
     for n0, n1, P in _patch_blocks(x, (kh, kw), stride, pads, (Ho, Wo)):
         onp.matmul(P, W2, out=z_rows[n0 * Ho * Wo:n1 * Ho * Wo])

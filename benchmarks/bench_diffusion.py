@@ -282,11 +282,7 @@ def blas_info():
 
 def profile_sampling(model, params, quick):
     """Where the time of the network forward and of two sampling loops goes (profile_parts); the fixed
-    cost is the same call at batch 2 (batch 1 would skip the FiLM folding, a different computation).
-    DDIM-50 runs twice: as ``Diffusion.sample`` runs it, and with ``fast=False`` (terms added out of place,
-    no ``reuse_buffers()``: the network's arrays fresh at every step, hence the page faults). This part runs
-    before torch is imported: after ``import torch`` the same loops measured no faults either way, so the
-    sampling tables below do not show this difference."""
+    cost is the same call at batch 2 (batch 1 would skip the FiLM folding, a different computation)."""
     n = 200 if quick else 1000
     fn = model.model_fn(params, shared_time=True)
     rng = np.random.default_rng(0)
@@ -298,7 +294,6 @@ def profile_sampling(model, params, quick):
     print("-" * len(HEADER))
     print(format_parts("forward", profile_parts(lambda: fn(x, t), lambda: fn(x2, t2), 10 if quick else 50)))
     runs = [("DDIM-50", "ddim", {"num_inference_steps": 50}),
-            ("DDIM-50 fast=False", "ddim", {"num_inference_steps": 50, "fast": False}),
             ("DPM-Solver++-20", "dpm_solver_pp", {"num_inference_steps": 20, "x0_transform": clip_sample(2.0)})]
     for name, sampler, kw in runs:
         parts = profile_parts(lambda: model.sample(params, Rng(0), n, sampler=sampler, **kw),

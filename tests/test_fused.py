@@ -419,7 +419,7 @@ def _address(a):
 def test_reuse_buffers_recycles_dropped_outputs_and_never_overwrites_held_ones():
     from genblocks.backends import reuse_buffers
 
-    x, W, b = _data((64, 8), d_out=32, dtype="float32")
+    x, W, b = _data((1024, 8), d_out=32, dtype="float32")  # 128 kB outputs: pooled (64 kB or more)
     expected = xp.dense(x, W, b, "silu")
     with reuse_buffers():
         held = xp.dense(x, W, b, "silu")
@@ -431,6 +431,9 @@ def test_reuse_buffers_recycles_dropped_outputs_and_never_overwrites_held_ones()
             xp.dense(-x, W, b, "silu")
         np.testing.assert_array_equal(held, expected)
         np.testing.assert_array_equal(view, xp.dense(x, W, b, "relu")[:3])
+        keys = set(fused._pool.arrays)
+        xp.dense(x[:100], W, b, "silu")  # 12.8 kB: from malloc's free lists, not pooled
+        assert set(fused._pool.arrays) == keys
         assert _address(held) != _address(again) and not np.shares_memory(view, again)
     np.testing.assert_array_equal(held, expected)  # and after the block
 
@@ -440,7 +443,7 @@ def test_reuse_buffers_gives_the_same_bits_and_is_scoped_nested_and_per_thread()
 
     from genblocks.backends import reuse_buffers
 
-    x, W, b = _data((40, 6), d_out=16, dtype="float32")
+    x, W, b = _data((1024, 6), d_out=16, dtype="float32")
     plain = [xp.dense(x, W, b, name) for name in ACTIVATIONS]
     with reuse_buffers():
         with reuse_buffers():  # nested: one pool, kept until the outer block ends
@@ -461,11 +464,11 @@ def test_reuse_buffers_gives_the_same_bits_and_is_scoped_nested_and_per_thread()
 def test_reuse_buffers_keeps_gradients_and_leaves_conv2d_alone():
     from genblocks.backends import reuse_buffers
 
-    x, W, b = _data((12, 5), d_out=7)
+    x, W, b = _data((2048, 5), d_out=7)
     loss = lambda W: anp.sum(anp.sin(xp.dense(xp.dense(x, W[:, :5], b[:5], "silu"), W[:5, :], b, "tanh")))
     W = np.random.default_rng(1).normal(size=(5, 7))
     g_plain = grad(loss)(W)
-    img = np.random.default_rng(2).normal(size=(3, 6, 6, 2)).astype("float32")
+    img = np.random.default_rng(2).normal(size=(64, 12, 12, 2)).astype("float32")
     K = np.random.default_rng(3).normal(size=(3, 3, 2, 4)).astype("float32")
     conv_plain = xp.conv2d(img, K, None, (1, 1), ((1, 1), (1, 1)), "silu")
     with reuse_buffers():
@@ -483,9 +486,9 @@ def test_reuse_buffers_does_nothing_where_reference_counts_prove_nothing(monkeyp
 
     assert fused._FREE_REFS is not None  # CPython with a GIL, as in CI
     monkeypatch.setattr(fused, "_FREE_REFS", None)
-    x, W, b = _data((16, 4), d_out=8)
+    x, W, b = _data((2048, 4), d_out=8)
     with reuse_buffers():
         y = xp.dense(x, W, b, "silu")
-        assert fused._pooled((16, 8), "float64") is None
+        assert fused._pooled((2048, 8), "float64") is None
         np.testing.assert_array_equal(y, xp.dense(x, W, b, "silu"))
         assert not fused._pool.arrays  # nothing was pooled

@@ -641,7 +641,7 @@ def test_fast_path_with_a_network_equals_the_plain_path_bit_for_bit(name):
     net = MLPScoreNet(2, (32, 32), time_embed_dim=16)
     params = net.init(Rng(0), "float32")
     model = lambda x, t: net.apply(params, x, t)
-    x_T = to_numpy(Rng(3).normal((64, 2), dtype="float32"))
+    x_T = to_numpy(Rng(3).normal((512, 2), dtype="float32"))  # (512, 32) float32 hidden arrays: pooled
     runs = {}
     for fast in (False, True):
         steps = []

@@ -86,6 +86,7 @@ _NEEDS_Z = ("silu", "gelu")
 
 _pool = threading.local()  # .arrays: {(shape, dtype): [arrays]} while reuse_buffers() is active in this thread
 _POOL_PER_KEY = 16  # arrays kept per (shape, dtype); beyond, a request that finds none free gets fresh memory
+_POOL_MIN_BYTES = 1 << 16  # smaller arrays come from malloc's free lists, never faulted in afresh: not pooled
 
 
 def _first_free(arrays, refs):
@@ -140,11 +141,15 @@ def reuse_buffers():
 
 
 def _pooled(shape, dtype):
-    """An uninitialised array from this thread's pool inside reuse_buffers(), else None (allocate afresh)."""
+    """An uninitialised array from this thread's pool inside reuse_buffers() (64 kB or more), else None (allocate
+    afresh)."""
     arrays = getattr(_pool, "arrays", None)
     if arrays is None or _FREE_REFS is None:
         return None
-    key = (shape, onp.dtype(dtype))
+    dtype = onp.dtype(dtype)
+    if math.prod(shape) * dtype.itemsize < _POOL_MIN_BYTES:
+        return None
+    key = (shape, dtype)
     kept = arrays.setdefault(key, [])
     buf = _first_free(kept, _FREE_REFS)
     if buf is None and len(kept) < _POOL_PER_KEY:

@@ -100,24 +100,17 @@ def _first_free(arrays, refs):
 
 
 def _free_refs():
-    """What sys.getrefcount says inside ``_first_free`` of an array held by its list alone, or None where one
-    more holder does not show as one more reference (then nothing is ever reused: reuse_buffers() does
-    nothing). CPython with a GIL only: elsewhere a reference count is no proof that nobody holds the array."""
+    """The count ``_first_free`` sees for an array held by its list alone, or None where one more holder does
+    not show as exactly one more reference (then nothing is ever reused: reuse_buffers() does nothing).
+    CPython with a GIL only: elsewhere a reference count is no proof that nobody holds the array."""
     if sys.implementation.name != "cpython" or not getattr(sys, "_is_gil_enabled", lambda: True)():
         return None
-    counts = []
-
-    def count(arrays, refs):
-        for a in arrays:
-            counts.append(sys.getrefcount(a))
-
     arrays = [onp.empty(1)]
-    count(arrays, 0)
-    holder = arrays[0]  # noqa: F841 (a second holder, to see it counted)
-    count(arrays, 0)
-    del holder
-    free, held = counts
-    return free if held == free + 1 and _first_free(arrays, free) is arrays[0] else None
+    free = next((k for k in range(1, 16) if _first_free(arrays, k) is not None), None)
+    holder = arrays[0]
+    if free is None or _first_free(arrays, free) is not None or _first_free(arrays, free + 1) is not holder:
+        return None
+    return free
 
 
 _FREE_REFS = _free_refs()

@@ -7,7 +7,8 @@ a list of (c_i, v_i). The loop owns the rest: the starting noise, the grid the s
 guidance, ``callback(step, t, x)``, and adding the terms up. ``fast=False`` adds them out of place, the
 textbook form; the default writes them into the sampler's own array in place, in the same order, and runs
 the network inside ``reuse_buffers()`` (its large arrays recycled from step to step rather than faulted in
-afresh), so the two agree bit for bit (tested). Reading a sampler: its grid builder, its step, its five-line driver.
+afresh), so the two agree bit for bit (tested). Reading a sampler: its grid builder, its step, its
+five-line driver.
 
 Shared arguments: ``model_fn(x, t, **cond) -> prediction`` (a network, an analytic oracle or a guided
 wrapper), a schedule from ``genblocks.blocks.schedules``, an ``Rng`` (its backend is the backend of the

@@ -28,6 +28,7 @@ import os
 
 from genblocks.backends import Rng, backend_of, to_device, to_numpy
 from genblocks.blocks.validate import check_callable, check_choice, check_positive_int
+from genblocks.train.tree import tree_leaves
 
 __all__ = ["sample", "sample_local", "log_prob", "sweep", "save", "get_client", "local_cluster", "close",
            "require_dask", "SCHEDULER_ENV"]
@@ -165,15 +166,7 @@ def _streams(count, backend, seed, rng):
 
 
 def _host_params(params):
-    return params if all(backend_of(p) in (None, "numpy") for p in _leaves(params)) else to_numpy(params)
-
-
-def _leaves(tree):
-    if isinstance(tree, dict):
-        tree = list(tree.values())
-    if isinstance(tree, (list, tuple)):
-        return [leaf for t in tree for leaf in _leaves(t)]
-    return [] if tree is None else [tree]
+    return params if all(backend_of(p) in (None, "numpy") for p in tree_leaves(params)) else to_numpy(params)
 
 
 def sample_local(model, params, n, *, chunk=100_000, backend="numpy", seed=None, rng=None, **sampler_kw):
@@ -236,7 +229,7 @@ def _from_chunks(da, fn, bundle, args, shapes, dtype):
 
 
 def _result_dtype(data_dtype, params):
-    names = {str(data_dtype)} | {str(getattr(p, "dtype", "")) for p in _leaves(params)}
+    names = {str(data_dtype)} | {str(getattr(p, "dtype", "")) for p in tree_leaves(params)}
     return "float64" if "float64" in names else "float32"
 
 

@@ -63,17 +63,6 @@ def use_backend(name):
 _get_namespace = namespace_of
 
 
-def _leaves(tree):
-    if isinstance(tree, dict):
-        for v in tree.values():
-            yield from _leaves(v)
-    elif isinstance(tree, (list, tuple)):
-        for v in tree:
-            yield from _leaves(v)
-    else:
-        yield tree
-
-
 _CONTAINERS = (dict, list, tuple)
 _type_backend = {}  # leaf type -> backend name or None: backend_of's answer depends on the type alone
 

@@ -268,9 +268,11 @@ def _dense_numpy(x, W, b, name):
     return y
 
 
-def _take_z(ans):
-    entry = getattr(_slot, "entry", None)
-    _slot.entry = None
+def _take_z(ans, slot=_slot):
+    """The pre-activation the forward that returned ``ans`` left in ``slot`` (None if another forward's), and
+    the slot emptied."""
+    entry = getattr(slot, "entry", None)
+    slot.entry = None
     return entry[1] if entry is not None and entry[0] is ans else None
 
 
@@ -764,11 +766,7 @@ def _conv2d_composed(x, W, b, stride, pads, name):
 
 def _conv2d_vjp(argnums, ans, args, kwargs):
     x, W, b, stride, pads, name = args
-    z = None
-    if name in _NEEDS_Z:
-        entry = getattr(_conv_slot, "entry", None)
-        _conv_slot.entry = None
-        z = entry[1] if entry is not None and entry[0] is ans else None
+    z = _take_z(ans, _conv_slot) if name in _NEEDS_Z else None
     traced_args = isinstance(ans, Box) or any(isinstance(a, Box) for a in (x, W, b))
 
     def vjp(g):

@@ -53,6 +53,7 @@ from genblocks.train.recipes import (  # noqa: E402
     levels_to_unit,
     ode_discrete_nll,
 )
+from genblocks.train.tree import tree_leaves  # noqa: E402
 
 BATCH, LR, EMA, CLIP = 128, 1e-3, 0.999, 1.0
 
@@ -295,7 +296,7 @@ def main():
                              vlb_weight=args.vlb_weight, decoder=args.decoder,
                              decoder_channels=args.decoder_channels)
     nominal, T = T, model.schedule.num_train_timesteps  # the cosine chain's steps above sigma_min
-    size = sum(v.size for v in _leaves(model.init(Rng(0))))
+    size = sum(v.size for v in tree_leaves(model.init(Rng(0))))
     print(f"model: {model.network!r}, T = {T} (of {nominal} cosine steps, sigma_min {args.sigma_min}), {size} params, "
           f"decoder_variance {model.decoder_variance!r}, vlb_trains_mean {model.vlb_trains_mean}, "
           f"vlb_weight {model.vlb_weight}, decoder {model.decoder!r} {model.decoder_network!r}; "
@@ -390,14 +391,6 @@ def frechet_table(model, finals, x, n, quick=False):
         samples = to_numpy(model.sample(params, Rng(8), n, sampler="ddpm", data_shape=(64,), num_inference_steps=None))
         print(f"  {name}, {s} steps: {feats.frechet_distance(grey(samples), test):.2f} "
               f"({n} DDPM samples, {time.perf_counter() - t0:.0f} s)", flush=True)
-
-
-def _leaves(tree):
-    if isinstance(tree, dict):
-        return [v for k in tree for v in _leaves(tree[k])]
-    if isinstance(tree, (list, tuple)):
-        return [v for item in tree for v in _leaves(item)]
-    return [tree]
 
 
 if __name__ == "__main__":

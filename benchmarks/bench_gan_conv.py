@@ -25,6 +25,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from
 
 from bench_flows import set_blas_threads  # noqa: E402 (benchmarks/bench_flows.py, beside this script)
 from bench_gan import step_ms  # noqa: E402
+from profile_parts import cpu_model  # noqa: E402
 
 from genblocks.backends import Rng, namespace_of  # noqa: E402
 from genblocks.backends.fused import make_conv2d  # noqa: E402
@@ -60,7 +61,7 @@ def main(argv=None):
     threads = set_blas_threads(args.threads)
     s = args.image_size
     shape = (s, s, 1)
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, {platform.python_version()}, BLAS threads "
+    print(f"machine: {cpu_model()}, {os.cpu_count()} cpus, {platform.python_version()}, BLAS threads "
           f"{threads}, load average {os.getloadavg()[0]:.1f}; ConvGenerator(16, {shape}, (64, 64, 32)), "
           f"ConvDiscriminator({shape}, (32, 64), spectral_norm=True), float32, batch {args.batch_size}, "
           f"median over {args.rounds} alternating rounds of the median of {args.repeats} steps")
